@@ -1,0 +1,41 @@
+/*
+ * accept.c — mp_accept() and the ACCEPT events: how many connections a listener still wants,
+ * which kind (fd or lwsocket), and what each accepted connection or failure reports.
+ * Engines decide how to ask the kernel (multishot, one at a time, back-off after errors).
+ */
+#include <errno.h>
+
+#include "internal.h"
+
+int mp_accept(mp_handle *h, unsigned count, int flags) {
+    if (!mp__live(h)) return -EBADF;
+    if (h->kind != HK_LISTENER) return -EINVAL;
+    if (flags & ~MP_LWSOCKET) return -EINVAL;
+    mp_channel *ch = h->ch;
+    h->acc.lw = (flags & MP_LWSOCKET) && ch->cfg.lwsocket;
+    if (count == 0)
+        h->acc.forever = true;
+    else
+        h->acc.left = (h->acc.left + count < h->acc.left) ? ~0u : h->acc.left + count;
+    ch->st.requests++;
+    if (h->acc.busy || h->acc.backoff) return 0; /* the engine continues by itself */
+    return ch->eng->arm_accept(ch, h);
+}
+
+void mp__accept_done(mp_handle *h, int res, bool more, bool stolen) {
+    mp_channel *ch = h->ch;
+    if (res >= 0) {
+        if (!h->acc.forever && h->acc.left) h->acc.left--;
+        if (mp_is_lwsocket(res)) mp__lwmap_set(ch, (unsigned)(res - MP_LWSOCKET_BASE), 1);
+        if (stolen) ch->st.stolen_accepts++;
+    } else {
+        ch->st.accept_errors++;
+    }
+    mp_event *ev = mp__event_push_ref(ch, h, MP_EV_ACCEPT, res, more ? MP_EVF_MORE : 0);
+    if (!ev) return;
+    ev->u.accept.fd = res;
+    if (ch->cfg.balance && h->acc.part)
+        ev->u.accept.backlog = mp__partition_backlog(h->fd);
+    else
+        ev->u.accept.backlog = more ? 1 : 0;
+}

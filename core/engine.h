@@ -1,0 +1,60 @@
+/*
+ * engine.h — the one seam between the API and the kernel.
+ *
+ * An engine turns the core's requests (start this read, this write, arm this accept, watch
+ * this fd) into kernel work and feeds the outcomes back through the mp__*_done() callbacks in
+ * internal.h.  Everything else — handles, per-handle FIFOs, the event queue, statistics — is
+ * engine-independent and lives in the core.  Two engines implement it: engine_uring.c
+ * (io_uring, primary) and engine_epoll.c (epoll + non-blocking syscalls, fallback).
+ */
+#ifndef MP_ENGINE_H
+#define MP_ENGINE_H
+
+#include <sys/types.h>
+
+struct mp_channel;
+struct mp_handle;
+struct mp_op;
+
+/* Returned by start_read/start_write when the operation went to the kernel and will complete
+ * later through mp__read_done()/mp__write_done(). */
+#define MP_INPROGRESS ((ssize_t)-0x7fffffff)
+
+typedef struct mp_engine {
+    const char *name;
+    /* Build the engine's kernel objects for ch; 0 or -errno (then the core may fall back). */
+    int (*init)(struct mp_channel *ch);
+    /* Tear down (handles are already detached). */
+    void (*fini)(struct mp_channel *ch);
+    /* A handle was registered (epoll: add the fd to the set).  0 or -errno. */
+    int (*attach)(struct mp_channel *ch, struct mp_handle *h);
+    /* A handle was unregistered: stop all its kernel work.  Returns the number of kernel
+     * operations still referencing h; the engine calls mp__handle_settled() when each ends. */
+    unsigned (*detach)(struct mp_channel *ch, struct mp_handle *h);
+    /* Start the head read of h (op->type OP_READ or OP_READBUF): a result (>= 0 or -errno)
+     * when it completed at once, or MP_INPROGRESS. */
+    ssize_t (*start_read)(struct mp_channel *ch, struct mp_handle *h, struct mp_op *op);
+    /* Start the head of h's write queue (OP_WRITE, OP_WRITEV from op->done on, OP_SHUTDOWN,
+     * OP_CONNECT): a result or MP_INPROGRESS. */
+    ssize_t (*start_write)(struct mp_channel *ch, struct mp_handle *h, struct mp_op *op);
+    /* (Re)arm accepting on listener h as h->acc describes.  0 or -errno. */
+    int (*arm_accept)(struct mp_channel *ch, struct mp_handle *h);
+    /* Readiness adapter: (re)arm or change the watch h (h->pw describes it).  0 or -errno. */
+    int (*poll_arm)(struct mp_channel *ch, struct mp_handle *h);
+    /* Submit every queued request.  Number submitted or -errno. */
+    int (*flush)(struct mp_channel *ch);
+    /* Hand queued requests to the kernel and wait up to timeout_ms (-1 forever, 0 not at all)
+     * for completions; turn them into events.  0, -ETIME, -EINTR or -errno. */
+    int (*wait)(struct mp_channel *ch, int timeout_ms);
+    /* Thread-safe wake-up of wait(). */
+    int (*wake)(struct mp_channel *ch);
+    /* New regular fd for h's socket, or -errno. */
+    int (*export_fd)(struct mp_channel *ch, struct mp_handle *h);
+    /* Buffered reads: give buffer id back to the kernel's ring.  0 or -errno. */
+    int (*buf_release)(struct mp_channel *ch, unsigned buf_id);
+} mp_engine;
+
+extern const mp_engine mp__engine_uring;
+extern const mp_engine mp__engine_epoll;
+
+#endif

@@ -1,0 +1,274 @@
+/*
+ * engine_epoll.c — the epoll engine: the same API and rules over epoll and non-blocking
+ * system calls.  Used where io_uring cannot be set up (ENOSYS, EPERM from seccomp or
+ * kernel.io_uring_disabled) or with MP_ENGINE=epoll, and as the API-level baseline.
+ *
+ * LAIO-style: every operation is tried at once (recv/send/accept with MSG_DONTWAIT); only
+ * when the kernel says EAGAIN does it wait, for an edge-triggered readiness event of the fd,
+ * which is added to the epoll set once at mp_register().  There is nothing to batch: each
+ * attempt is a system call, which is exactly what the io_uring engine saves.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define WAKE_TAG UINT64_MAX
+#define MAX_EVENTS 256
+#define BACKOFF_MS 10
+
+typedef struct epeng {
+    int epfd, efd;
+    int64_t retry_at; /* accept back-off: when to try again (ms, monotonic), 0 = none */
+    struct epoll_event evs[MAX_EVENTS];
+} epeng;
+
+#define E(ch) ((epeng *)(ch)->eng_data)
+
+static int64_t now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static uint64_t tag(const mp_handle *h) { return (uint64_t)h->gen << 32 | h->idx; }
+
+static int set_nonblock(mp_channel *ch, int fd) {
+    int fl = fcntl(fd, F_GETFL);
+    ch->st.syscalls++;
+    if (fl < 0) return -errno;
+    if (fl & O_NONBLOCK) return 0;
+    ch->st.syscalls++;
+    return fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0 ? -errno : 0;
+}
+
+static int ep_ctl(mp_channel *ch, int op, int fd, uint32_t events, uint64_t data) {
+    struct epoll_event ev = {.events = events, .data.u64 = data};
+    ch->st.syscalls++;
+    return epoll_ctl(E(ch)->epfd, op, fd, &ev) < 0 ? -errno : 0;
+}
+
+static int ep_attach(mp_channel *ch, mp_handle *h) {
+    if (h->kind == HK_POLL) return 0; /* added by poll_arm */
+    if (h->kind == HK_LISTENER) {
+        int r = set_nonblock(ch, h->fd);
+        if (r < 0) return r;
+        if (ch->cfg.balance)
+            mp__log_once(ch, MP_LOG_NO_BALANCE, "accept balancing needs the io_uring engine");
+        return ep_ctl(ch, EPOLL_CTL_ADD, h->fd, EPOLLIN | EPOLLET, tag(h));
+    }
+    return ep_ctl(ch, EPOLL_CTL_ADD, h->fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, tag(h));
+}
+
+static unsigned ep_detach(mp_channel *ch, mp_handle *h) {
+    if (h->kind != HK_POLL || h->pw.armed) ep_ctl(ch, EPOLL_CTL_DEL, h->fd, 0, 0);
+    h->pw.armed = false;
+    return 0; /* nothing of ours stays in the kernel */
+}
+
+static ssize_t ep_start_read(mp_channel *ch, mp_handle *h, mp_op *op) {
+    if (op->type != OP_READ) return -ENOTSUP;
+    ch->st.syscalls++;
+    ssize_t n = recv(h->fd, op->buf, op->len, MSG_DONTWAIT);
+    if (n >= 0) return n;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return MP_INPROGRESS;
+    return errno == EINTR ? MP_INPROGRESS : -errno;
+}
+
+static ssize_t ep_start_write(mp_channel *ch, mp_handle *h, mp_op *op) {
+    ssize_t n;
+    ch->st.syscalls++;
+    switch (op->type) {
+    case OP_WRITE:
+        n = send(h->fd, (char *)op->buf + op->done, op->len - op->done, MSG_DONTWAIT | MSG_NOSIGNAL);
+        break;
+    case OP_WRITEV: {
+        struct msghdr m = {.msg_iov = op->iov, .msg_iovlen = (size_t)op->iovcnt};
+        n = sendmsg(h->fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL);
+        break;
+    }
+    case OP_SHUTDOWN:
+        return shutdown(h->fd, SHUT_WR) < 0 ? -errno : 0;
+    case OP_CONNECT: {
+        if (op->done) { /* writable after EINPROGRESS: the outcome is in SO_ERROR */
+            int err = 0;
+            socklen_t l = sizeof err;
+            if (getsockopt(h->fd, SOL_SOCKET, SO_ERROR, &err, &l) < 0) return -errno;
+            return err ? -err : 0;
+        }
+        int r = set_nonblock(ch, h->fd);
+        if (r < 0) return r;
+        if (connect(h->fd, (struct sockaddr *)&op->addr, op->addrlen) == 0) return 0;
+        if (errno == EINPROGRESS || errno == EINTR) {
+            op->done = 1;
+            return MP_INPROGRESS;
+        }
+        return -errno;
+    }
+    default:
+        return -EINVAL;
+    }
+    if (n >= 0) return n;
+    if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return MP_INPROGRESS;
+    return -errno;
+}
+
+static int ep_arm_accept(mp_channel *ch, mp_handle *h) {
+    if (h->acc.lw)
+        mp__log_once(ch, MP_LOG_NO_LWSOCKET, "lwsockets need the io_uring engine: accepting fds");
+    while (h->state == H_LIVE && !h->acc.backoff && (h->acc.forever || h->acc.left > 0)) {
+        ch->st.syscalls++;
+        int fd = accept4(h->fd, NULL, NULL, SOCK_CLOEXEC);
+        if (fd >= 0) {
+            mp__accept_done(h, fd, false, false);
+            continue;
+        }
+        if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+        if (errno == EINTR || errno == ECONNABORTED) continue;
+        /* EMFILE, ENFILE, ENOBUFS...: report, then try again a little later. */
+        mp__accept_done(h, -errno, false, false);
+        h->acc.backoff = true;
+        E(ch)->retry_at = now_ms() + BACKOFF_MS;
+        mp__rearm_add(h);
+        break;
+    }
+    return 0;
+}
+
+static int ep_poll_arm(mp_channel *ch, mp_handle *h) {
+    uint32_t ev = h->pw.events | ((h->pw.flags & MP_POLL_ET) ? EPOLLET : 0);
+    int r = ep_ctl(ch, h->pw.armed ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, h->fd, ev, tag(h));
+    if (r == 0) h->pw.armed = true;
+    return r;
+}
+
+static int ep_flush(mp_channel *ch) {
+    (void)ch;
+    return 0;
+}
+
+static void retry_read(mp_channel *ch, mp_handle *h) {
+    h->r_busy = 0;
+    ssize_t r = ep_start_read(ch, h, h->rq.head);
+    if (r == MP_INPROGRESS)
+        h->r_busy = 1;
+    else
+        mp__read_done(h, r, 0, 0, NULL);
+}
+
+static void retry_write(mp_channel *ch, mp_handle *h) {
+    h->w_busy = 0;
+    ssize_t r = ep_start_write(ch, h, h->wq.head);
+    if (r == MP_INPROGRESS)
+        h->w_busy = 1;
+    else
+        mp__write_done(h, r);
+}
+
+static int ep_wait(mp_channel *ch, int timeout_ms) {
+    epeng *e = E(ch);
+    if (e->retry_at) {
+        int64_t left = e->retry_at - now_ms();
+        if (left <= 0) {
+            e->retry_at = 0;
+            mp_handle *h;
+            while ((h = mp__rearm_pop(ch))) {
+                h->acc.backoff = false;
+                ep_arm_accept(ch, h);
+            }
+            if (mp__event_count(ch)) return 0;
+        } else if (timeout_ms < 0 || timeout_ms > left) {
+            timeout_ms = (int)left;
+        }
+    }
+    ch->st.syscalls++;
+    int n = epoll_wait(e->epfd, e->evs, MAX_EVENTS, timeout_ms);
+    if (n < 0) return -errno;
+    if (n == 0) return -ETIME;
+    for (int i = 0; i < n; i++) {
+        uint64_t d = e->evs[i].data.u64;
+        uint32_t rev = e->evs[i].events;
+        if (d == WAKE_TAG) {
+            uint64_t v;
+            ch->st.syscalls++;
+            if (read(e->efd, &v, sizeof v) > 0) mp__event_push(ch, NULL, MP_EV_WAKE, 0, 0);
+            continue;
+        }
+        mp_handle *h = mp__handle_at(ch, (uint32_t)d);
+        if (!h || h->state != H_LIVE || h->gen != (uint32_t)(d >> 32)) continue;
+        switch (h->kind) {
+        case HK_LISTENER:
+            ep_arm_accept(ch, h);
+            break;
+        case HK_POLL:
+            mp__poll_done(h, rev, false);
+            break;
+        default:
+            if ((rev & (EPOLLIN | EPOLLERR | EPOLLHUP | EPOLLRDHUP)) && h->r_busy) retry_read(ch, h);
+            if ((rev & (EPOLLOUT | EPOLLERR | EPOLLHUP)) && h->w_busy && h->state == H_LIVE)
+                retry_write(ch, h);
+        }
+    }
+    return 0;
+}
+
+static int ep_wake(mp_channel *ch) {
+    uint64_t one = 1;
+    if (write(E(ch)->efd, &one, sizeof one) < 0 && errno != EAGAIN) return -errno;
+    return 0;
+}
+
+static int ep_export_fd(mp_channel *ch, mp_handle *h) {
+    ch->st.syscalls++;
+    int fd = fcntl(h->fd, F_DUPFD_CLOEXEC, 0);
+    return fd < 0 ? -errno : fd;
+}
+
+static int ep_init(mp_channel *ch) {
+    epeng *e = calloc(1, sizeof *e);
+    if (!e) return -ENOMEM;
+    e->epfd = epoll_create1(EPOLL_CLOEXEC);
+    e->efd = e->epfd < 0 ? -1 : eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = WAKE_TAG};
+    if (e->epfd < 0 || e->efd < 0 || epoll_ctl(e->epfd, EPOLL_CTL_ADD, e->efd, &ev) < 0) {
+        int err = -errno;
+        if (e->epfd >= 0) close(e->epfd);
+        if (e->efd >= 0) close(e->efd);
+        free(e);
+        return err;
+    }
+    ch->eng_data = e;
+    return 0;
+}
+
+static void ep_fini(mp_channel *ch) {
+    epeng *e = E(ch);
+    if (!e) return;
+    close(e->epfd);
+    close(e->efd);
+    free(e);
+    ch->eng_data = NULL;
+}
+
+const mp_engine mp__engine_epoll = {
+    .name = "epoll",
+    .init = ep_init,
+    .fini = ep_fini,
+    .attach = ep_attach,
+    .detach = ep_detach,
+    .start_read = ep_start_read,
+    .start_write = ep_start_write,
+    .arm_accept = ep_arm_accept,
+    .poll_arm = ep_poll_arm,
+    .flush = ep_flush,
+    .wait = ep_wait,
+    .wake = ep_wake,
+    .export_fd = ep_export_fd,
+    .buf_release = NULL,
+};

@@ -1,0 +1,766 @@
+/*
+ * engine_uring.c — the io_uring engine (primary).
+ *
+ * Requests become SQEs written straight into the shared submission ring; the batcher's rules
+ * decide when one io_uring_enter() hands them over.  Completions are read from the CQ ring in
+ * user space and turned into events.  What it asks of the kernel, probed at mp_create():
+ *   SINGLE_ISSUER + DEFER_TASKRUN (task work runs only when we wait: fewer interruptions),
+ *   a registered ring fd, a sparse direct-descriptor table (lwsockets), multishot accept,
+ *   FIXED_FD_INSTALL (mp_export_fd), provided-buffer rings and multishot receive (buffered
+ *   reads), multishot poll (the readiness adapter).  Missing features are fallbacks, logged
+ *   once and reported in mp_stats.missing.
+ *
+ * user_data = tag << 56 | seq << 32 | handle index.  Handles are never reused while the kernel
+ * holds one of their operations, so the index alone finds the handle; seq is the handle's
+ * generation (for polls: the arm sequence, so a cancelled arm's late completion is told apart
+ * from the current one).
+ */
+#include <errno.h>
+#include <liburing.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+/* Newer than Debian's liburing 2.3 headers: defined here, used only when probed. */
+#ifndef IORING_OP_FIXED_FD_INSTALL
+#define IORING_OP_FIXED_FD_INSTALL 54
+#endif
+#ifndef IORING_CQE_F_SOCK_NONEMPTY
+#define IORING_CQE_F_SOCK_NONEMPTY (1U << 2)
+#endif
+#ifndef IORING_FEAT_RECVSEND_BUNDLE
+#define IORING_FEAT_RECVSEND_BUNDLE (1U << 14)
+#endif
+
+enum tag { T_IGNORE = 0, T_READ, T_WRITE, T_ACCEPT, T_STEAL, T_TIMER, T_POLL, T_EXPORT, T_WAKE };
+
+#define BUF_GROUP 0
+#define BACKOFF_NS (10 * 1000 * 1000) /* re-try accepting 10 ms after an error */
+#define BALANCE_POLL_MS 5             /* how often an idle balancing channel looks at siblings */
+#define REAP_MAX 256
+
+typedef struct uring {
+    struct io_uring ring;
+    bool enabled;        /* ring created disabled; enabled by the thread that first submits */
+    bool ring_fd_tried;  /* registered ring fd attempted (on the owning thread) */
+    int efd;             /* mp_wake() eventfd */
+    uint64_t efd_val;
+    bool wake_armed;
+    unsigned nfixed;     /* direct-descriptor table size, 0 = no lwsockets */
+    bool ms_accept, fixed_install, ms_poll, ms_recv;
+    bool balancing;      /* some listener may steal from siblings */
+    int export_res;
+    bool export_done;
+    /* buffered reads */
+    struct io_uring_buf_ring *br;
+    char *bufs;
+    unsigned nbufs, bufsz;
+    bool br_failed;
+    struct __kernel_timespec backoff_ts;
+} uring;
+
+#define U(ch) ((uring *)(ch)->eng_data)
+
+static inline uint64_t ud(enum tag t, uint32_t seq, uint32_t idx) {
+    return (uint64_t)t << 56 | (uint64_t)(seq & 0xffffff) << 32 | idx;
+}
+
+/* ---- submission ----------------------------------------------------------------------- */
+
+static void enable_ring(mp_channel *ch) {
+    uring *u = U(ch);
+    if (!u->enabled) {
+        /* liburing 2.3 declares io_uring_enable_rings() but does not export it. */
+        syscall(__NR_io_uring_register, u->ring.ring_fd, IORING_REGISTER_ENABLE_RINGS, NULL, 0);
+        ch->st.syscalls++;
+        u->enabled = true;
+    }
+    if (!u->ring_fd_tried) {
+        /* Registered ring fds belong to the registering thread: register on the thread that
+         * owns the channel (the first to submit), not the one that created it. */
+        u->ring_fd_tried = true;
+        ch->st.syscalls++;
+        if (io_uring_register_ring_fd(&u->ring) == 1) {
+            ch->st.features |= MP_FEAT_REGISTERED_RING;
+            ch->st.missing &= ~MP_FEAT_REGISTERED_RING;
+        }
+    }
+}
+
+static void reap(mp_channel *ch);
+
+static int uring_flush(mp_channel *ch) {
+    uring *u = U(ch);
+    unsigned n = io_uring_sq_ready(&u->ring);
+    if (!n) return 0;
+    enable_ring(ch);
+    for (int tries = 0;; tries++) {
+        int r = io_uring_submit(&u->ring);
+        ch->st.syscalls++;
+        if (r >= 0) {
+            mp__batch_account(ch, (unsigned)r);
+            return r;
+        }
+        if (r == -EINTR && tries < 8) continue;
+        if ((r == -EBUSY || r == -EAGAIN) && tries < 8) {
+            /* CQ overflow backlog: let the kernel flush it to the ring, reap, try again. */
+            ch->st.cq_overflows++;
+            io_uring_get_events(&u->ring);
+            ch->st.syscalls++;
+            reap(ch);
+            continue;
+        }
+        return r;
+    }
+}
+
+/* An SQE, flushing the ring when it is full (the paper's "automatic flush"). */
+static struct io_uring_sqe *get_sqe(mp_channel *ch) {
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&U(ch)->ring);
+    if (!sqe) {
+        uring_flush(ch);
+        sqe = io_uring_get_sqe(&U(ch)->ring);
+    }
+    return sqe;
+}
+
+/* After queueing an application request: submit when the batch is full. */
+static void batch_check(mp_channel *ch) {
+    if (mp__batch_full(ch, io_uring_sq_ready(&U(ch)->ring))) uring_flush(ch);
+}
+
+static void prep_cancel(mp_channel *ch, uint64_t target) {
+    struct io_uring_sqe *sqe = get_sqe(ch);
+    if (!sqe) return; /* cannot happen after a flush; the completion is filtered anyway */
+    io_uring_prep_cancel64(sqe, target, 0);
+    io_uring_sqe_set_data64(sqe, ud(T_IGNORE, 0, 0));
+}
+
+static void set_file(struct io_uring_sqe *sqe, mp_handle *h) {
+    if (h->fixed) sqe->flags |= IOSQE_FIXED_FILE;
+}
+
+/* ---- wake ----------------------------------------------------------------------------- */
+
+static void arm_wake(mp_channel *ch) {
+    uring *u = U(ch);
+    struct io_uring_sqe *sqe = get_sqe(ch);
+    if (!sqe) return;
+    if (u->ms_poll)
+        io_uring_prep_poll_multishot(sqe, u->efd, POLLIN);
+    else
+        io_uring_prep_poll_add(sqe, u->efd, POLLIN);
+    io_uring_sqe_set_data64(sqe, ud(T_WAKE, 0, 0));
+    u->wake_armed = true;
+}
+
+static int uring_wake(mp_channel *ch) {
+    uint64_t one = 1;
+    if (write(U(ch)->efd, &one, sizeof one) < 0 && errno != EAGAIN) return -errno;
+    return 0;
+}
+
+/* ---- buffered reads: the provided-buffer ring ----------------------------------------- */
+
+static int bufring_setup(mp_channel *ch) {
+    uring *u = U(ch);
+    if (u->br) return 0;
+    if (u->br_failed) return -ENOTSUP;
+    unsigned n = 1;
+    while (n < (unsigned)ch->cfg.buf_count) n <<= 1;
+    size_t ring_sz = n * sizeof(struct io_uring_buf);
+    void *mem = mmap(NULL, ring_sz, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
+    if (mem == MAP_FAILED) return -ENOMEM;
+    char *bufs = malloc((size_t)n * (size_t)ch->cfg.buf_size);
+    if (!bufs) {
+        munmap(mem, ring_sz);
+        return -ENOMEM;
+    }
+    struct io_uring_buf_reg reg = {.ring_addr = (uint64_t)(uintptr_t)mem, .ring_entries = n,
+                                   .bgid = BUF_GROUP};
+    int r = io_uring_register_buf_ring(&u->ring, &reg, 0);
+    ch->st.syscalls++;
+    if (r < 0) {
+        munmap(mem, ring_sz);
+        free(bufs);
+        u->br_failed = true;
+        ch->st.missing |= MP_FEAT_BUF_RING;
+        mp__log_once(ch, MP_LOG_NO_BUFRING, "provided-buffer rings unavailable (%s)", strerror(-r));
+        return -ENOTSUP;
+    }
+    u->br = mem;
+    u->bufs = bufs;
+    u->nbufs = n;
+    u->bufsz = (unsigned)ch->cfg.buf_size;
+    io_uring_buf_ring_init(u->br);
+    for (unsigned i = 0; i < n; i++)
+        io_uring_buf_ring_add(u->br, bufs + (size_t)i * u->bufsz, u->bufsz, (unsigned short)i,
+                              io_uring_buf_ring_mask(n), (int)i);
+    io_uring_buf_ring_advance(u->br, (int)n);
+    ch->st.features |= MP_FEAT_BUF_RING;
+    return 0;
+}
+
+static int uring_buf_release(mp_channel *ch, unsigned id) {
+    uring *u = U(ch);
+    if (!u->br || id >= u->nbufs) return -EINVAL;
+    if (ch->st.bufs_in_use == 0) return -EINVAL;
+    io_uring_buf_ring_add(u->br, u->bufs + (size_t)id * u->bufsz, u->bufsz, (unsigned short)id,
+                          io_uring_buf_ring_mask(u->nbufs), 0);
+    io_uring_buf_ring_advance(u->br, 1);
+    ch->st.bufs_in_use--; /* receives starved of buffers restart at the next wait */
+    return 0;
+}
+
+/* ---- operations ------------------------------------------------------------------------- */
+
+static ssize_t uring_start_read(mp_channel *ch, mp_handle *h, mp_op *op) {
+    uring *u = U(ch);
+    if (op->type == OP_READBUF) {
+        int r = bufring_setup(ch);
+        if (r < 0) return r;
+        struct io_uring_sqe *sqe = get_sqe(ch);
+        if (!sqe) return -EAGAIN;
+        /* One buffer-selecting receive per request: the buffer is taken only when data
+         * arrives, so an idle connection holds none. */
+        io_uring_prep_recv(sqe, h->fd, NULL, u->bufsz, 0);
+        sqe->flags |= IOSQE_BUFFER_SELECT;
+        sqe->buf_group = BUF_GROUP;
+        set_file(sqe, h);
+        io_uring_sqe_set_data64(sqe, ud(T_READ, h->gen, h->idx));
+    } else {
+        struct io_uring_sqe *sqe = get_sqe(ch);
+        if (!sqe) return -EAGAIN;
+        io_uring_prep_recv(sqe, h->fd, op->buf, op->len, 0);
+        set_file(sqe, h);
+        io_uring_sqe_set_data64(sqe, ud(T_READ, h->gen, h->idx));
+    }
+    h->inflight++;
+    batch_check(ch);
+    return MP_INPROGRESS;
+}
+
+static ssize_t uring_start_write(mp_channel *ch, mp_handle *h, mp_op *op) {
+    struct io_uring_sqe *sqe = get_sqe(ch);
+    if (!sqe) return -EAGAIN;
+    switch (op->type) {
+    case OP_WRITE:
+        io_uring_prep_send(sqe, h->fd, (char *)op->buf + op->done, op->len - op->done,
+                           MSG_NOSIGNAL);
+        break;
+    case OP_WRITEV:
+        memset(&op->msg, 0, sizeof op->msg);
+        op->msg.msg_iov = op->iov;
+        op->msg.msg_iovlen = (size_t)op->iovcnt;
+        io_uring_prep_sendmsg(sqe, h->fd, &op->msg, MSG_NOSIGNAL);
+        break;
+    case OP_SHUTDOWN:
+        io_uring_prep_shutdown(sqe, h->fd, SHUT_WR);
+        break;
+    case OP_CONNECT:
+        io_uring_prep_connect(sqe, h->fd, (struct sockaddr *)&op->addr, op->addrlen);
+        break;
+    default:
+        return -EINVAL;
+    }
+    set_file(sqe, h);
+    io_uring_sqe_set_data64(sqe, ud(T_WRITE, h->gen, h->idx));
+    h->inflight++;
+    batch_check(ch);
+    return MP_INPROGRESS;
+}
+
+static bool accept_wanted(const mp_handle *h) {
+    return h->state == H_LIVE && (h->acc.forever || h->acc.left > 0);
+}
+
+static void prep_accept_on(mp_channel *ch, mp_handle *h, struct io_uring_sqe *sqe, int fd,
+                           bool multishot) {
+    uring *u = U(ch);
+    bool direct = h->acc.lw && u->nfixed;
+    if (h->acc.lw && !u->nfixed)
+        mp__log_once(ch, MP_LOG_NO_LWSOCKET,
+                     "lwsockets unavailable (no direct-descriptor table): accepting regular fds");
+    /* Direct descriptors have no close-on-exec flag (the kernel refuses SOCK_CLOEXEC). */
+    if (multishot && direct)
+        io_uring_prep_multishot_accept_direct(sqe, fd, NULL, NULL, 0);
+    else if (multishot)
+        io_uring_prep_multishot_accept(sqe, fd, NULL, NULL, SOCK_CLOEXEC);
+    else if (direct)
+        io_uring_prep_accept_direct(sqe, fd, NULL, NULL, 0, IORING_FILE_INDEX_ALLOC);
+    else
+        io_uring_prep_accept(sqe, fd, NULL, NULL, SOCK_CLOEXEC);
+}
+
+static int uring_arm_accept(mp_channel *ch, mp_handle *h) {
+    uring *u = U(ch);
+    if (h->acc.busy || h->acc.backoff || !accept_wanted(h)) return 0;
+    struct io_uring_sqe *sqe = get_sqe(ch);
+    if (!sqe) return -EAGAIN;
+    prep_accept_on(ch, h, sqe, h->fd, h->acc.forever && u->ms_accept);
+    io_uring_sqe_set_data64(sqe, ud(T_ACCEPT, h->gen, h->idx));
+    h->acc.busy = true;
+    h->inflight++;
+    if (ch->cfg.balance && h->acc.part && h->acc.forever) u->balancing = true;
+    batch_check(ch);
+    return 0;
+}
+
+static void accept_backoff(mp_channel *ch, mp_handle *h) {
+    uring *u = U(ch);
+    struct io_uring_sqe *sqe = get_sqe(ch);
+    if (!sqe) return;
+    io_uring_prep_timeout(sqe, &u->backoff_ts, 0, 0);
+    io_uring_sqe_set_data64(sqe, ud(T_TIMER, h->gen, h->idx));
+    h->acc.backoff = true;
+    h->inflight++;
+}
+
+/* Accept load balancing: an idle partition takes one connection from a busy sibling. */
+static void balance(mp_channel *ch) {
+    uring *u = U(ch);
+    u->balancing = false;
+    for (uint32_t c = 0; c < ch->nchunks; c++)
+        for (uint32_t i = 0; i < MP_CHUNK_SIZE; i++) {
+            mp_handle *h = &ch->chunks[c][i];
+            if (h->state != H_LIVE || h->kind != HK_LISTENER || !h->acc.part || !h->acc.forever)
+                continue;
+            u->balancing = true;
+            if (h->acc.steal_busy || mp__partition_backlog(h->fd) > 0) continue;
+            int fd = mp__partition_busy_sibling(h, (unsigned)ch->cfg.balance_threshold);
+            ch->st.syscalls += 2;
+            if (fd < 0) continue;
+            struct io_uring_sqe *sqe = get_sqe(ch);
+            if (sqe) {
+                prep_accept_on(ch, h, sqe, fd, false);
+                io_uring_sqe_set_data64(sqe, ud(T_STEAL, h->gen, h->idx));
+                h->acc.steal_busy = true;
+                h->inflight++;
+                uring_flush(ch); /* the kernel takes its own reference to the file here */
+            }
+            close(fd);
+        }
+}
+
+static int uring_poll_arm(mp_channel *ch, mp_handle *h) {
+    if (h->pw.armed) {
+        prep_cancel(ch, ud(T_POLL, h->pw.seq, h->idx));
+        h->pw.armed = false;
+    }
+    if (h->state != H_LIVE || !h->pw.events) return 0;
+    struct io_uring_sqe *sqe = get_sqe(ch);
+    if (!sqe) return -EAGAIN;
+    unsigned mask = h->pw.events | POLLERR | POLLHUP;
+    bool et = (h->pw.flags & MP_POLL_ET) && U(ch)->ms_poll;
+    if (et)
+        io_uring_prep_poll_multishot(sqe, h->fd, mask);
+    else
+        io_uring_prep_poll_add(sqe, h->fd, mask);
+    /* seq doubles as the arm sequence carried in user_data */
+    h->pw.seq = (h->pw.seq + 1) & 0xffffff;
+    io_uring_sqe_set_data64(sqe, ud(T_POLL, h->pw.seq, h->idx));
+    h->pw.armed = true;
+    h->inflight++;
+    return 0;
+}
+
+static unsigned uring_detach(mp_channel *ch, mp_handle *h) {
+    if (h->r_busy) prep_cancel(ch, ud(T_READ, h->gen, h->idx));
+    if (h->w_busy) prep_cancel(ch, ud(T_WRITE, h->gen, h->idx));
+    if (h->acc.busy) prep_cancel(ch, ud(T_ACCEPT, h->gen, h->idx));
+    if (h->acc.steal_busy) prep_cancel(ch, ud(T_STEAL, h->gen, h->idx));
+    if (h->acc.backoff) prep_cancel(ch, ud(T_TIMER, h->gen, h->idx));
+    if (h->pw.armed) prep_cancel(ch, ud(T_POLL, h->pw.seq, h->idx));
+    if (h->fixed) {
+        struct io_uring_sqe *sqe = get_sqe(ch);
+        if (sqe) {
+            io_uring_prep_close_direct(sqe, (unsigned)h->fd);
+            io_uring_sqe_set_data64(sqe, ud(T_IGNORE, 0, 0));
+        }
+    }
+    return h->inflight;
+}
+
+static int uring_attach(mp_channel *ch, mp_handle *h) {
+    (void)ch;
+    (void)h;
+    return 0;
+}
+
+/* Run one synchronous request (export) to completion, keeping other completions as events. */
+static int uring_export_fd(mp_channel *ch, mp_handle *h) {
+    uring *u = U(ch);
+    if (!h->fixed) {
+        int fd = fcntl(h->fd, F_DUPFD_CLOEXEC, 0);
+        return fd < 0 ? -errno : fd;
+    }
+    if (!u->fixed_install) {
+        mp__log_once(ch, MP_LOG_NO_INSTALL, "kernel lacks IORING_OP_FIXED_FD_INSTALL: "
+                                            "mp_export_fd() of lwsockets is not supported");
+        return -ENOTSUP;
+    }
+    struct io_uring_sqe *sqe = get_sqe(ch);
+    if (!sqe) return -EAGAIN;
+    io_uring_prep_rw(IORING_OP_FIXED_FD_INSTALL, sqe, h->fd, NULL, 0, 0);
+    sqe->flags |= IOSQE_FIXED_FILE;
+    sqe->rw_flags = 0; /* install_fd_flags: O_CLOEXEC is the default */
+    io_uring_sqe_set_data64(sqe, ud(T_EXPORT, h->gen, h->idx));
+    h->inflight++;
+    u->export_done = false;
+    enable_ring(ch);
+    while (!u->export_done) {
+        unsigned n = io_uring_sq_ready(&u->ring);
+        int r = io_uring_submit_and_wait(&u->ring, 1);
+        ch->st.syscalls++;
+        if (r < 0 && r != -EINTR && r != -EBUSY) return r;
+        if (r > 0) mp__batch_account(ch, n - io_uring_sq_ready(&u->ring));
+        reap(ch);
+    }
+    return u->export_res;
+}
+
+/* ---- completions ---------------------------------------------------------------------- */
+
+static void complete(mp_channel *ch, uint64_t data, int res, unsigned flags) {
+    uring *u = U(ch);
+    enum tag t = (enum tag)(data >> 56);
+    uint32_t seq = (uint32_t)(data >> 32) & 0xffffff, idx = (uint32_t)data;
+    bool final = !(flags & IORING_CQE_F_MORE);
+    if (t == T_IGNORE || data == LIBURING_UDATA_TIMEOUT) return;
+    if (t == T_WAKE) {
+        if (final) u->wake_armed = false;
+        if (res >= 0 && read(u->efd, &u->efd_val, sizeof u->efd_val) > 0)
+            mp__event_push(ch, NULL, MP_EV_WAKE, 0, 0);
+        ch->st.syscalls++;
+        if (!u->wake_armed) arm_wake(ch);
+        return;
+    }
+    mp_handle *h = mp__handle_at(ch, idx);
+    if (!h || h->state == H_FREE) return;
+    if (t != T_POLL && seq != h->gen) return;
+
+    if (h->state != H_LIVE) {
+        /* Unregistered: release what the completion carries, deliver nothing. */
+        if ((t == T_ACCEPT || t == T_STEAL) && res >= 0) {
+            if (h->acc.lw && u->nfixed) {
+                struct io_uring_sqe *sqe = get_sqe(ch);
+                if (sqe) {
+                    io_uring_prep_close_direct(sqe, (unsigned)res);
+                    io_uring_sqe_set_data64(sqe, ud(T_IGNORE, 0, 0));
+                }
+            } else {
+                close(res);
+            }
+        }
+        if (flags & IORING_CQE_F_BUFFER) {
+            ch->st.bufs_in_use++;
+            uring_buf_release(ch, flags >> IORING_CQE_BUFFER_SHIFT);
+        }
+        if (t == T_READ && final) mp__read_done(h, res, 0, 0, NULL);
+        if (t == T_WRITE) mp__write_done(h, res);
+        if (t == T_EXPORT) {
+            u->export_res = res >= 0 ? (close(res), -EBADF) : res;
+            u->export_done = true;
+        }
+        if (final) mp__handle_settled(h);
+        return;
+    }
+
+    switch (t) {
+    case T_READ:
+        if (final) h->inflight--;
+        if (flags & IORING_CQE_F_BUFFER) {
+            unsigned id = flags >> IORING_CQE_BUFFER_SHIFT;
+            ch->st.bufs_in_use++;
+            if (ch->st.bufs_in_use > ch->st.bufs_peak) ch->st.bufs_peak = ch->st.bufs_in_use;
+            if (res > 0) {
+                mp__read_done(h, res, MP_EVF_BUFFER, id, u->bufs + (size_t)id * u->bufsz);
+            } else {
+                uring_buf_release(ch, id);
+                mp__read_done(h, res, 0, 0, NULL);
+            }
+        } else if (res == -ENOBUFS) {
+            /* No buffer free: wait until the application gives one back. */
+            ch->st.buf_starved++;
+            h->r_busy = 0;
+            mp__rearm_add(h);
+        } else {
+            mp__read_done(h, res, 0, 0, NULL);
+        }
+        return;
+    case T_WRITE:
+        h->inflight--;
+        mp__write_done(h, res);
+        return;
+    case T_ACCEPT:
+    case T_STEAL:
+        if (final) {
+            h->inflight--;
+            if (t == T_ACCEPT) h->acc.busy = false;
+            else h->acc.steal_busy = false;
+        }
+        if (res == -EINVAL && t == T_ACCEPT && h->acc.forever && u->ms_accept) {
+            /* multishot accept refused: fall back to one accept at a time */
+            u->ms_accept = false;
+            ch->st.features &= ~MP_FEAT_MULTISHOT_ACCEPT;
+            ch->st.missing |= MP_FEAT_MULTISHOT_ACCEPT;
+            mp__log_once(ch, MP_LOG_NO_MULTISHOT, "multishot accept refused: one at a time");
+            uring_arm_accept(ch, h);
+            return;
+        }
+        if (res == -ECANCELED && t == T_STEAL) return;
+        if (res >= 0 && h->acc.lw && u->nfixed) res += MP_LWSOCKET_BASE;
+        mp__accept_done(h, res, flags & IORING_CQE_F_SOCK_NONEMPTY, t == T_STEAL);
+        if (res < 0 && t == T_ACCEPT) {
+            if (h->acc.busy) { /* a multishot that goes on after an error: stop it */
+                prep_cancel(ch, data);
+            } else {
+                accept_backoff(ch, h);
+            }
+            return;
+        }
+        if (final && t == T_ACCEPT) uring_arm_accept(ch, h);
+        return;
+    case T_TIMER:
+        h->inflight--;
+        h->acc.backoff = false;
+        uring_arm_accept(ch, h);
+        return;
+    case T_POLL:
+        if (final) h->inflight--;
+        if (seq != h->pw.seq || h->kind != HK_POLL) return; /* an old arm */
+        if (final) h->pw.armed = false;
+        if (res == -ECANCELED) {
+            if (!h->pw.armed) uring_poll_arm(ch, h);
+            return;
+        }
+        mp__poll_done(h, res < 0 ? (uint32_t)POLLERR : (uint32_t)res, final);
+        if (final && !h->pw.armed) {
+            if (h->pw.flags & MP_POLL_ET) uring_poll_arm(ch, h); /* multishot ended: re-arm */
+            else mp__rearm_add(h);                               /* level: at next wait */
+        }
+        return;
+    case T_EXPORT:
+        h->inflight--;
+        u->export_res = res;
+        u->export_done = true;
+        return;
+    default:
+        return;
+    }
+}
+
+static void reap(mp_channel *ch) {
+    uring *u = U(ch);
+    struct { uint64_t data; int res; unsigned flags; } batch[REAP_MAX];
+    for (;;) {
+        unsigned n = 0, head;
+        struct io_uring_cqe *cqe;
+        io_uring_for_each_cqe(&u->ring, head, cqe) {
+            batch[n].data = cqe->user_data;
+            batch[n].res = cqe->res;
+            batch[n].flags = cqe->flags;
+            if (++n == REAP_MAX) break;
+        }
+        if (!n) break;
+        io_uring_cq_advance(&u->ring, n);
+        ch->st.cqes += n;
+        for (unsigned i = 0; i < n; i++) complete(ch, batch[i].data, batch[i].res, batch[i].flags);
+        if (n < REAP_MAX) break;
+    }
+    if (io_uring_cq_has_overflow(&u->ring)) ch->st.cq_overflows++;
+}
+
+static int uring_wait(mp_channel *ch, int timeout_ms) {
+    uring *u = U(ch);
+    reap(ch); /* completions already in the ring cost no system call */
+    if (mp__event_count(ch)) return 0;
+    /* Level-triggered polls whose event was handed out, and receives starved of buffers. */
+    mp_handle *h;
+    uint32_t again = 0;
+    while ((h = mp__rearm_pop(ch))) {
+        if (h->kind == HK_POLL) {
+            if (!h->pw.armed) uring_poll_arm(ch, h);
+        }
+        else if (h->kind == HK_CONN) {
+            if (u->br && ch->st.bufs_in_use >= u->nbufs) { /* still no buffer */
+                h->rearm_next = again;
+                again = h->idx + 1;
+                continue;
+            }
+            mp__pump_reads(h);
+        }
+    }
+    while (again) {
+        h = mp__handle_at(ch, again - 1);
+        again = h->rearm_next;
+        mp__rearm_add(h);
+    }
+    if (u->balancing) {
+        balance(ch);
+        if (u->balancing && (timeout_ms < 0 || timeout_ms > BALANCE_POLL_MS))
+            timeout_ms = BALANCE_POLL_MS;
+    }
+    if (!u->wake_armed) arm_wake(ch);
+    enable_ring(ch);
+    unsigned n = io_uring_sq_ready(&u->ring);
+    int r;
+    if (timeout_ms == 0) {
+        r = io_uring_submit_and_get_events(&u->ring);
+    } else if (timeout_ms < 0) {
+        r = io_uring_submit_and_wait(&u->ring, 1);
+    } else {
+        struct __kernel_timespec ts = {.tv_sec = timeout_ms / 1000,
+                                       .tv_nsec = (long long)(timeout_ms % 1000) * 1000000};
+        struct io_uring_cqe *cqe;
+        r = io_uring_submit_and_wait_timeout(&u->ring, &cqe, 1, &ts, NULL);
+    }
+    ch->st.syscalls++;
+    unsigned left = io_uring_sq_ready(&u->ring);
+    if (n > left) mp__batch_account(ch, n - left);
+    if (r == -EBUSY) {
+        ch->st.cq_overflows++;
+        r = 0;
+    }
+    reap(ch);
+    return (r >= 0 || r == -ETIME) ? 0 : r;
+}
+
+/* ---- set-up --------------------------------------------------------------------------- */
+
+static int ring_init(mp_channel *ch, uring *u) {
+    struct io_uring_params p;
+    unsigned entries = (unsigned)ch->cfg.ring_entries;
+    /* Try the best set of flags first, then drop them one at a time for older kernels. */
+    static const unsigned flag_sets[] = {
+        IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_R_DISABLED,
+        IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_R_DISABLED,
+        IORING_SETUP_COOP_TASKRUN,
+        0,
+    };
+    int r = -ENOSYS;
+    for (size_t i = 0; i < sizeof flag_sets / sizeof flag_sets[0]; i++) {
+        memset(&p, 0, sizeof p);
+        p.flags = flag_sets[i] | IORING_SETUP_CQSIZE | IORING_SETUP_SUBMIT_ALL;
+        p.cq_entries = entries * 16;
+        r = io_uring_queue_init_params(entries, &u->ring, &p);
+        if (r == -EINVAL) {
+            p.flags &= ~(unsigned)IORING_SETUP_SUBMIT_ALL;
+            r = io_uring_queue_init_params(entries, &u->ring, &p);
+        }
+        if (r == 0) {
+            if (p.flags & IORING_SETUP_SINGLE_ISSUER) ch->st.features |= MP_FEAT_SINGLE_ISSUER;
+            else ch->st.missing |= MP_FEAT_SINGLE_ISSUER;
+            if (p.flags & IORING_SETUP_DEFER_TASKRUN) ch->st.features |= MP_FEAT_DEFER_TASKRUN;
+            else ch->st.missing |= MP_FEAT_DEFER_TASKRUN;
+            u->enabled = !(p.flags & IORING_SETUP_R_DISABLED);
+            break;
+        }
+        if (r != -EINVAL) return r; /* ENOSYS, EPERM, ENOMEM...: no io_uring here */
+    }
+    if (r < 0) return r;
+    if (p.features & IORING_FEAT_NODROP) ch->st.features |= MP_FEAT_NODROP;
+    else ch->st.missing |= MP_FEAT_NODROP;
+    if (p.features & IORING_FEAT_EXT_ARG) ch->st.features |= MP_FEAT_EXT_ARG;
+    else ch->st.missing |= MP_FEAT_EXT_ARG;
+    return 0;
+}
+
+static void probe(mp_channel *ch, uring *u) {
+    struct io_uring_probe *pr = io_uring_get_probe_ring(&u->ring);
+    bool has_install = false, has_recv = true, has_shutdown = true;
+    if (pr) {
+        has_install = io_uring_opcode_supported(pr, IORING_OP_FIXED_FD_INSTALL);
+        has_recv = io_uring_opcode_supported(pr, IORING_OP_RECV);
+        has_shutdown = io_uring_opcode_supported(pr, IORING_OP_SHUTDOWN);
+        io_uring_free_probe(pr);
+    }
+    (void)has_recv;
+    (void)has_shutdown;
+    u->fixed_install = has_install;
+    if (has_install) ch->st.features |= MP_FEAT_FIXED_FD_INSTALL;
+    else ch->st.missing |= MP_FEAT_FIXED_FD_INSTALL;
+    /* Multishot accept and poll have no opcode of their own: they are tried, and refused
+     * with -EINVAL on kernels without them (then the engine falls back at run time).
+     * IORING_FEAT_NATIVE_WORKERS (5.12) predates both; FEAT_LINKED_FILE (5.17) is close. */
+    u->ms_accept = true;
+    u->ms_poll = true;
+    ch->st.features |= MP_FEAT_MULTISHOT_ACCEPT | MP_FEAT_POLL_MULTISHOT;
+}
+
+static int uring_init(mp_channel *ch) {
+    uring *u = calloc(1, sizeof *u);
+    if (!u) return -ENOMEM;
+    int r = ring_init(ch, u);
+    if (r < 0) {
+        free(u);
+        return r;
+    }
+    ch->eng_data = u;
+    u->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (u->efd < 0) {
+        r = -errno;
+        io_uring_queue_exit(&u->ring);
+        free(u);
+        ch->eng_data = NULL;
+        return r;
+    }
+    ch->st.missing |= MP_FEAT_REGISTERED_RING; /* until enable_ring() registers it */
+    /* The direct-descriptor table may not exceed RLIMIT_NOFILE. */
+    unsigned want = (unsigned)ch->cfg.max_lwsockets;
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY && want > rl.rlim_cur) {
+        mp__log_once(ch, MP_LOG_LWSOCKET_CLAMP,
+                     "lwsocket table clamped to RLIMIT_NOFILE (%u of %u)", (unsigned)rl.rlim_cur,
+                     want);
+        want = (unsigned)rl.rlim_cur;
+    }
+    r = io_uring_register_files_sparse(&u->ring, want);
+    if (r == 0) {
+        u->nfixed = want;
+        ch->st.features |= MP_FEAT_DIRECT_DESCRIPTORS;
+    } else {
+        ch->st.missing |= MP_FEAT_DIRECT_DESCRIPTORS;
+        mp__log_once(ch, MP_LOG_NO_DIRECT, "no direct-descriptor table (%s): lwsockets off",
+                     strerror(-r));
+    }
+    probe(ch, u);
+    u->backoff_ts.tv_nsec = BACKOFF_NS;
+    return 0;
+}
+
+static void uring_fini(mp_channel *ch) {
+    uring *u = U(ch);
+    if (!u) return;
+    if (u->br) io_uring_unregister_buf_ring(&u->ring, BUF_GROUP);
+    io_uring_queue_exit(&u->ring);
+    if (u->br) munmap(u->br, u->nbufs * sizeof(struct io_uring_buf));
+    free(u->bufs);
+    close(u->efd);
+    free(u);
+    ch->eng_data = NULL;
+}
+
+const mp_engine mp__engine_uring = {
+    .name = "uring",
+    .init = uring_init,
+    .fini = uring_fini,
+    .attach = uring_attach,
+    .detach = uring_detach,
+    .start_read = uring_start_read,
+    .start_write = uring_start_write,
+    .arm_accept = uring_arm_accept,
+    .poll_arm = uring_poll_arm,
+    .flush = uring_flush,
+    .wait = uring_wait,
+    .wake = uring_wake,
+    .export_fd = uring_export_fd,
+    .buf_release = uring_buf_release,
+};

@@ -1,0 +1,200 @@
+/*
+ * internal.h — the core's shared data structures: channel, handle, operation, event queue,
+ * and the callbacks through which engines report completions.
+ */
+#ifndef MP_INTERNAL_H
+#define MP_INTERNAL_H
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE 1
+#endif
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+#include "megapipe.h"
+#include "engine.h"
+
+#define MP_HANDLE_MAGIC 0x4d504831u /* "MPH1" */
+#define MP_CHANNEL_MAGIC 0x4d504331u
+
+#define MP_CHUNK_SHIFT 8 /* handles are allocated 256 at a time and never move */
+#define MP_CHUNK_SIZE (1u << MP_CHUNK_SHIFT)
+
+/* Resolved options (no MP_OPT_DEFAULT left). */
+typedef struct mp_config {
+    int engine, batch, partition, lwsocket, stats, ring_entries, max_lwsockets;
+    int buf_size, buf_count, balance, balance_threshold, log;
+} mp_config;
+
+void mp__config_resolve(const mp_options *opt, mp_config *cfg);
+int mp__config_valid(const mp_config *cfg);
+
+enum mp_op_type { OP_READ = 1, OP_READBUF, OP_WRITE, OP_WRITEV, OP_SHUTDOWN, OP_CONNECT };
+
+/* One queued application request.  The head of a handle's queue may be in the kernel. */
+typedef struct mp_op {
+    struct mp_op *next;
+    uint8_t type;
+    void *buf;              /* READ/WRITE */
+    size_t len;             /* total bytes (WRITEV: sum of iov) */
+    size_t done;            /* bytes already sent (writes) */
+    struct iovec *iov;      /* WRITEV: remaining iovecs (advanced in place on short sends) */
+    int iovcnt;
+    struct msghdr msg;      /* WRITEV on io_uring: stable until submitted */
+    struct iovec iov_inline[4];
+    struct sockaddr_storage addr; /* CONNECT */
+    socklen_t addrlen;
+} mp_op;
+
+typedef struct mp_opq {
+    mp_op *head, *tail;
+} mp_opq;
+
+enum mp_hstate { H_FREE = 0, H_LIVE, H_DEAD };
+enum mp_hkind { HK_CONN = 1, HK_LISTENER, HK_POLL };
+
+struct mp_partition;
+
+struct mp_handle {
+    uint32_t magic;
+    uint32_t idx;      /* slot in the channel's handle arena */
+    uint32_t gen;      /* bumped at every registration of this slot */
+    uint8_t state;     /* enum mp_hstate */
+    uint8_t kind;      /* enum mp_hkind */
+    uint8_t r_busy;    /* head of rq is in the kernel */
+    uint8_t w_busy;    /* head of wq is in the kernel */
+    mp_channel *ch;
+    int id;            /* what the application registered: fd or lwsocket id */
+    int fd;            /* the kernel handle ops use: fd, or direct slot when fixed */
+    bool fixed;        /* fd is a direct-descriptor slot (lwsocket) */
+    void *cookie;
+    mp_opq rq, wq;
+    unsigned inflight; /* kernel operations that still reference this handle */
+    uint32_t next_free;
+    /* listeners */
+    struct {
+        struct mp_partition *part; /* NULL: shared accept queue */
+        unsigned left;             /* accepts still wanted (count > 0 calls) */
+        bool forever;              /* count 0: until unregistered */
+        bool lw;                   /* accept as lwsockets */
+        bool busy;                 /* an accept (or multishot) is in the kernel */
+        bool backoff;              /* waiting after an accept error */
+        bool steal_busy;           /* a balancing accept on a sibling is in the kernel */
+    } acc;
+    /* readiness adapter */
+    struct {
+        uint32_t events;  /* interest */
+        int flags;        /* MP_POLL_ET */
+        bool armed;       /* a poll is in the kernel */
+        bool rearm;       /* level-triggered: re-arm at the next wait */
+        uint32_t seq;      /* arm sequence, carried in io_uring user_data */
+    } pw;
+    /* engine-private */
+    uint32_t ready;       /* epoll: readiness seen and not consumed */
+    bool in_rearm_list;
+    uint32_t rearm_next;  /* idx+1 of next handle in the channel's re-arm list */
+    bool readbuf_armed;   /* io_uring: multishot buffered receive active */
+};
+
+/* Internal event record: the generation lets dispatch drop events of unregistered handles. */
+typedef struct mp_qev {
+    mp_event ev;
+    uint32_t gen;
+} mp_qev;
+
+struct mp_channel {
+    uint32_t magic;
+    const mp_engine *eng;
+    void *eng_data;
+    mp_config cfg;
+    /* handle arena */
+    mp_handle **chunks;
+    uint32_t nchunks;
+    uint32_t free_head; /* idx+1, 0 = none */
+    uint32_t nslots;    /* handles ever allocated */
+    /* fd -> handle idx+1 (EEXIST checks) */
+    uint32_t *fdmap;
+    size_t fdmap_len;
+    /* lwsocket slot -> 0 free, 1 accepted not registered, idx+2 registered */
+    uint32_t *lwmap;
+    size_t lwmap_len;
+    /* event queue (ring) */
+    mp_qev *evq;
+    size_t evq_cap, evq_head, evq_len;
+    /* level-triggered polls / backed-off accepts waiting for the next wait() */
+    uint32_t rearm_head;
+    /* op free list */
+    mp_op *op_free;
+    unsigned op_free_n;
+    mp_stats st;
+    uint32_t logged; /* log-once bits */
+};
+
+/* handle.c */
+mp_handle *mp__handle_alloc(mp_channel *ch);
+void mp__handle_free(mp_handle *h);
+mp_handle *mp__handle_at(const mp_channel *ch, uint32_t idx);
+static inline bool mp__live(const mp_handle *h) {
+    return h && h->magic == MP_HANDLE_MAGIC && h->state == H_LIVE;
+}
+void mp__handle_settled(mp_handle *h); /* one kernel op of a dead handle ended */
+void mp__detach_all(mp_channel *ch);
+int mp__fdmap_set(mp_channel *ch, int fd, uint32_t v);
+uint32_t mp__fdmap_get(const mp_channel *ch, int fd);
+int mp__lwmap_set(mp_channel *ch, unsigned slot, uint32_t v);
+uint32_t mp__lwmap_get(const mp_channel *ch, unsigned slot);
+
+/* ops.c: the per-handle FIFOs, shared by both engines */
+void mp__read_done(mp_handle *h, ssize_t res, uint32_t evflags, unsigned buf_id, void *buf);
+void mp__write_done(mp_handle *h, ssize_t res);
+void mp__pump_reads(mp_handle *h);
+void mp__pump_writes(mp_handle *h);
+void mp__op_free(mp_channel *ch, mp_op *op);
+void mp__opq_drop(mp_channel *ch, mp_opq *q, bool keep_head);
+
+/* accept.c */
+void mp__accept_done(mp_handle *h, int res, bool more, bool stolen);
+
+/* events.c */
+int mp__event_push(mp_channel *ch, mp_handle *h, mp_cmd cmd, ssize_t res, uint32_t flags);
+mp_event *mp__event_push_ref(mp_channel *ch, mp_handle *h, mp_cmd cmd, ssize_t res,
+                             uint32_t flags);
+bool mp__event_pop(mp_channel *ch, mp_event *ev);
+static inline size_t mp__event_count(const mp_channel *ch) { return ch->evq_len; }
+void mp__events_free(mp_channel *ch);
+
+/* rearm list (level-triggered polls, accept back-off) */
+void mp__rearm_add(mp_handle *h);
+mp_handle *mp__rearm_pop(mp_channel *ch);
+
+/* batcher.c */
+void mp__batch_account(mp_channel *ch, unsigned submitted);
+bool mp__batch_full(const mp_channel *ch, unsigned queued);
+
+/* log.c */
+#define MP_LOG_NO_URING 0x01u
+#define MP_LOG_NO_LWSOCKET 0x02u
+#define MP_LOG_NO_MULTISHOT 0x04u
+#define MP_LOG_NO_DIRECT 0x08u
+#define MP_LOG_NOT_READY 0x10u
+#define MP_LOG_NO_INSTALL 0x20u
+#define MP_LOG_FEATURES 0x40u
+#define MP_LOG_LWSOCKET_CLAMP 0x80u
+#define MP_LOG_NO_BUFRING 0x100u
+#define MP_LOG_NO_BALANCE 0x200u
+void mp__log_once(mp_channel *ch, uint32_t bit, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* listener.c */
+int mp__partition_open(mp_channel *ch, mp_handle *h, int listen_fd, const cpu_set_t *mask);
+void mp__partition_close(mp_handle *h);
+int mp__partition_set_mask(mp_handle *h, const cpu_set_t *mask);
+unsigned mp__partition_backlog(int fd);
+/* A sibling partition of h's group with at least threshold connections waiting, or -1. */
+int mp__partition_busy_sibling(mp_handle *h, unsigned threshold);
+
+/* poll.c */
+void mp__poll_done(mp_handle *h, uint32_t revents, bool ended);
+
+#endif

@@ -1,0 +1,60 @@
+/*
+ * stats.c — per-channel statistics: mp_get_stats() and the MP_STATS=1 report.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "internal.h"
+
+int mp_get_stats(const mp_channel *ch, mp_stats *st) {
+    if (!ch || ch->magic != MP_CHANNEL_MAGIC) return -EBADF;
+    if (!st) return -EINVAL;
+    *st = ch->st;
+    return 0;
+}
+
+static void feat_list(FILE *f, uint32_t bits) {
+    static const struct { uint32_t bit; const char *name; } names[] = {
+        {MP_FEAT_SINGLE_ISSUER, "single_issuer"}, {MP_FEAT_DEFER_TASKRUN, "defer_taskrun"},
+        {MP_FEAT_REGISTERED_RING, "registered_ring"},
+        {MP_FEAT_DIRECT_DESCRIPTORS, "direct_descriptors"},
+        {MP_FEAT_MULTISHOT_ACCEPT, "multishot_accept"},
+        {MP_FEAT_FIXED_FD_INSTALL, "fixed_fd_install"}, {MP_FEAT_BUF_RING, "buf_ring"},
+        {MP_FEAT_RECV_MULTISHOT, "recv_multishot"}, {MP_FEAT_NODROP, "nodrop"},
+        {MP_FEAT_EXT_ARG, "ext_arg"}, {MP_FEAT_POLL_MULTISHOT, "poll_multishot"},
+        {MP_FALLBACK_EPOLL_ENGINE, "epoll_engine"},
+    };
+    int any = 0;
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if (bits & names[i].bit) fprintf(f, "%s%s", any++ ? "," : "", names[i].name);
+    if (!any) fputs("-", f);
+}
+
+void mp_print_stats(const mp_stats *st, void *stdio_file) {
+    FILE *f = stdio_file ? (FILE *)stdio_file : stderr;
+    if (!st) return;
+    fprintf(f, "megapipe stats: engine=%s features=", st->engine);
+    feat_list(f, st->features);
+    fputs(" missing=", f);
+    feat_list(f, st->missing);
+    fputs(" fallbacks=", f);
+    feat_list(f, st->fallbacks);
+    fprintf(f,
+            "\n  requests=%llu events=%llu syscalls=%llu submits=%llu sqes=%llu cqes=%llu"
+            " cq_overflows=%llu accept_errors=%llu stolen_accepts=%llu handles=%llu\n",
+            (unsigned long long)st->requests, (unsigned long long)st->events,
+            (unsigned long long)st->syscalls, (unsigned long long)st->submits,
+            (unsigned long long)st->sqes, (unsigned long long)st->cqes,
+            (unsigned long long)st->cq_overflows, (unsigned long long)st->accept_errors,
+            (unsigned long long)st->stolen_accepts, (unsigned long long)st->handles);
+    fprintf(f, "  buffers: in_use=%llu peak=%llu starved=%llu\n",
+            (unsigned long long)st->bufs_in_use, (unsigned long long)st->bufs_peak,
+            (unsigned long long)st->buf_starved);
+    static const char *lbl[MP_STATS_HIST] = {"1", "2-3", "4-7", "8-15", "16-31", "32-63",
+                                             "64-127", "128+"};
+    fputs("  batch sizes:", f);
+    for (int i = 0; i < MP_STATS_HIST; i++)
+        fprintf(f, " %s:%llu", lbl[i], (unsigned long long)st->batch_hist[i]);
+    fputc('\n', f);
+}

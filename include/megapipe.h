@@ -1,0 +1,365 @@
+/*
+ * megapipe.h — MegaPipe on io_uring: the public API.
+ *
+ * MegaPipe (Han et al., OSDI 2012) replaces the BSD socket API for message-oriented servers
+ * with a per-core *channel*: a bidirectional pipe that carries asynchronous I/O requests to
+ * the kernel and completion events back.  This library builds the channel in user space over
+ * io_uring (with an epoll engine behind the same API where io_uring is unavailable):
+ *
+ *   - partitioned listening sockets: one SO_REUSEPORT socket per channel, steered per CPU by a
+ *     classic-BPF program (mp_register() with a cpu_mask);
+ *   - lightweight sockets (lwsockets): accepted connections that live only in the ring's
+ *     direct-descriptor table, never in the process fd table (mp_accept() with MP_LWSOCKET);
+ *   - transparent batching: requests are queued in the submission ring and handed to the kernel
+ *     in one system call per batch (threshold, no events left, or mp_flush()).
+ *
+ * Completion model.  mp_read(), mp_write(), mp_writev(), mp_accept() and mp_disconnect() start
+ * an operation and return at once (0, or -errno when the request itself is invalid).  Each
+ * operation later produces exactly one event through mp_dispatch() (an accept with count 0
+ * produces one per connection), unless the handle is unregistered first.
+ *
+ * Return conventions.  Functions returning int return >= 0 on success and a negative errno on
+ * failure (-EBADF, -EINVAL, ...).  They never abort, assert or exit on bad input and never set
+ * errno.  Functions returning a pointer return NULL and set errno.
+ *
+ * Threads.  A channel and every handle registered on it belong to one thread at a time: call
+ * all functions on one channel from one thread (or serialise them yourself).  mp_wake() is the
+ * one call that is safe from any thread.  Different channels are independent and may be used
+ * concurrently from different threads.
+ *
+ * Environment.  mp_create(NULL) reads the MP_* variables listed at struct mp_options; with a
+ * non-NULL options pointer, fields left at MP_OPT_DEFAULT are still taken from the environment.
+ */
+#ifndef MEGAPIPE_H
+#define MEGAPIPE_H
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE 1
+#endif
+#include <sched.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MEGAPIPE_VERSION_MAJOR 0
+#define MEGAPIPE_VERSION_MINOR 1
+#define MEGAPIPE_VERSION_PATCH 0
+
+/* lwsocket ids are MP_LWSOCKET_BASE + slot in the channel's direct-descriptor table; they are
+ * never valid file descriptors.  Use mp_is_lwsocket() to tell them from fds. */
+#define MP_LWSOCKET_BASE (1 << 30)
+static inline int mp_is_lwsocket(int id) { return id >= MP_LWSOCKET_BASE; }
+
+typedef struct mp_channel mp_channel;
+typedef struct mp_handle mp_handle;
+
+/* ---------------------------------------------------------------------------------------- */
+/* Options                                                                                   */
+/* ---------------------------------------------------------------------------------------- */
+
+/* A field set to MP_OPT_DEFAULT takes its value from the environment variable named beside it,
+ * or, when that is unset, from the default named there. */
+#define MP_OPT_DEFAULT (-1)
+
+typedef enum mp_engine_kind {
+    MP_ENGINE_AUTO = 0,  /* io_uring when it can be set up, else epoll (logged once) */
+    MP_ENGINE_URING = 1, /* io_uring only: mp_create() fails when it cannot be set up */
+    MP_ENGINE_EPOLL = 2, /* epoll + non-blocking syscalls */
+} mp_engine_kind;
+
+typedef struct mp_options {
+    /* MP_ENGINE=auto|uring|epoll.  Default auto. */
+    int engine;
+    /* MP_BATCH=<n>: submit as soon as n requests are queued (the paper's threshold).
+     * 1 = no batching (every request is its own system call).  Default 32. */
+    int batch;
+    /* MP_PARTITION=0|1: 1 = a cpu_mask given to mp_register() on a listening socket creates a
+     * partition (own SO_REUSEPORT socket, CPU steering); 0 = cpu_mask is ignored and all
+     * channels share the one accept queue (the paper's baseline).  Default 1. */
+    int partition;
+    /* MP_LWSOCKET=0|1: 0 = mp_accept() ignores MP_LWSOCKET and accepts regular fds;
+     * 1 = honour MP_LWSOCKET.  Default 1. */
+    int lwsocket;
+    /* MP_STATS=1: print the channel's statistics to stderr at mp_destroy().  Default 0. */
+    int stats;
+    /* MP_RING_ENTRIES=<n>: submission ring size (completion ring is 16x).  Default 256. */
+    int ring_entries;
+    /* MP_MAX_LWSOCKETS=<n>: size of the direct-descriptor table.  Default 16384. */
+    int max_lwsockets;
+    /* MP_BUF_SIZE=<bytes>, MP_BUF_COUNT=<n>: the provided-buffer ring used by buffered reads
+     * (mp_read_buffered()).  Defaults 4096 and 1024 (count is rounded up to a power of 2). */
+    int buf_size;
+    int buf_count;
+    /* MP_BALANCE=0|1 and MP_BALANCE_THRESHOLD=<n>: accept load balancing.  With 1, a channel
+     * whose own partition is idle accepts from a sibling partition whose accept backlog is at
+     * least the threshold.  Defaults 0 and 16.  io_uring engine only. */
+    int balance;
+    int balance_threshold;
+    /* MP_LOG=0|1: log fallbacks and misuse to stderr (each kind once).  Default 1. */
+    int log;
+} mp_options;
+
+/* Fill *opt with MP_OPT_DEFAULT everywhere (the environment and built-in defaults apply). */
+void mp_options_init(mp_options *opt);
+
+/* ---------------------------------------------------------------------------------------- */
+/* Events                                                                                    */
+/* ---------------------------------------------------------------------------------------- */
+
+typedef enum mp_cmd {
+    MP_EV_NONE = 0,
+    MP_EV_ACCEPT,     /* result: new fd or lwsocket id (>= 0), or -errno; u.accept */
+    MP_EV_READ,       /* result: bytes read (> 0), or -errno for a failed request; u.read */
+    MP_EV_WRITE,      /* result: bytes written (all of them), or -errno */
+    MP_EV_CONNECT,    /* result: 0 or -errno */
+    MP_EV_DISCONNECT, /* result: 0 = peer closed (EOF) or local mp_disconnect() done
+                         (flag MP_EVF_LOCAL), -errno = connection failed (e.g. -ECONNRESET) */
+    MP_EV_POLL,       /* readiness adapter: result = revents; u.poll */
+    MP_EV_WAKE,       /* mp_wake() was called; handle and cookie are NULL */
+} mp_cmd;
+
+/* mp_event.flags */
+#define MP_EVF_LOCAL 0x1u    /* DISCONNECT: completion of our own mp_disconnect() */
+#define MP_EVF_BUFFER 0x2u   /* READ: u.read.buf is a channel buffer; give it back with
+                                mp_buffer_release() */
+#define MP_EVF_MORE 0x4u     /* ACCEPT: the partition had more connections waiting */
+
+typedef struct mp_event {
+    mp_cmd cmd;
+    uint32_t flags;       /* MP_EVF_* */
+    ssize_t result;       /* >= 0 success value, < 0 -errno */
+    mp_handle *handle;    /* the handle the operation was issued on */
+    void *cookie;         /* that handle's cookie */
+    union {
+        struct {
+            int fd;               /* = result on success: fd, or lwsocket id */
+            unsigned backlog;     /* connections still waiting in the accept queue, when known */
+        } accept;
+        struct {
+            void *buf;            /* where the data is: the caller's buffer, or a channel
+                                     buffer when flags has MP_EVF_BUFFER */
+            size_t len;           /* = result when > 0 */
+            unsigned buf_id;      /* channel buffer id, for mp_buffer_release() */
+        } read;
+        struct {
+            int fd;               /* the polled fd */
+            uint32_t revents;     /* EPOLLIN/EPOLLOUT/EPOLLERR/EPOLLHUP/EPOLLRDHUP bits */
+        } poll;
+    } u;
+} mp_event;
+
+/* ---------------------------------------------------------------------------------------- */
+/* Channels                                                                                  */
+/* ---------------------------------------------------------------------------------------- */
+
+/* Create a channel.  opt may be NULL (environment and defaults).  The channel belongs to the
+ * calling thread (see "Threads").  Errors (NULL, errno): EINVAL bad option; ENOMEM; ENOSYS,
+ * EPERM or ENOTSUP when MP_ENGINE=uring and io_uring cannot be set up; any errno of the
+ * kernel calls that build the ring or the epoll set (EMFILE, ENFILE, ...). */
+mp_channel *mp_create(const mp_options *opt);
+
+/* Destroy a channel: cancels every operation, unregisters every handle (closing lwsockets and
+ * the channel's partition sockets; regular fds the application registered stay open), prints
+ * statistics when MP_STATS=1, frees everything.  NULL is ignored.  Not thread-safe: no other
+ * thread may be inside a call on this channel (mp_wake() included). */
+void mp_destroy(mp_channel *ch);
+
+/* Wait for one event.  timeout_ms: -1 = forever, 0 = do not block.  Returns 1 with *ev filled,
+ * 0 on timeout, -EBADF (NULL channel), -EINVAL (NULL ev), -EINTR when a signal interrupted the
+ * wait, or another -errno from the kernel.  Completions are reaped in batches: a call that
+ * finds earlier events still queued returns one at once without a system call; when none are
+ * left, queued requests are submitted and completions reaped in the same system call. */
+int mp_dispatch(mp_channel *ch, mp_event *ev, int timeout_ms);
+
+/* Submit every queued request now.  Returns the number submitted, or -errno. */
+int mp_flush(mp_channel *ch);
+
+/* Make a blocked or future mp_dispatch() on ch return an MP_EV_WAKE event.  Safe from any
+ * thread and from signal handlers.  Several wakes before a dispatch may be merged into one
+ * event.  Returns 0 or -errno (-EBADF for NULL). */
+int mp_wake(mp_channel *ch);
+
+/* Name of the engine the channel runs on: "uring" or "epoll". */
+const char *mp_engine_name(const mp_channel *ch);
+
+/* ---------------------------------------------------------------------------------------- */
+/* Handles                                                                                   */
+/* ---------------------------------------------------------------------------------------- */
+
+/* Register fd on ch and return its handle.  fd may be:
+ *   - a listening TCP socket: with cpu_mask != NULL and partitioning on (MP_PARTITION), the
+ *     channel gets its own SO_REUSEPORT socket on the same address, and connections whose SYN
+ *     is handled by a CPU in cpu_mask are accepted by this channel.  The socket must have been
+ *     made ready with mp_listen_socket() (SO_REUSEPORT, bound, not yet listening); otherwise
+ *     the call fails with EINVAL.  With cpu_mask NULL (or partitioning off) the socket is
+ *     shared: it is put in listening state if it is not already, and every channel that
+ *     registers it accepts from the one queue.
+ *   - a connected socket (fd), or an lwsocket id from an ACCEPT event of this channel.
+ * The library sets O_NONBLOCK on fds it drives with the epoll engine.  cookie is returned in
+ * every event of the handle.  Regular fds stay owned by the caller (close them after
+ * mp_unregister()); lwsockets are owned by the channel (mp_unregister() closes them).
+ * Errors (NULL, errno): EBADF (bad ch, bad fd, lwsocket id not owned by ch), EINVAL (listener
+ * not ready for partitioning, empty cpu_mask), EEXIST (fd or id already registered on ch),
+ * ENOMEM, or the errno of socket(), bind(), listen(), setsockopt() for a partition. */
+mp_handle *mp_register(mp_channel *ch, int fd, void *cookie, const cpu_set_t *cpu_mask);
+
+/* Unregister h: cancels its pending operations; after this returns no event of h is
+ * delivered, even for operations already completed but not yet dispatched.  lwsockets and
+ * partition sockets are closed; memory is released once the kernel has let go of the last
+ * operation.  Returns 0, or -EBADF for NULL, unknown or already unregistered handles. */
+int mp_unregister(mp_handle *h);
+
+/* Change the cpu_mask of a partitioned listener at run time (the paper's footnote 3).  The
+ * steering program of the whole group is rebuilt; connections already queued stay queued.
+ * Returns 0, -EBADF, -EINVAL (h is not a partitioned listener, or the mask is empty). */
+int mp_set_cpu_mask(mp_handle *h, const cpu_set_t *cpu_mask);
+
+/* The cookie given to mp_register(), or NULL for a bad handle. */
+void *mp_cookie(const mp_handle *h);
+
+/* The fd or lwsocket id the handle was registered with (for a partitioned listener: the
+ * channel's own partition socket), or -EBADF. */
+int mp_handle_fd(const mp_handle *h);
+
+/* Create a TCP listening socket ready for partitioning on addr (IPv4 or IPv6): SO_REUSEADDR,
+ * SO_REUSEPORT, bound, *not* listening (each channel's partition listens).  A port of 0 is
+ * resolved at bind; read it back with getsockname().  backlog is remembered for the
+ * partitions (0: SOMAXCONN).  Returns the fd (O_CLOEXEC) or -errno. */
+int mp_listen_socket(const struct sockaddr *addr, socklen_t addrlen, int backlog);
+
+/* ---------------------------------------------------------------------------------------- */
+/* Operations (each completes with one event)                                                */
+/* ---------------------------------------------------------------------------------------- */
+
+/* mp_accept() flags */
+#define MP_LWSOCKET 0x1 /* accept as lwsockets (direct descriptors) when the engine can;
+                           otherwise regular fds, logged once */
+
+/* Accept count connections on listener h (count 0 = keep accepting until h is unregistered).
+ * Calls add up: two calls with count 1 accept two connections.  Each connection is one
+ * MP_EV_ACCEPT event whose result is the new fd or lwsocket id; register it with
+ * mp_register() to use it.  A failed accept (-EMFILE, -ENFILE when the descriptor table is
+ * full, ...) is an ACCEPT event with that error; accepting resumes by itself a little later,
+ * so the channel keeps working.  Returns 0, -EBADF (bad handle), -EINVAL (h is not a
+ * listener, or unknown flags). */
+int mp_accept(mp_handle *h, unsigned count, int flags);
+
+/* Connect h (a socket the caller created; non-blocking is fine) to addr.  Completes with
+ * MP_EV_CONNECT, result 0 or -errno.  Returns 0, -EBADF, -EINVAL (addrlen too big). */
+int mp_connect(mp_handle *h, const struct sockaddr *addr, socklen_t addrlen);
+
+/* Read up to size bytes into buf (size > 0).  Completes with MP_EV_READ and result = bytes
+ * read (> 0).  EOF and receive errors complete instead with MP_EV_DISCONNECT (0 or -errno).
+ * Reads on one handle complete in issue order; buf must stay valid until the event.  Returns
+ * 0, -EBADF, -EINVAL (size 0 or > INT_MAX), -ENOMEM. */
+int mp_read(mp_handle *h, void *buf, size_t size);
+
+/* Buffered read: like mp_read() but the kernel picks a buffer from the channel's provided-
+ * buffer ring when data arrives, so idle connections hold no buffer.  The READ event has
+ * MP_EVF_BUFFER, u.read.buf/len/buf_id; give the buffer back with mp_buffer_release().
+ * Returns 0, -EBADF, -ENOTSUP (engine without provided buffers). */
+int mp_read_buffered(mp_handle *h);
+
+/* Give a buffer from a buffered READ event back to the channel.  Returns 0, -EBADF, -EINVAL. */
+int mp_buffer_release(mp_channel *ch, unsigned buf_id);
+
+/* Write size bytes from buf.  Completes with MP_EV_WRITE once *all* bytes are in the socket's
+ * send queue (short sends are retried inside) with result = size, or with -errno (e.g. -EPIPE,
+ * -ECONNRESET; never SIGPIPE).  Writes on one handle complete in issue order; buf must stay
+ * valid until the event.  Returns 0, -EBADF, -EINVAL, -ENOMEM. */
+int mp_write(mp_handle *h, const void *buf, size_t size);
+
+/* Gathering write: like mp_write() for iovcnt buffers (1..IOV_MAX).  The iovec array is copied;
+ * the buffers it points to must stay valid until the event. */
+int mp_writev(mp_handle *h, const struct iovec *iov, int iovcnt);
+
+/* Half-close: after every write issued before it has completed, shut down the sending side
+ * (shutdown(SHUT_WR); the peer reads EOF).  The handle stays registered and can still read.
+ * Completes with MP_EV_DISCONNECT, flag MP_EVF_LOCAL, result 0 or -errno. */
+int mp_disconnect(mp_handle *h);
+
+/* Return a new regular fd for the socket behind h, owned by the caller (close it when done).
+ * For an lwsocket this installs the direct descriptor in the fd table
+ * (IORING_OP_FIXED_FD_INSTALL); for a regular fd it is a dup().  The handle keeps working.
+ * Returns the fd, -EBADF, -ENOTSUP (kernel without FIXED_FD_INSTALL), or -errno. */
+int mp_export_fd(mp_handle *h);
+
+/* ---------------------------------------------------------------------------------------- */
+/* Readiness adapter (for event libraries that need readiness rather than completions)       */
+/* ---------------------------------------------------------------------------------------- */
+
+/* mp_poll_add() flags */
+#define MP_POLL_ET 0x1 /* edge-triggered (multishot poll); default level-triggered */
+
+/* Watch fd for readiness (events: EPOLLIN, EPOLLOUT, EPOLLRDHUP, EPOLLPRI).  Each readiness
+ * change is an MP_EV_POLL event with u.poll.fd/revents and the cookie; the handle is the
+ * returned one.  Level-triggered watches report again while the condition holds (re-armed
+ * at each dispatch); edge-triggered ones report transitions.  The registration is a queued
+ * request, not a system call.  Errors (NULL, errno): EBADF, EINVAL, EEXIST, ENOMEM. */
+mp_handle *mp_poll_add(mp_channel *ch, int fd, uint32_t events, int flags, void *cookie);
+
+/* Change the interest set (and flags) of a watch.  Returns 0, -EBADF, -EINVAL. */
+int mp_poll_mod(mp_handle *h, uint32_t events, int flags);
+
+/* Stop watching: after this returns, no event of this watch is delivered, even if fd is
+ * closed and its number reused at once.  Returns 0 or -EBADF. */
+int mp_poll_del(mp_handle *h);
+
+/* ---------------------------------------------------------------------------------------- */
+/* Statistics                                                                                */
+/* ---------------------------------------------------------------------------------------- */
+
+#define MP_STATS_HIST 8 /* batch-size buckets: 1, 2-3, 4-7, 8-15, 16-31, 32-63, 64-127, 128+ */
+
+/* features / fallbacks bits */
+#define MP_FEAT_SINGLE_ISSUER 0x001u
+#define MP_FEAT_DEFER_TASKRUN 0x002u
+#define MP_FEAT_REGISTERED_RING 0x004u
+#define MP_FEAT_DIRECT_DESCRIPTORS 0x008u
+#define MP_FEAT_MULTISHOT_ACCEPT 0x010u
+#define MP_FEAT_FIXED_FD_INSTALL 0x020u
+#define MP_FEAT_BUF_RING 0x040u
+#define MP_FEAT_RECV_MULTISHOT 0x080u
+#define MP_FEAT_NODROP 0x100u
+#define MP_FEAT_EXT_ARG 0x200u
+#define MP_FEAT_POLL_MULTISHOT 0x400u
+#define MP_FALLBACK_EPOLL_ENGINE 0x10000u /* io_uring could not be set up */
+
+typedef struct mp_stats {
+    char engine[8];            /* "uring" or "epoll" */
+    uint32_t features;         /* MP_FEAT_* the engine found and uses */
+    uint32_t missing;          /* MP_FEAT_* the engine looked for and did not find */
+    uint32_t fallbacks;        /* MP_FALLBACK_* taken */
+    uint64_t requests;         /* operations requested by the application */
+    uint64_t syscalls;         /* system calls made by the engine (io_uring_enter, epoll_wait,
+                                  send/recv/accept on epoll, ...) */
+    uint64_t submits;          /* system calls that submitted requests */
+    uint64_t sqes;             /* submission entries handed to the kernel */
+    uint64_t cqes;             /* completion entries reaped */
+    uint64_t events;           /* events handed out by mp_dispatch() */
+    uint64_t batch_hist[MP_STATS_HIST]; /* SQEs per submitting system call */
+    uint64_t cq_overflows;     /* times the kernel reported a completion-ring overflow */
+    uint64_t accept_errors;    /* failed accepts (EMFILE, ENFILE, ...) */
+    uint64_t stolen_accepts;   /* connections accepted from a sibling partition */
+    uint64_t bufs_in_use;      /* buffered reads: buffers held by the application now */
+    uint64_t bufs_peak;        /* ... and at most */
+    uint64_t buf_starved;      /* buffered reads that waited for a buffer */
+    uint64_t handles;          /* handles registered now */
+} mp_stats;
+
+/* Copy the channel's counters into *st.  Returns 0, -EBADF (NULL ch), -EINVAL (NULL st). */
+int mp_get_stats(const mp_channel *ch, mp_stats *st);
+
+/* Print st in a readable form to a stdio FILE* (pass stderr, for example). */
+void mp_print_stats(const mp_stats *st, void *stdio_file);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* MEGAPIPE_H */
