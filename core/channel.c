@@ -69,6 +69,7 @@ void mp_destroy(mp_channel *ch) {
             if (h->state != H_FREE) {
                 mp__opq_drop(ch, &h->rq, false);
                 mp__opq_drop(ch, &h->wq, false);
+                mp__opq_drop(ch, &h->stash, false);
             }
         }
         free(ch->chunks[c]);

@@ -61,6 +61,7 @@ typedef struct uring {
     /* buffered reads */
     struct io_uring_buf_ring *br;
     char *bufs;
+    uint8_t *buf_busy;   /* buffer id -> held by the application */
     unsigned nbufs, bufsz;
     bool br_failed;
     struct __kernel_timespec backoff_ts;
@@ -179,8 +180,11 @@ static int bufring_setup(mp_channel *ch) {
     void *mem = mmap(NULL, ring_sz, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
     if (mem == MAP_FAILED) return -ENOMEM;
     char *bufs = malloc((size_t)n * (size_t)ch->cfg.buf_size);
-    if (!bufs) {
+    uint8_t *busy = calloc(n, 1);
+    if (!bufs || !busy) {
         munmap(mem, ring_sz);
+        free(bufs);
+        free(busy);
         return -ENOMEM;
     }
     struct io_uring_buf_reg reg = {.ring_addr = (uint64_t)(uintptr_t)mem, .ring_entries = n,
@@ -190,6 +194,7 @@ static int bufring_setup(mp_channel *ch) {
     if (r < 0) {
         munmap(mem, ring_sz);
         free(bufs);
+        free(busy);
         u->br_failed = true;
         ch->st.missing |= MP_FEAT_BUF_RING;
         mp__log_once(ch, MP_LOG_NO_BUFRING, "provided-buffer rings unavailable (%s)", strerror(-r));
@@ -197,6 +202,7 @@ static int bufring_setup(mp_channel *ch) {
     }
     u->br = mem;
     u->bufs = bufs;
+    u->buf_busy = busy;
     u->nbufs = n;
     u->bufsz = (unsigned)ch->cfg.buf_size;
     io_uring_buf_ring_init(u->br);
@@ -210,8 +216,8 @@ static int bufring_setup(mp_channel *ch) {
 
 static int uring_buf_release(mp_channel *ch, unsigned id) {
     uring *u = U(ch);
-    if (!u->br || id >= u->nbufs) return -EINVAL;
-    if (ch->st.bufs_in_use == 0) return -EINVAL;
+    if (!u->br || id >= u->nbufs || !u->buf_busy[id]) return -EINVAL;
+    u->buf_busy[id] = 0;
     io_uring_buf_ring_add(u->br, u->bufs + (size_t)id * u->bufsz, u->bufsz, (unsigned short)id,
                           io_uring_buf_ring_mask(u->nbufs), 0);
     io_uring_buf_ring_advance(u->br, 1);
@@ -223,28 +229,93 @@ static int uring_buf_release(mp_channel *ch, unsigned id) {
 
 static ssize_t uring_start_read(mp_channel *ch, mp_handle *h, mp_op *op) {
     uring *u = U(ch);
+    struct io_uring_sqe *sqe;
     if (op->type == OP_READBUF) {
         int r = bufring_setup(ch);
         if (r < 0) return r;
-        struct io_uring_sqe *sqe = get_sqe(ch);
-        if (!sqe) return -EAGAIN;
-        /* One buffer-selecting receive per request: the buffer is taken only when data
-         * arrives, so an idle connection holds none. */
-        io_uring_prep_recv(sqe, h->fd, NULL, u->bufsz, 0);
+        mp_op *s = mp__opq_pop(&h->stash);
+        if (s) { /* data that arrived before this request asked for it */
+            ssize_t res = (ssize_t)s->len;
+            op->evflags = s->evflags;
+            op->buf_id = s->buf_id;
+            op->rbuf = s->rbuf;
+            mp__op_free(ch, s);
+            return res;
+        }
+        if (h->readbuf_armed) return MP_INPROGRESS;
+        if (u->nbufs && ch->st.bufs_in_use >= u->nbufs) { /* starved: re-armed at next wait */
+            ch->st.buf_starved++;
+            mp__rearm_add(h);
+            return MP_INPROGRESS;
+        }
+        /* One multishot receive per handle, picking a buffer only when data arrives: an idle
+         * connection holds no buffer. */
+        if (!(sqe = get_sqe(ch))) return -EAGAIN;
+        io_uring_prep_recv_multishot(sqe, h->fd, NULL, 0, 0);
         sqe->flags |= IOSQE_BUFFER_SELECT;
         sqe->buf_group = BUF_GROUP;
-        set_file(sqe, h);
-        io_uring_sqe_set_data64(sqe, ud(T_READ, h->gen, h->idx));
+        h->readbuf_armed = true;
     } else {
-        struct io_uring_sqe *sqe = get_sqe(ch);
-        if (!sqe) return -EAGAIN;
+        if (!(sqe = get_sqe(ch))) return -EAGAIN;
         io_uring_prep_recv(sqe, h->fd, op->buf, op->len, 0);
-        set_file(sqe, h);
-        io_uring_sqe_set_data64(sqe, ud(T_READ, h->gen, h->idx));
     }
+    set_file(sqe, h);
+    io_uring_sqe_set_data64(sqe, ud(T_READ, h->gen, h->idx));
     h->inflight++;
     batch_check(ch);
     return MP_INPROGRESS;
+}
+
+/* A completion of h's multishot buffered receive. */
+static void readbuf_done(mp_channel *ch, mp_handle *h, int res, unsigned flags) {
+    uring *u = U(ch);
+    bool final = !(flags & IORING_CQE_F_MORE);
+    if (final) {
+        h->inflight--;
+        h->readbuf_armed = false;
+    }
+    if (res == -ENOBUFS) { /* ring empty: no data lost, it stays in the socket */
+        ch->st.buf_starved++;
+        if (h->r_busy) {
+            h->r_busy = 0;
+            mp__rearm_add(h);
+        }
+        return;
+    }
+    unsigned id = 0;
+    void *buf = NULL;
+    uint32_t evf = 0;
+    if (flags & IORING_CQE_F_BUFFER) {
+        id = flags >> IORING_CQE_BUFFER_SHIFT;
+        u->buf_busy[id] = 1;
+        if (++ch->st.bufs_in_use > ch->st.bufs_peak) ch->st.bufs_peak = ch->st.bufs_in_use;
+        if (res <= 0) {
+            uring_buf_release(ch, id);
+        } else {
+            buf = u->bufs + (size_t)id * u->bufsz;
+            evf = MP_EVF_BUFFER;
+        }
+    }
+    if (h->r_busy && h->rq.head && h->rq.head->type == OP_READBUF) {
+        mp__read_done(h, res, evf, id, buf);
+    } else {
+        mp_op *s = mp__op_alloc(ch);
+        if (!s) { /* cannot keep it: give the buffer back rather than leak it */
+            if (evf) uring_buf_release(ch, id);
+        } else {
+            s->type = OP_READBUF;
+            s->len = (size_t)(ssize_t)res;
+            s->evflags = evf;
+            s->buf_id = id;
+            s->rbuf = buf;
+            mp__opq_push(&h->stash, s);
+        }
+    }
+    /* Ended although the connection goes on (e.g. CQ overflow): start it again. */
+    if (final && res > 0 && h->state == H_LIVE && h->r_busy) {
+        h->r_busy = 0;
+        mp__pump_reads(h);
+    }
 }
 
 static ssize_t uring_start_write(mp_channel *ch, mp_handle *h, mp_op *op) {
@@ -372,7 +443,11 @@ static int uring_poll_arm(mp_channel *ch, mp_handle *h) {
 }
 
 static unsigned uring_detach(mp_channel *ch, mp_handle *h) {
-    if (h->r_busy) prep_cancel(ch, ud(T_READ, h->gen, h->idx));
+    if (h->r_busy || h->readbuf_armed) prep_cancel(ch, ud(T_READ, h->gen, h->idx));
+    for (mp_op *s; (s = mp__opq_pop(&h->stash));) {
+        if (s->evflags & MP_EVF_BUFFER) uring_buf_release(ch, s->buf_id);
+        mp__op_free(ch, s);
+    }
     if (h->w_busy) prep_cancel(ch, ud(T_WRITE, h->gen, h->idx));
     if (h->acc.busy) prep_cancel(ch, ud(T_ACCEPT, h->gen, h->idx));
     if (h->acc.steal_busy) prep_cancel(ch, ud(T_STEAL, h->gen, h->idx));
@@ -460,8 +535,10 @@ static void complete(mp_channel *ch, uint64_t data, int res, unsigned flags) {
             }
         }
         if (flags & IORING_CQE_F_BUFFER) {
+            unsigned id = flags >> IORING_CQE_BUFFER_SHIFT;
+            U(ch)->buf_busy[id] = 1;
             ch->st.bufs_in_use++;
-            uring_buf_release(ch, flags >> IORING_CQE_BUFFER_SHIFT);
+            uring_buf_release(ch, id);
         }
         if (t == T_READ && final) mp__read_done(h, res, 0, 0, NULL);
         if (t == T_WRITE) mp__write_done(h, res);
@@ -475,25 +552,12 @@ static void complete(mp_channel *ch, uint64_t data, int res, unsigned flags) {
 
     switch (t) {
     case T_READ:
-        if (final) h->inflight--;
-        if (flags & IORING_CQE_F_BUFFER) {
-            unsigned id = flags >> IORING_CQE_BUFFER_SHIFT;
-            ch->st.bufs_in_use++;
-            if (ch->st.bufs_in_use > ch->st.bufs_peak) ch->st.bufs_peak = ch->st.bufs_in_use;
-            if (res > 0) {
-                mp__read_done(h, res, MP_EVF_BUFFER, id, u->bufs + (size_t)id * u->bufsz);
-            } else {
-                uring_buf_release(ch, id);
-                mp__read_done(h, res, 0, 0, NULL);
-            }
-        } else if (res == -ENOBUFS) {
-            /* No buffer free: wait until the application gives one back. */
-            ch->st.buf_starved++;
-            h->r_busy = 0;
-            mp__rearm_add(h);
-        } else {
-            mp__read_done(h, res, 0, 0, NULL);
+        if (h->readbuf) {
+            readbuf_done(ch, h, res, flags);
+            return;
         }
+        h->inflight--;
+        mp__read_done(h, res, 0, 0, NULL);
         return;
     case T_WRITE:
         h->inflight--;
@@ -595,6 +659,7 @@ static int uring_wait(mp_channel *ch, int timeout_ms) {
                 again = h->idx + 1;
                 continue;
             }
+            if (!h->readbuf_armed) h->r_busy = 0;
             mp__pump_reads(h);
         }
     }
@@ -743,6 +808,7 @@ static void uring_fini(mp_channel *ch) {
     io_uring_queue_exit(&u->ring);
     if (u->br) munmap(u->br, u->nbufs * sizeof(struct io_uring_buf));
     free(u->bufs);
+    free(u->buf_busy);
     close(u->efd);
     free(u);
     ch->eng_data = NULL;

@@ -59,6 +59,7 @@ void mp__handle_free(mp_handle *h) {
     mp_channel *ch = h->ch;
     mp__opq_drop(ch, &h->rq, false);
     mp__opq_drop(ch, &h->wq, false);
+    mp__opq_drop(ch, &h->stash, false);
     h->state = H_FREE;
     h->next_free = ch->free_head;
     ch->free_head = h->idx + 1;

@@ -41,6 +41,10 @@ typedef struct mp_op {
     size_t done;            /* bytes already sent (writes) */
     struct iovec *iov;      /* WRITEV: remaining iovecs (advanced in place on short sends) */
     int iovcnt;
+    /* READBUF completed by the engine at once, or stashed: the channel buffer it filled */
+    uint32_t evflags;
+    unsigned buf_id;
+    void *rbuf;
     struct msghdr msg;      /* WRITEV on io_uring: stable until submitted */
     struct iovec iov_inline[4];
     struct sockaddr_storage addr; /* CONNECT */
@@ -94,7 +98,9 @@ struct mp_handle {
     uint32_t ready;       /* epoll: readiness seen and not consumed */
     bool in_rearm_list;
     uint32_t rearm_next;  /* idx+1 of next handle in the channel's re-arm list */
-    bool readbuf_armed;   /* io_uring: multishot buffered receive active */
+    bool readbuf;         /* buffered-read mode: a multishot receive feeds this handle */
+    bool readbuf_armed;   /* io_uring: the multishot receive is in the kernel */
+    mp_opq stash;         /* buffered completions that arrived before a request asked */
 };
 
 /* Internal event record: the generation lets dispatch drop events of unregistered handles. */
@@ -151,6 +157,9 @@ void mp__write_done(mp_handle *h, ssize_t res);
 void mp__pump_reads(mp_handle *h);
 void mp__pump_writes(mp_handle *h);
 void mp__op_free(mp_channel *ch, mp_op *op);
+mp_op *mp__op_alloc(mp_channel *ch);
+void mp__opq_push(mp_opq *q, mp_op *op);
+mp_op *mp__opq_pop(mp_opq *q);
 void mp__opq_drop(mp_channel *ch, mp_opq *q, bool keep_head);
 
 /* accept.c */

@@ -17,7 +17,7 @@
 
 #define OP_FREE_MAX 4096 /* spare op records kept per channel */
 
-static mp_op *op_alloc(mp_channel *ch) {
+mp_op *mp__op_alloc(mp_channel *ch) {
     mp_op *op = ch->op_free;
     if (op) {
         ch->op_free = op->next;
@@ -41,7 +41,7 @@ void mp__op_free(mp_channel *ch, mp_op *op) {
     ch->op_free_n++;
 }
 
-static void opq_push(mp_opq *q, mp_op *op) {
+void mp__opq_push(mp_opq *q, mp_op *op) {
     op->next = NULL;
     if (q->tail)
         q->tail->next = op;
@@ -50,7 +50,7 @@ static void opq_push(mp_opq *q, mp_op *op) {
     q->tail = op;
 }
 
-static mp_op *opq_pop(mp_opq *q) {
+mp_op *mp__opq_pop(mp_opq *q) {
     mp_op *op = q->head;
     if (op) {
         q->head = op->next;
@@ -80,7 +80,12 @@ void mp__opq_drop(mp_channel *ch, mp_opq *q, bool keep_head) {
 /* Outcome of the head read.  res > 0: data; 0: EOF; < 0: error (DISCONNECT). */
 static void read_result(mp_handle *h, ssize_t res, uint32_t flags, unsigned buf_id, void *buf) {
     mp_channel *ch = h->ch;
-    mp_op *op = opq_pop(&h->rq);
+    mp_op *op = mp__opq_pop(&h->rq);
+    if (op && op->evflags & MP_EVF_BUFFER) { /* completed at once from the engine's stash */
+        flags = op->evflags;
+        buf_id = op->buf_id;
+        buf = op->rbuf;
+    }
     if (res > 0) {
         mp_event *ev = mp__event_push_ref(ch, h, MP_EV_READ, res, flags);
         if (ev) {
@@ -108,7 +113,7 @@ void mp__pump_reads(mp_handle *h) {
 void mp__read_done(mp_handle *h, ssize_t res, uint32_t evflags, unsigned buf_id, void *buf) {
     h->r_busy = 0;
     if (h->state != H_LIVE) {
-        mp_op *op = opq_pop(&h->rq);
+        mp_op *op = mp__opq_pop(&h->rq);
         if (op) mp__op_free(h->ch, op);
         return;
     }
@@ -117,12 +122,12 @@ void mp__read_done(mp_handle *h, ssize_t res, uint32_t evflags, unsigned buf_id,
 }
 
 static int queue_read(mp_handle *h, int type, void *buf, size_t size) {
-    mp_op *op = op_alloc(h->ch);
+    mp_op *op = mp__op_alloc(h->ch);
     if (!op) return -ENOMEM;
     op->type = (uint8_t)type;
     op->buf = buf;
     op->len = size;
-    opq_push(&h->rq, op);
+    mp__opq_push(&h->rq, op);
     h->ch->st.requests++;
     mp__pump_reads(h);
     return 0;
@@ -130,13 +135,15 @@ static int queue_read(mp_handle *h, int type, void *buf, size_t size) {
 
 int mp_read(mp_handle *h, void *buf, size_t size) {
     if (!mp__live(h) || h->kind != HK_CONN) return -EBADF;
-    if (!buf || size == 0 || size > INT_MAX) return -EINVAL;
+    if (!buf || size == 0 || size > INT_MAX || h->readbuf) return -EINVAL;
     return queue_read(h, OP_READ, buf, size);
 }
 
 int mp_read_buffered(mp_handle *h) {
     if (!mp__live(h) || h->kind != HK_CONN) return -EBADF;
     if (!h->ch->eng->buf_release) return -ENOTSUP;
+    if (!h->readbuf && h->rq.head) return -EINVAL; /* plain reads still pending */
+    h->readbuf = true;
     return queue_read(h, OP_READBUF, NULL, 0);
 }
 
@@ -181,7 +188,7 @@ static void write_result(mp_handle *h, ssize_t res) {
     } else if (op->type == OP_CONNECT) {
         mp__event_push(ch, h, MP_EV_CONNECT, res < 0 ? res : 0, 0);
     }
-    opq_pop(&h->wq);
+    mp__opq_pop(&h->wq);
     mp__op_free(ch, op);
 }
 
@@ -199,7 +206,7 @@ void mp__pump_writes(mp_handle *h) {
 void mp__write_done(mp_handle *h, ssize_t res) {
     h->w_busy = 0;
     if (h->state != H_LIVE) {
-        mp_op *op = opq_pop(&h->wq);
+        mp_op *op = mp__opq_pop(&h->wq);
         if (op) mp__op_free(h->ch, op);
         return;
     }
@@ -208,7 +215,7 @@ void mp__write_done(mp_handle *h, ssize_t res) {
 }
 
 static int queue_write(mp_handle *h, mp_op *op) {
-    opq_push(&h->wq, op);
+    mp__opq_push(&h->wq, op);
     h->ch->st.requests++;
     mp__pump_writes(h);
     return 0;
@@ -217,7 +224,7 @@ static int queue_write(mp_handle *h, mp_op *op) {
 int mp_write(mp_handle *h, const void *buf, size_t size) {
     if (!mp__live(h) || h->kind != HK_CONN) return -EBADF;
     if (!buf || size == 0 || size > INT_MAX) return -EINVAL;
-    mp_op *op = op_alloc(h->ch);
+    mp_op *op = mp__op_alloc(h->ch);
     if (!op) return -ENOMEM;
     op->type = OP_WRITE;
     op->buf = (void *)buf;
@@ -235,7 +242,7 @@ int mp_writev(mp_handle *h, const struct iovec *iov, int iovcnt) {
         if (total > INT_MAX) return -EINVAL;
     }
     if (total == 0) return -EINVAL;
-    mp_op *op = op_alloc(h->ch);
+    mp_op *op = mp__op_alloc(h->ch);
     if (!op) return -ENOMEM;
     op->type = OP_WRITEV;
     op->len = total;
@@ -256,7 +263,7 @@ int mp_writev(mp_handle *h, const struct iovec *iov, int iovcnt) {
 
 int mp_disconnect(mp_handle *h) {
     if (!mp__live(h) || h->kind != HK_CONN) return -EBADF;
-    mp_op *op = op_alloc(h->ch);
+    mp_op *op = mp__op_alloc(h->ch);
     if (!op) return -ENOMEM;
     op->type = OP_SHUTDOWN;
     return queue_write(h, op);
@@ -265,7 +272,7 @@ int mp_disconnect(mp_handle *h) {
 int mp_connect(mp_handle *h, const struct sockaddr *addr, socklen_t addrlen) {
     if (!mp__live(h) || h->kind != HK_CONN || h->fixed) return -EBADF;
     if (!addr || addrlen == 0 || addrlen > sizeof(struct sockaddr_storage)) return -EINVAL;
-    mp_op *op = op_alloc(h->ch);
+    mp_op *op = mp__op_alloc(h->ch);
     if (!op) return -ENOMEM;
     op->type = OP_CONNECT;
     memcpy(&op->addr, addr, addrlen);
