@@ -54,7 +54,8 @@ typedef struct uring {
     uint64_t efd_val;
     bool wake_armed;
     unsigned nfixed;     /* direct-descriptor table size, 0 = no lwsockets */
-    bool ms_accept, fixed_install, ms_poll, ms_recv;
+    bool ms_accept, fixed_install, ms_poll;
+    bool cqe_skip;       /* IORING_FEAT_CQE_SKIP: fire-and-forget SQEs post no CQE */
     bool balancing;      /* some listener may steal from siblings */
     int export_res;
     bool export_done;
@@ -137,11 +138,17 @@ static void batch_check(mp_channel *ch) {
     if (mp__batch_full(ch, io_uring_sq_ready(&U(ch)->ring))) uring_flush(ch);
 }
 
+/* A request whose success nobody waits for (cancel, close of a direct descriptor). */
+static void set_ignored(mp_channel *ch, struct io_uring_sqe *sqe) {
+    io_uring_sqe_set_data64(sqe, ud(T_IGNORE, 0, 0));
+    if (U(ch)->cqe_skip) sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
+}
+
 static void prep_cancel(mp_channel *ch, uint64_t target) {
     struct io_uring_sqe *sqe = get_sqe(ch);
     if (!sqe) return; /* cannot happen after a flush; the completion is filtered anyway */
     io_uring_prep_cancel64(sqe, target, 0);
-    io_uring_sqe_set_data64(sqe, ud(T_IGNORE, 0, 0));
+    set_ignored(ch, sqe);
 }
 
 static void set_file(struct io_uring_sqe *sqe, mp_handle *h) {
@@ -457,7 +464,7 @@ static unsigned uring_detach(mp_channel *ch, mp_handle *h) {
         struct io_uring_sqe *sqe = get_sqe(ch);
         if (sqe) {
             io_uring_prep_close_direct(sqe, (unsigned)h->fd);
-            io_uring_sqe_set_data64(sqe, ud(T_IGNORE, 0, 0));
+            set_ignored(ch, sqe);
         }
     }
     return h->inflight;
@@ -528,7 +535,7 @@ static void complete(mp_channel *ch, uint64_t data, int res, unsigned flags) {
                 struct io_uring_sqe *sqe = get_sqe(ch);
                 if (sqe) {
                     io_uring_prep_close_direct(sqe, (unsigned)res);
-                    io_uring_sqe_set_data64(sqe, ud(T_IGNORE, 0, 0));
+                    set_ignored(ch, sqe);
                 }
             } else {
                 close(res);
@@ -733,6 +740,7 @@ static int ring_init(mp_channel *ch, uring *u) {
     if (r < 0) return r;
     if (p.features & IORING_FEAT_NODROP) ch->st.features |= MP_FEAT_NODROP;
     else ch->st.missing |= MP_FEAT_NODROP;
+    u->cqe_skip = p.features & IORING_FEAT_CQE_SKIP;
     if (p.features & IORING_FEAT_EXT_ARG) ch->st.features |= MP_FEAT_EXT_ARG;
     else ch->st.missing |= MP_FEAT_EXT_ARG;
     return 0;

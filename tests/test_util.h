@@ -14,11 +14,17 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <functional>
+#include <memory>
 #include <string>
+#include <thread>
 #include <vector>
+
+#include <gtest/gtest.h>
 
 #include "megapipe.h"
 
@@ -284,6 +290,65 @@ inline std::string describe(const mp_event &ev) {
     return std::string(cmd_name(ev.cmd)) + " result=" + std::to_string((long long)ev.result) +
            " flags=" + std::to_string(ev.flags);
 }
+
+// A thread joined when it goes out of scope (so a failed ASSERT cannot leave it running).
+struct Joiner {
+    std::thread t;
+    Joiner() = default;
+    template <class F>
+    explicit Joiner(F &&f) : t(std::forward<F>(f)) {}
+    Joiner(const Joiner &) = delete;
+    Joiner &operator=(const Joiner &) = delete;
+    ~Joiner() { join(); }
+    void join() {
+        if (t.joinable()) t.join();
+    }
+};
+
+// Base fixture: a channel from mp_create(NULL) (MP_ENGINE picks the engine), plus storage
+// for sockets and buffers that outlives the channel: members are destroyed after TearDown()
+// has destroyed the channel, so the kernel never sees a closed fd or a freed buffer of an
+// operation still in flight, even when a test stops early on a failed ASSERT.
+class ChannelTest : public ::testing::Test {
+protected:
+    std::deque<TcpPair> pairs_;
+    std::deque<Fd> fds_;
+    std::vector<std::unique_ptr<char[]>> bufs_;
+    std::deque<std::string> strs_;
+    Channel ch;
+
+    void SetUp() override {
+        ch.reset(mp_create(nullptr));
+        ASSERT_NE(ch.get(), nullptr) << "mp_create: " << std::strerror(errno);
+    }
+    void TearDown() override { ch.reset(); }
+
+    // A connected loopback pair kept until the end of the test.
+    TcpPair &pair() {
+        pairs_.emplace_back();
+        TcpPair &p = pairs_.back();
+        EXPECT_TRUE(make_pair(p)) << "make_pair: " << std::strerror(errno);
+        return p;
+    }
+    // Keep an fd open until the end of the test (after the channel is gone).
+    int keep(int fd) {
+        fds_.emplace_back(fd);
+        return fd;
+    }
+    char *buffer(size_t n) {
+        bufs_.emplace_back(new char[n]());
+        return bufs_.back().get();
+    }
+    const std::string &keep_str(std::string s) {
+        strs_.push_back(std::move(s));
+        return strs_.back();
+    }
+    mp_handle *reg(int fd, void *cookie = nullptr) {
+        mp_handle *h = mp_register(ch, fd, cookie, nullptr);
+        EXPECT_NE(h, nullptr) << "mp_register(" << fd << "): " << std::strerror(errno);
+        return h;
+    }
+};
 
 }  // namespace mpt
 
