@@ -83,6 +83,7 @@ void mp_destroy(mp_channel *ch) {
     mp__events_free(ch);
     free(ch->fdmap);
     free(ch->lwmap);
+    free(ch->pollmap);
     ch->magic = 0;
     free(ch);
 }

@@ -359,7 +359,8 @@ static bool accept_wanted(const mp_handle *h) {
     return h->state == H_LIVE && (h->acc.forever || h->acc.left > 0);
 }
 
-static void prep_accept_on(mp_channel *ch, mp_handle *h, struct io_uring_sqe *sqe, int fd,
+/* Returns whether the accept yields direct descriptors (lwsockets). */
+static bool prep_accept_on(mp_channel *ch, mp_handle *h, struct io_uring_sqe *sqe, int fd,
                            bool multishot) {
     uring *u = U(ch);
     bool direct = h->acc.lw && u->nfixed;
@@ -367,14 +368,19 @@ static void prep_accept_on(mp_channel *ch, mp_handle *h, struct io_uring_sqe *sq
         mp__log_once(ch, MP_LOG_NO_LWSOCKET,
                      "lwsockets unavailable (no direct-descriptor table): accepting regular fds");
     /* Direct descriptors have no close-on-exec flag (the kernel refuses SOCK_CLOEXEC). */
-    if (multishot && direct)
+    if (multishot && direct) {
         io_uring_prep_multishot_accept_direct(sqe, fd, NULL, NULL, 0);
-    else if (multishot)
+    } else if (multishot) {
         io_uring_prep_multishot_accept(sqe, fd, NULL, NULL, SOCK_CLOEXEC);
-    else if (direct)
-        io_uring_prep_accept_direct(sqe, fd, NULL, NULL, 0, IORING_FILE_INDEX_ALLOC);
-    else
+    } else if (direct) {
+        /* liburing 2.3's prep_accept_direct stores file_index + 1, which wraps
+         * IORING_FILE_INDEX_ALLOC to 0 ("no slot"): set the field ourselves. */
+        io_uring_prep_accept(sqe, fd, NULL, NULL, 0);
+        sqe->file_index = IORING_FILE_INDEX_ALLOC;
+    } else {
         io_uring_prep_accept(sqe, fd, NULL, NULL, SOCK_CLOEXEC);
+    }
+    return direct;
 }
 
 static int uring_arm_accept(mp_channel *ch, mp_handle *h) {
@@ -382,7 +388,7 @@ static int uring_arm_accept(mp_channel *ch, mp_handle *h) {
     if (h->acc.busy || h->acc.backoff || !accept_wanted(h)) return 0;
     struct io_uring_sqe *sqe = get_sqe(ch);
     if (!sqe) return -EAGAIN;
-    prep_accept_on(ch, h, sqe, h->fd, h->acc.forever && u->ms_accept);
+    h->acc.lw_armed = prep_accept_on(ch, h, sqe, h->fd, h->acc.forever && u->ms_accept);
     io_uring_sqe_set_data64(sqe, ud(T_ACCEPT, h->gen, h->idx));
     h->acc.busy = true;
     h->inflight++;
@@ -417,7 +423,7 @@ static void balance(mp_channel *ch) {
             if (fd < 0) continue;
             struct io_uring_sqe *sqe = get_sqe(ch);
             if (sqe) {
-                prep_accept_on(ch, h, sqe, fd, false);
+                h->acc.lw_steal = prep_accept_on(ch, h, sqe, fd, false);
                 io_uring_sqe_set_data64(sqe, ud(T_STEAL, h->gen, h->idx));
                 h->acc.steal_busy = true;
                 h->inflight++;
@@ -531,7 +537,7 @@ static void complete(mp_channel *ch, uint64_t data, int res, unsigned flags) {
     if (h->state != H_LIVE) {
         /* Unregistered: release what the completion carries, deliver nothing. */
         if ((t == T_ACCEPT || t == T_STEAL) && res >= 0) {
-            if (h->acc.lw && u->nfixed) {
+            if (t == T_ACCEPT ? h->acc.lw_armed : h->acc.lw_steal) {
                 struct io_uring_sqe *sqe = get_sqe(ch);
                 if (sqe) {
                     io_uring_prep_close_direct(sqe, (unsigned)res);
@@ -587,7 +593,8 @@ static void complete(mp_channel *ch, uint64_t data, int res, unsigned flags) {
             return;
         }
         if (res == -ECANCELED && t == T_STEAL) return;
-        if (res >= 0 && h->acc.lw && u->nfixed) res += MP_LWSOCKET_BASE;
+        if (res >= 0 && (t == T_ACCEPT ? h->acc.lw_armed : h->acc.lw_steal))
+            res += MP_LWSOCKET_BASE;
         mp__accept_done(h, res, flags & IORING_CQE_F_SOCK_NONEMPTY, t == T_STEAL);
         if (res < 0 && t == T_ACCEPT) {
             if (h->acc.busy) { /* a multishot that goes on after an error: stop it */

@@ -98,6 +98,13 @@ uint32_t mp__lwmap_get(const mp_channel *ch, unsigned slot) {
     return slot < ch->lwmap_len ? ch->lwmap[slot] : 0;
 }
 
+int mp__pollmap_set(mp_channel *ch, int fd, uint32_t v) {
+    return map_set(&ch->pollmap, &ch->pollmap_len, (size_t)fd, v);
+}
+uint32_t mp__pollmap_get(const mp_channel *ch, int fd) {
+    return (size_t)fd < ch->pollmap_len ? ch->pollmap[fd] : 0;
+}
+
 static int sockopt_int(int fd, int level, int opt, int *out) {
     socklen_t l = sizeof *out;
     return getsockopt(fd, level, opt, out, &l);

@@ -81,7 +81,8 @@ struct mp_handle {
         struct mp_partition *part; /* NULL: shared accept queue */
         unsigned left;             /* accepts still wanted (count > 0 calls) */
         bool forever;              /* count 0: until unregistered */
-        bool lw;                   /* accept as lwsockets */
+        bool lw;                   /* accept as lwsockets (the latest mp_accept's wish) */
+        bool lw_armed, lw_steal;   /* what the accept / stolen accept in the kernel yields */
         bool busy;                 /* an accept (or multishot) is in the kernel */
         bool backoff;              /* waiting after an accept error */
         bool steal_busy;           /* a balancing accept on a sibling is in the kernel */
@@ -122,6 +123,9 @@ struct mp_channel {
     /* fd -> handle idx+1 (EEXIST checks) */
     uint32_t *fdmap;
     size_t fdmap_len;
+    /* readiness watches: fd -> handle idx+1 (EEXIST checks) */
+    uint32_t *pollmap;
+    size_t pollmap_len;
     /* lwsocket slot -> 0 free, 1 accepted not registered, idx+2 registered */
     uint32_t *lwmap;
     size_t lwmap_len;
@@ -150,6 +154,8 @@ int mp__fdmap_set(mp_channel *ch, int fd, uint32_t v);
 uint32_t mp__fdmap_get(const mp_channel *ch, int fd);
 int mp__lwmap_set(mp_channel *ch, unsigned slot, uint32_t v);
 uint32_t mp__lwmap_get(const mp_channel *ch, unsigned slot);
+int mp__pollmap_set(mp_channel *ch, int fd, uint32_t v);
+uint32_t mp__pollmap_get(const mp_channel *ch, int fd);
 
 /* ops.c: the per-handle FIFOs, shared by both engines */
 void mp__read_done(mp_handle *h, ssize_t res, uint32_t evflags, unsigned buf_id, void *buf);

@@ -22,8 +22,13 @@ mp_handle *mp_poll_add(mp_channel *ch, int fd, uint32_t events, int flags, void 
         errno = EINVAL;
         return NULL;
     }
+    if (mp__pollmap_get(ch, fd)) {
+        errno = EEXIST;
+        return NULL;
+    }
     mp_handle *h = mp__handle_alloc(ch);
-    if (!h) {
+    if (!h || mp__pollmap_set(ch, fd, h->idx + 1) < 0) {
+        if (h) mp__handle_free(h);
         errno = ENOMEM;
         return NULL;
     }
@@ -36,6 +41,7 @@ mp_handle *mp_poll_add(mp_channel *ch, int fd, uint32_t events, int flags, void 
     if (r == 0) r = ch->eng->poll_arm(ch, h);
     if (r < 0) {
         ch->eng->detach(ch, h);
+        mp__pollmap_set(ch, fd, 0);
         mp__handle_free(h);
         errno = -r;
         return NULL;
@@ -59,6 +65,7 @@ int mp_poll_del(mp_handle *h) {
     if (!mp__live(h) || h->kind != HK_POLL) return -EBADF;
     mp_channel *ch = h->ch;
     h->state = H_DEAD; /* from here on no event of this watch is delivered */
+    if (mp__pollmap_get(ch, h->id) == h->idx + 1) mp__pollmap_set(ch, h->id, 0);
     h->inflight = ch->eng->detach(ch, h);
     ch->st.handles--;
     ch->st.requests++;

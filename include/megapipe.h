@@ -242,7 +242,8 @@ int mp_listen_socket(const struct sockaddr *addr, socklen_t addrlen, int backlog
                            otherwise regular fds, logged once */
 
 /* Accept count connections on listener h (count 0 = keep accepting until h is unregistered).
- * Calls add up: two calls with count 1 accept two connections.  Each connection is one
+ * Calls add up: two calls with count 1 accept two connections.  flags apply to accepts started
+ * from this call on (a count-0 accept already running keeps the kind it was started with).  Each connection is one
  * MP_EV_ACCEPT event whose result is the new fd or lwsocket id; register it with
  * mp_register() to use it.  A failed accept (-EMFILE, -ENFILE when the descriptor table is
  * full, ...) is an ACCEPT event with that error; accepting resumes by itself a little later,

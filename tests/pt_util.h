@@ -267,6 +267,11 @@ inline bool fd_valid(int fd) { return fd >= 0 && fcntl(fd, F_GETFD) >= 0; }
 
 inline bool is_uring(const mp_channel *ch) { return std::string(mp_engine_name(ch)) == "uring"; }
 
+struct ChannelDeleter {
+    void operator()(mp_channel *ch) const { mp_destroy(ch); }
+};
+using ChanPtr = std::unique_ptr<mp_channel, ChannelDeleter>;
+
 inline mp_channel *create_channel(int batch = MP_OPT_DEFAULT, int lwsocket = MP_OPT_DEFAULT,
                                   int partition = MP_OPT_DEFAULT) {
     mp_options o;
