@@ -92,21 +92,21 @@ int mp_dispatch(mp_channel *ch, mp_event *ev, int timeout_ms) {
     if (!ch || ch->magic != MP_CHANNEL_MAGIC) return -EBADF;
     if (!ev) return -EINVAL;
     int64_t deadline = timeout_ms > 0 ? now_ms() + timeout_ms : 0;
-    int wait = timeout_ms < 0 ? -1 : timeout_ms;
-    for (;;) {
+    for (bool waited = false;; waited = true) {
         if (mp__event_pop(ch, ev)) {
             ch->st.events++;
             return 1;
         }
-        int r = ch->eng->wait(ch, wait);
-        if (mp__event_count(ch)) continue;
-        if (r < 0 && r != -ETIME) return r;
-        if (timeout_ms == 0) return 0;
+        int wait = timeout_ms;
         if (timeout_ms > 0) {
             int64_t left = deadline - now_ms();
-            if (left <= 0) return 0;
-            wait = (int)left;
+            if (left <= 0 && waited) return 0;
+            wait = left > 0 ? (int)left : 0;
+        } else if (timeout_ms == 0 && waited) {
+            return 0;
         }
+        int r = ch->eng->wait(ch, wait);
+        if (r < 0 && r != -ETIME && !mp__event_count(ch)) return r;
     }
 }
 
