@@ -67,7 +67,12 @@ static int ep_attach(mp_channel *ch, mp_handle *h) {
 }
 
 static unsigned ep_detach(mp_channel *ch, mp_handle *h) {
-    if (h->kind != HK_POLL || h->pw.armed) ep_ctl(ch, EPOLL_CTL_DEL, h->fd, 0, 0);
+    /* EPOLL_CTL_DEL names the fd *number*.  If the application closed the fd and the number
+     * now belongs to another handle of this channel, deleting would remove the new
+     * registration (libuv #4323); the old one went away with the close. */
+    bool reused = h->kind == HK_POLL ? mp__fdmap_get(ch, h->fd) != 0
+                                     : mp__pollmap_get(ch, h->fd) != 0;
+    if ((h->kind != HK_POLL || h->pw.armed) && !reused) ep_ctl(ch, EPOLL_CTL_DEL, h->fd, 0, 0);
     h->pw.armed = false;
     return 0; /* nothing of ours stays in the kernel */
 }

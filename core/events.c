@@ -66,6 +66,15 @@ void mp__rearm_add(mp_handle *h) {
     h->ch->rearm_head = h->idx + 1;
 }
 
+void mp__rearm_remove(mp_handle *h) {
+    if (!h->in_rearm_list) return;
+    mp_channel *ch = h->ch;
+    uint32_t *link = &ch->rearm_head;
+    while (*link && *link != h->idx + 1) link = &mp__handle_at(ch, *link - 1)->rearm_next;
+    if (*link) *link = h->rearm_next;
+    h->in_rearm_list = false;
+}
+
 mp_handle *mp__rearm_pop(mp_channel *ch) {
     while (ch->rearm_head) {
         mp_handle *h = mp__handle_at(ch, ch->rearm_head - 1);

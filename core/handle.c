@@ -57,6 +57,7 @@ mp_handle *mp__handle_alloc(mp_channel *ch) {
 
 void mp__handle_free(mp_handle *h) {
     mp_channel *ch = h->ch;
+    mp__rearm_remove(h);
     mp__opq_drop(ch, &h->rq, false);
     mp__opq_drop(ch, &h->wq, false);
     mp__opq_drop(ch, &h->stash, false);

@@ -182,6 +182,7 @@ void mp__events_free(mp_channel *ch);
 /* rearm list (level-triggered polls, accept back-off) */
 void mp__rearm_add(mp_handle *h);
 mp_handle *mp__rearm_pop(mp_channel *ch);
+void mp__rearm_remove(mp_handle *h); /* before the slot is freed */
 
 /* batcher.c */
 void mp__batch_account(mp_channel *ch, unsigned submitted);

@@ -267,7 +267,8 @@ int mp_read(mp_handle *h, void *buf, size_t size);
  * Returns 0, -EBADF, -ENOTSUP (engine without provided buffers). */
 int mp_read_buffered(mp_handle *h);
 
-/* Give a buffer from a buffered READ event back to the channel.  Returns 0, -EBADF, -EINVAL. */
+/* Give a buffer from a buffered READ event back to the channel.  Returns 0, -EBADF, -EINVAL
+ * (unknown id, or not held by the application), -ENOTSUP (epoll engine). */
 int mp_buffer_release(mp_channel *ch, unsigned buf_id);
 
 /* Write size bytes from buf.  Completes with MP_EV_WRITE once *all* bytes are in the socket's
