@@ -13,6 +13,15 @@ namespace {
 
 class BadInput : public ChannelTest {};
 
+// A channel with MP_LWSOCKET on and a direct-descriptor table of max_lwsockets.
+mp_channel *lwsocket_channel(int max_lwsockets) {
+    mp_options opt;
+    mp_options_init(&opt);
+    opt.max_lwsockets = max_lwsockets;
+    opt.lwsocket = 1;
+    return mp_create(&opt);
+}
+
 void *cookie_of(int n) { return reinterpret_cast<void *>(static_cast<intptr_t>(n)); }
 
 // Every handle-taking call on h must say -EBADF.
@@ -338,11 +347,7 @@ TEST_F(BadInput, AcceptEmfileIsAnEventAndChannelRecovers) {
 // the fifth accept fails with an ACCEPT error event; unregistering one lwsocket frees a slot
 // and the next connection is accepted.  On epoll, MP_LWSOCKET yields regular fds.
 TEST_F(BadInput, LwsocketTableExhaustion) {
-    mp_options opt;
-    mp_options_init(&opt);
-    opt.max_lwsockets = 4;
-    opt.lwsocket = 1;
-    ch.reset(mp_create(&opt));
+    ch.reset(lwsocket_channel(4));
     ASSERT_NE(ch.get(), nullptr) << std::strerror(errno);
     int lfd = keep(make_listener());
     ASSERT_GE(lfd, 0);
@@ -537,11 +542,7 @@ TEST_F(BadInput, TenThousandConnectionsNoFdGrowth) {
 // mp_unregister would fill the table within a few batches (accept errors, stall).  On epoll,
 // MP_LWSOCKET gives regular fds and the fd count must not grow.
 TEST_F(BadInput, TenThousandLwsocketConnectionsNoSlotLeak) {
-    mp_options opt;
-    mp_options_init(&opt);
-    opt.max_lwsockets = 256;
-    opt.lwsocket = 1;
-    ch.reset(mp_create(&opt));
+    ch.reset(lwsocket_channel(256));
     ASSERT_NE(ch.get(), nullptr) << std::strerror(errno);
     bool lw = false;
     if (is_uring(ch)) {

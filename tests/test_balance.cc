@@ -8,14 +8,14 @@
 #include <mutex>
 #include <thread>
 
-#include "ext_util.h"
+#include "test_util.h"
 
-using namespace mpx;
+using namespace mpt;
 
 namespace {
 
 int listen_socket_any() {
-    sockaddr_in a = loopback(0);
+    sockaddr_in a = loopback_addr(0);
     return mp_listen_socket((sockaddr *)&a, sizeof a, 2048);
 }
 
@@ -106,7 +106,7 @@ Outcome run_balance(int balance, int n_conns, bool slow_a = false, bool lw = fal
     Fd lfd(listen_socket_any());
     EXPECT_GE(lfd.get(), 0);
     if (lfd.get() < 0) return out;
-    const uint16_t port = port_of(lfd.get());
+    const uint16_t port = local_port(lfd.get());
 
     std::atomic<int> a_state{0}, b_state{0}; // 1 registered, 2 accepting, -1 failed
     std::atomic<bool> a_go{false}, stop{false};
@@ -122,7 +122,7 @@ Outcome run_balance(int balance, int n_conns, bool slow_a = false, bool lw = fal
     };
 
     std::thread ta([&] {
-        Chan ch(make());
+        Channel ch(make());
         if (!ch.get()) {
             a_state = -1;
             return;
@@ -166,7 +166,7 @@ Outcome run_balance(int balance, int n_conns, bool slow_a = false, bool lw = fal
         return out;
     }
     std::thread tb([&] {
-        Chan ch(make());
+        Channel ch(make());
         if (!ch.get()) {
             b_state = -1;
             return;
@@ -314,7 +314,7 @@ TEST(Balance, OffMeansNoStealing) {
 
 TEST(Balance, SetCpuMaskErrors) {
     mp_options o = opts();
-    Chan ch(mp_create(&o));
+    Channel ch(mp_create(&o));
     ASSERT_NE(ch.get(), nullptr);
     Fd lfd(listen_socket_any());
     ASSERT_GE(lfd.get(), 0);
@@ -331,7 +331,7 @@ TEST(Balance, SetCpuMaskErrors) {
     mp_handle *c = mp_register(ch, p.a.get(), nullptr, nullptr);
     ASSERT_NE(c, nullptr);
     EXPECT_EQ(mp_set_cpu_mask(c, &m), -EINVAL) << "not a partitioned listener";
-    Fd shared(listener());
+    Fd shared(make_listener());
     mp_handle *s = mp_register(ch, shared.get(), nullptr, nullptr);
     ASSERT_NE(s, nullptr);
     EXPECT_EQ(mp_set_cpu_mask(s, &m), -EINVAL) << "shared (unpartitioned) listener";
@@ -347,12 +347,12 @@ TEST(Balance, SetCpuMaskMovesSteering) {
     if (!CPU_ISSET(0, &allowed) || !CPU_ISSET(1, &allowed) || CPU_COUNT(&allowed) < 2)
         GTEST_SKIP() << "needs CPUs 0 and 1";
     mp_options o = opts();
-    Chan a(mp_create(&o)), b(mp_create(&o));
+    Channel a(mp_create(&o)), b(mp_create(&o));
     ASSERT_NE(a.get(), nullptr);
     ASSERT_NE(b.get(), nullptr);
     Fd lfd(listen_socket_any());
     ASSERT_GE(lfd.get(), 0);
-    const uint16_t port = port_of(lfd.get());
+    const uint16_t port = local_port(lfd.get());
     cpu_set_t m0 = one_cpu(0), m1 = one_cpu(1);
     mp_handle *ha = mp_register(a, lfd.get(), nullptr, &m0);
     mp_handle *hb = mp_register(b, lfd.get(), nullptr, &m1);
@@ -411,7 +411,7 @@ TEST(Balance, CpuMaskFlipsUnderConnectionStorm) {
     mp_options o = opts();
     Fd lfd(listen_socket_any());
     ASSERT_GE(lfd.get(), 0);
-    const uint16_t port = port_of(lfd.get());
+    const uint16_t port = local_port(lfd.get());
     const int THREADS = 4, PER = 500, TOTAL = THREADS * PER, FLIPS = 12;
     std::atomic<int> connected{0}, failures{0}, started{0}, unserved{0};
     std::atomic<int> last_err{0};
@@ -420,7 +420,7 @@ TEST(Balance, CpuMaskFlipsUnderConnectionStorm) {
     bool server_ok = false;
 
     std::thread server([&] {
-        Chan a(mp_create(&o)), b(mp_create(&o));
+        Channel a(mp_create(&o)), b(mp_create(&o));
         if (!a.get() || !b.get()) return;
         cpu_set_t m0 = one_cpu(0), m1 = one_cpu(1);
         mp_handle *ha = mp_register(a, lfd.get(), nullptr, &m0);
@@ -502,7 +502,7 @@ TEST(Balance, CpuMaskFlipsUnderConnectionStorm) {
 TEST(Balance, AcceptEventReportsBacklog) {
     mp_options o = opts();
     o.balance = 1;
-    Chan ch(mp_create(&o));
+    Channel ch(mp_create(&o));
     ASSERT_NE(ch.get(), nullptr);
     Fd lfd(listen_socket_any());
     ASSERT_GE(lfd.get(), 0);
@@ -512,7 +512,7 @@ TEST(Balance, AcceptEventReportsBacklog) {
     const int N = 10;
     std::vector<Fd> clients;
     for (int i = 0; i < N; i++) {
-        int c = connect_to(port_of(lfd.get()));
+        int c = connect_to(local_port(lfd.get()));
         ASSERT_GE(c, 0);
         clients.emplace_back(c);
     }

@@ -8,7 +8,7 @@
 #include <sstream>
 
 #include "megapipe.h"
-#include "pt_util.h"
+#include "test_util.h"
 
 namespace {
 
@@ -51,9 +51,9 @@ struct EchoRun {
 };
 
 void run_echo(int batch, size_t n, EchoRun *out) {
-    pt::Pairs p;
-    ASSERT_TRUE(pt::make_pairs(n, &p)) << "could not make " << n << " loopback connections";
-    pt::ChanPtr chp(pt::create_channel(batch));
+    mpt::Pairs p;
+    ASSERT_TRUE(mpt::make_pairs(n, &p)) << "could not make " << n << " loopback connections";
+    mpt::ChanPtr chp(mpt::create_channel(batch));
     mp_channel *ch = chp.get();
     ASSERT_NE(ch, nullptr) << strerror(errno);
     out->engine = mp_engine_name(ch);
@@ -73,7 +73,7 @@ void run_echo(int batch, size_t n, EchoRun *out) {
     for (size_t i = 0; i < n; i++) {
         char msg[kMsg];
         for (size_t k = 0; k < kMsg; k++) msg[k] = (char)(i * 7 + k);
-        ASSERT_TRUE(pt::send_all(p.clients[i], msg, kMsg));
+        ASSERT_TRUE(mpt::write_all(p.clients[i], msg, kMsg));
     }
     size_t written = 0;
     auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
@@ -113,7 +113,7 @@ void run_echo(int batch, size_t n, EchoRun *out) {
     out->echo1 = get_stats(ch);
     for (size_t i = 0; i < n; i++) {
         char back[kMsg];
-        ASSERT_EQ(pt::recv_exact(p.clients[i], back, kMsg), kMsg) << "connection " << i;
+        ASSERT_EQ(mpt::recv_exact(p.clients[i], back, kMsg), kMsg) << "connection " << i;
         for (size_t k = 0; k < kMsg; k++) ASSERT_EQ(back[k], (char)(i * 7 + k)) << "connection " << i;
     }
     for (auto *h : hs) EXPECT_EQ(mp_unregister(h), 0);
@@ -124,7 +124,7 @@ void run_echo(int batch, size_t n, EchoRun *out) {
 bool channel_is_uring() {
     mp_channel *ch = mp_create(nullptr);
     if (!ch) return false;
-    bool u = pt::is_uring(ch);
+    bool u = mpt::is_uring(ch);
     mp_destroy(ch);
     return u;
 }
@@ -193,21 +193,31 @@ TEST(Batching, BatchOneSubmitsEveryRequest) {
     EXPECT_GE(sys1, 4 * sys32) << "batching saved too little: " << sys1 << " vs " << sys32;
 }
 
-TEST(Batching, FlushSubmitsQueuedRequests) {
-    URING_ONLY();
-    const size_t n = 5;
-    pt::Pairs p;
-    ASSERT_TRUE(pt::make_pairs(n, &p));
-    pt::ChanPtr chp(pt::create_channel(32));
+// n loopback pairs and a uring channel with batch threshold `batch`, every p.servers[i]
+// registered on it with cookie i.
+static void open_reads(size_t n, int batch, mpt::Pairs &p, mpt::ChanPtr &chp,
+                       std::vector<mp_handle *> &hs) {
+    ASSERT_TRUE(mpt::make_pairs(n, &p));
+    chp.reset(mpt::create_channel(batch));
     mp_channel *ch = chp.get();
     ASSERT_NE(ch, nullptr);
-    ASSERT_TRUE(pt::is_uring(ch));
-    std::vector<mp_handle *> hs(n);
-    char bufs[n][16];
+    ASSERT_TRUE(mpt::is_uring(ch));
+    hs.assign(n, nullptr);
     for (size_t i = 0; i < n; i++) {
         hs[i] = mp_register(ch, p.servers[i], (void *)(uintptr_t)i, nullptr);
         ASSERT_NE(hs[i], nullptr);
     }
+}
+
+TEST(Batching, FlushSubmitsQueuedRequests) {
+    URING_ONLY();
+    const size_t n = 5;
+    mpt::Pairs p;
+    mpt::ChanPtr chp;
+    std::vector<mp_handle *> hs;
+    ASSERT_NO_FATAL_FAILURE(open_reads(n, 32, p, chp, hs));
+    mp_channel *ch = chp.get();
+    char bufs[n][16];
     EXPECT_EQ(mp_flush(ch), 0) << "nothing queued yet";
     mp_stats s0 = get_stats(ch);
     for (size_t i = 0; i < n; i++) ASSERT_EQ(mp_read(hs[i], bufs[i], sizeof bufs[i]), 0);
@@ -226,11 +236,11 @@ TEST(Batching, FlushSubmitsQueuedRequests) {
     EXPECT_EQ(mp_flush(ch), 0) << "second flush has nothing left";
 
     // The reads really are in the kernel: data completes them.
-    for (size_t i = 0; i < n; i++) ASSERT_TRUE(pt::send_all(p.clients[i], "flushed", 7));
+    for (size_t i = 0; i < n; i++) ASSERT_TRUE(mpt::write_all(p.clients[i], "flushed", 7));
     std::vector<bool> seen(n, false);
     for (size_t k = 0; k < n; k++) {
         mp_event ev;
-        ASSERT_TRUE(pt::wait_cmd(ch, &ev, MP_EV_READ)) << "read " << k << " never completed";
+        ASSERT_TRUE(mpt::wait_cmd(ch, &ev, MP_EV_READ)) << "read " << k << " never completed";
         size_t i = (size_t)(uintptr_t)ev.cookie;
         ASSERT_LT(i, n);
         EXPECT_EQ(ev.result, 7);
@@ -243,18 +253,12 @@ TEST(Batching, FlushSubmitsQueuedRequests) {
 TEST(Batching, ThresholdSubmitsWithoutFlushOrDispatch) {
     URING_ONLY();
     const size_t n = 8;
-    pt::Pairs p;
-    ASSERT_TRUE(pt::make_pairs(n, &p));
-    pt::ChanPtr chp(pt::create_channel(4));
+    mpt::Pairs p;
+    mpt::ChanPtr chp;
+    std::vector<mp_handle *> hs;
+    ASSERT_NO_FATAL_FAILURE(open_reads(n, 4, p, chp, hs));
     mp_channel *ch = chp.get();
-    ASSERT_NE(ch, nullptr);
-    ASSERT_TRUE(pt::is_uring(ch));
-    std::vector<mp_handle *> hs(n);
     char bufs[n][16];
-    for (size_t i = 0; i < n; i++) {
-        hs[i] = mp_register(ch, p.servers[i], (void *)(uintptr_t)i, nullptr);
-        ASSERT_NE(hs[i], nullptr);
-    }
     mp_stats prev = get_stats(ch);
     for (size_t i = 0; i < n; i++) {
         ASSERT_EQ(mp_read(hs[i], bufs[i], sizeof bufs[i]), 0);
@@ -271,10 +275,10 @@ TEST(Batching, ThresholdSubmitsWithoutFlushOrDispatch) {
     }
     EXPECT_EQ(mp_flush(ch), 0) << "everything was already submitted by the threshold";
 
-    for (size_t i = 0; i < n; i++) ASSERT_TRUE(pt::send_all(p.clients[i], "x", 1));
+    for (size_t i = 0; i < n; i++) ASSERT_TRUE(mpt::write_all(p.clients[i], "x", 1));
     for (size_t k = 0; k < n; k++) {
         mp_event ev;
-        ASSERT_TRUE(pt::wait_cmd(ch, &ev, MP_EV_READ));
+        ASSERT_TRUE(mpt::wait_cmd(ch, &ev, MP_EV_READ));
         EXPECT_EQ(ev.result, 1);
     }
 }
@@ -298,7 +302,7 @@ TEST(Batching, EpollCountsRequestsAndSyscalls) {
     EXPECT_GE(sys, req) << "epoll: every request is at least one system call";
     EXPECT_GE(e.echo1.events - e.post0.events, 128u);
     mp_stats s;
-    pt::ChanPtr ch(mp_create(nullptr));
+    mpt::ChanPtr ch(mp_create(nullptr));
     ASSERT_NE(ch, nullptr);
     ASSERT_EQ(mp_get_stats(ch.get(), &s), 0);
     EXPECT_STREQ(s.engine, "epoll");

@@ -5,9 +5,9 @@
 #include <atomic>
 #include <thread>
 
-#include "ext_util.h"
+#include "test_util.h"
 
-using namespace mpx;
+using namespace mpt;
 
 namespace {
 
@@ -26,13 +26,21 @@ std::string pattern(size_t n) {
 
 } // namespace
 
-TEST(BufRead, EpollReturnsEnotsup) {
-    Chan ch(make_ch());
+// A channel from make_ch(buf_size, buf_count), a loopback pair, and p.a registered on it.
+static void open_conn(Channel &ch, Pair &p, mp_handle *&h, int buf_size = MP_OPT_DEFAULT,
+                      int buf_count = MP_OPT_DEFAULT) {
+    ch.reset(make_ch(buf_size, buf_count));
     ASSERT_NE(ch.get(), nullptr);
-    Pair p;
     ASSERT_TRUE(tcp_pair(p));
-    mp_handle *h = mp_register(ch, p.a.get(), nullptr, nullptr);
+    h = mp_register(ch, p.a.get(), nullptr, nullptr);
     ASSERT_NE(h, nullptr);
+}
+
+TEST(BufRead, EpollReturnsEnotsup) {
+    Channel ch;
+    Pair p;
+    mp_handle *h = nullptr;
+    ASSERT_NO_FATAL_FAILURE(open_conn(ch, p, h));
     if (is_uring(ch)) {
         EXPECT_EQ(mp_read_buffered(h), 0);
     } else {
@@ -58,7 +66,7 @@ TEST(BufRead, EpollReturnsEnotsup) {
 }
 
 TEST(BufRead, DeliversBufferAndRelease) {
-    Chan ch(make_ch(4096, 16));
+    Channel ch(make_ch(4096, 16));
     ASSERT_NE(ch.get(), nullptr);
     Pair p;
     ASSERT_TRUE(tcp_pair(p));
@@ -133,12 +141,10 @@ TEST(BufRead, DeliversBufferAndRelease) {
 }
 
 TEST(BufRead, PlainReadPendingThenBufferedIsInvalid) {
-    Chan ch(make_ch());
-    ASSERT_NE(ch.get(), nullptr);
+    Channel ch;
     Pair p;
-    ASSERT_TRUE(tcp_pair(p));
-    mp_handle *h = mp_register(ch, p.a.get(), nullptr, nullptr);
-    ASSERT_NE(h, nullptr);
+    mp_handle *h = nullptr;
+    ASSERT_NO_FATAL_FAILURE(open_conn(ch, p, h));
     char buf[16];
     ASSERT_EQ(mp_read(h, buf, sizeof buf), 0);
     int r = mp_read_buffered(h);
@@ -156,12 +162,10 @@ TEST(BufRead, PlainReadPendingThenBufferedIsInvalid) {
 // every read is issued up front and never again, so only buffer releases can restart the
 // receive after the kernel ran out of buffers.
 static void starved_run(int ahead) {
-    Chan ch(make_ch(64, 4));
-    ASSERT_NE(ch.get(), nullptr);
+    Channel ch;
     Pair p;
-    ASSERT_TRUE(tcp_pair(p));
-    mp_handle *h = mp_register(ch, p.a.get(), nullptr, nullptr);
-    ASSERT_NE(h, nullptr);
+    mp_handle *h = nullptr;
+    ASSERT_NO_FATAL_FAILURE(open_conn(ch, p, h, 64, 4));
     if (!is_uring(ch)) {
         EXPECT_EQ(mp_read_buffered(h), -ENOTSUP);
         return;
@@ -226,7 +230,7 @@ TEST(BufRead, StarvedNoLossNoReorderReadsAhead) { starved_run(2048); }
 
 // Several connections share a tiny pool; each stream arrives whole and in order.
 TEST(BufRead, SharedPoolManyConnections) {
-    Chan ch(make_ch(128, 8));
+    Channel ch(make_ch(128, 8));
     ASSERT_NE(ch.get(), nullptr);
     const int N = 6;
     std::vector<Pair> pairs(N);
@@ -278,12 +282,10 @@ TEST(BufRead, SharedPoolManyConnections) {
 
 // Unregistering a handle that holds stashed / in-flight buffers gives them back.
 TEST(BufRead, UnregisterReturnsBuffers) {
-    Chan ch(make_ch(64, 4));
-    ASSERT_NE(ch.get(), nullptr);
+    Channel ch;
     Pair p;
-    ASSERT_TRUE(tcp_pair(p));
-    mp_handle *h = mp_register(ch, p.a.get(), nullptr, nullptr);
-    ASSERT_NE(h, nullptr);
+    mp_handle *h = nullptr;
+    ASSERT_NO_FATAL_FAILURE(open_conn(ch, p, h, 64, 4));
     if (!is_uring(ch)) {
         EXPECT_EQ(mp_read_buffered(h), -ENOTSUP);
         return;
@@ -328,7 +330,7 @@ TEST(BufRead, IdleConnectionsHoldNoBuffers) {
     mp_options o = opts();
     o.buf_size = BUF_SIZE;
     o.buf_count = 256;
-    Chan ch(mp_create(&o));
+    Channel ch(mp_create(&o));
     ASSERT_NE(ch.get(), nullptr);
     {
         Pair p;
@@ -349,9 +351,9 @@ TEST(BufRead, IdleConnectionsHoldNoBuffers) {
     ASSERT_GE(N, 1000) << "RLIMIT_NOFILE too small for a meaningful test";
     RecordProperty("connections", N);
 
-    Fd lst(listener(4096));
+    Fd lst(make_listener(4096));
     ASSERT_GE(lst.get(), 0);
-    uint16_t port = port_of(lst.get());
+    uint16_t port = local_port(lst.get());
     mp_handle *lh = mp_register(ch, lst.get(), nullptr, nullptr);
     ASSERT_NE(lh, nullptr);
     ASSERT_EQ(mp_accept(lh, 0, MP_LWSOCKET), 0);
@@ -449,7 +451,7 @@ TEST(BufRead, StarvedConnectionsSurviveUnregisterAndReuse) {
     const int N = 3;
     for (int victim = 0; victim < N; victim++) {
         SCOPED_TRACE("unregistered connection #" + std::to_string(victim));
-        Chan ch(make_ch(64, 2));
+        Channel ch(make_ch(64, 2));
         ASSERT_NE(ch.get(), nullptr);
         Pair hog;
         ASSERT_TRUE(tcp_pair(hog));

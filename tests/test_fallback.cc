@@ -15,6 +15,7 @@
 #include <gtest/gtest.h>
 
 #include "megapipe.h"
+#include "test_util.h"
 
 namespace {
 
@@ -44,10 +45,8 @@ template <typename F> int in_child(int err, F fn) {
 }
 
 int auto_falls_back() {
-    mp_options o;
-    mp_options_init(&o);
+    mp_options o = mpt::opts();
     o.engine = MP_ENGINE_AUTO;
-    o.log = 0;
     mp_channel *ch = mp_create(&o);
     if (!ch) return 1;
     mp_stats st;
@@ -66,10 +65,8 @@ int auto_falls_back() {
 }
 
 int uring_only_fails(int err) {
-    mp_options o;
-    mp_options_init(&o);
+    mp_options o = mpt::opts();
     o.engine = MP_ENGINE_URING;
-    o.log = 0;
     mp_channel *ch = mp_create(&o);
     if (ch) {
         mp_destroy(ch);

@@ -8,7 +8,7 @@
 #include <set>
 
 #include "megapipe.h"
-#include "pt_util.h"
+#include "test_util.h"
 
 namespace {
 
@@ -16,22 +16,22 @@ class LwSocket : public ::testing::Test {
   protected:
     // A channel (lwsocket option as given) and a shared listener registered on it.
     void open(int lwsocket = MP_OPT_DEFAULT) {
-        ch_.reset(pt::create_channel(MP_OPT_DEFAULT, lwsocket));
+        ch_.reset(mpt::create_channel(MP_OPT_DEFAULT, lwsocket));
         ASSERT_NE(ch_, nullptr) << strerror(errno);
-        lfd_ = pt::plain_listener(&port_);
+        lfd_ = mpt::plain_listener(&port_);
         ASSERT_GE(lfd_, 0);
         lh_ = mp_register(ch_.get(), lfd_, nullptr, nullptr);
         ASSERT_NE(lh_, nullptr) << strerror(errno);
     }
     void TearDown() override {
         ch_.reset();
-        pt::close_all_rst(clients_);
+        mpt::close_all_rst(clients_);
         if (lfd_ >= 0) close(lfd_);
     }
-    bool uring() const { return pt::is_uring(ch_.get()); }
+    bool uring() const { return mpt::is_uring(ch_.get()); }
 
     int connect_client() {
-        int c = pt::connect_loopback(port_);
+        int c = mpt::connect_loopback(port_);
         if (c >= 0) clients_.push_back(c);
         return c;
     }
@@ -46,7 +46,7 @@ class LwSocket : public ::testing::Test {
         *client = connect_client();
         EXPECT_GE(*client, 0);
         mp_event ev;
-        if (!pt::wait_cmd(ch_.get(), &ev, MP_EV_ACCEPT, lh_)) {
+        if (!mpt::wait_cmd(ch_.get(), &ev, MP_EV_ACCEPT, lh_)) {
             ADD_FAILURE() << "no ACCEPT event";
             return -ETIMEDOUT;
         }
@@ -59,9 +59,9 @@ class LwSocket : public ::testing::Test {
         char buf[256];
         ASSERT_LT(msg.size(), sizeof buf);
         ASSERT_EQ(mp_read(h, buf, sizeof buf), 0);
-        ASSERT_TRUE(pt::send_all(client, msg.data(), msg.size()));
+        ASSERT_TRUE(mpt::write_all(client, msg.data(), msg.size()));
         mp_event ev;
-        ASSERT_TRUE(pt::wait_event(
+        ASSERT_TRUE(mpt::wait_event(
             ch_.get(), &ev,
             [h](const mp_event &e) {
                 return e.handle == h && (e.cmd == MP_EV_READ || e.cmd == MP_EV_DISCONNECT);
@@ -72,14 +72,14 @@ class LwSocket : public ::testing::Test {
         ASSERT_EQ(ev.result, (ssize_t)msg.size());
         ASSERT_EQ(std::string(buf, msg.size()), msg);
         ASSERT_EQ(mp_write(h, buf, (size_t)ev.result), 0);
-        ASSERT_TRUE(pt::wait_cmd(ch_.get(), &ev, MP_EV_WRITE, h)) << "no WRITE";
+        ASSERT_TRUE(mpt::wait_cmd(ch_.get(), &ev, MP_EV_WRITE, h)) << "no WRITE";
         ASSERT_EQ(ev.result, (ssize_t)msg.size());
         std::string back(msg.size(), '\0');
-        ASSERT_EQ(pt::recv_exact(client, &back[0], back.size()), back.size());
+        ASSERT_EQ(mpt::recv_exact(client, &back[0], back.size()), back.size());
         EXPECT_EQ(back, msg);
     }
 
-    pt::ChanPtr ch_;
+    mpt::ChanPtr ch_;
     int lfd_ = -1;
     uint16_t port_ = 0;
     mp_handle *lh_ = nullptr;
@@ -92,7 +92,7 @@ class LwSocket : public ::testing::Test {
 std::string fd_leak_diagnosis(int id, int client) {
     if (!mp_is_lwsocket(id)) return "";
     int fd = id - MP_LWSOCKET_BASE;
-    if (pt::fd_valid(fd) && pt::peer_port(fd) == pt::local_port(client))
+    if (mpt::fd_valid(fd) && mpt::peer_port(fd) == mpt::local_port(client))
         return " [id - MP_LWSOCKET_BASE = " + std::to_string(fd) +
                " is a regular fd of this connection in the process fd table: the accept was "
                "not a direct accept]";
@@ -127,7 +127,7 @@ TEST_F(LwSocket, UringAcceptsLwsocketsAndEchoes) {
         int c = connect_client();
         ASSERT_GE(c, 0);
         mp_event ev;
-        ASSERT_TRUE(pt::wait_cmd(ch_.get(), &ev, MP_EV_ACCEPT, lh_));
+        ASSERT_TRUE(mpt::wait_cmd(ch_.get(), &ev, MP_EV_ACCEPT, lh_));
         int id = (int)ev.result;
         ASSERT_GE(id, MP_LWSOCKET_BASE) << "MP_LWSOCKET gave a regular fd";
         EXPECT_TRUE(mp_is_lwsocket(id));
@@ -156,17 +156,17 @@ TEST_F(LwSocket, UringLwsocketsTakeNoFdTableEntries) {
         ASSERT_GE(c, 0);
         cl.push_back(c);
     }
-    int before = pt::count_open_fds();
+    int before = mpt::count_open_fds();
     ASSERT_GT(before, 0);
     ASSERT_EQ(mp_accept(lh_, 0, MP_LWSOCKET), 0);
     std::vector<int> ids;
     for (int i = 0; i < n; i++) {
         mp_event ev;
-        ASSERT_TRUE(pt::wait_cmd(ch_.get(), &ev, MP_EV_ACCEPT, lh_)) << "accepted " << i;
+        ASSERT_TRUE(mpt::wait_cmd(ch_.get(), &ev, MP_EV_ACCEPT, lh_)) << "accepted " << i;
         ASSERT_GE(ev.result, MP_LWSOCKET_BASE);
         ids.push_back((int)ev.result);
     }
-    int after = pt::count_open_fds();
+    int after = mpt::count_open_fds();
     EXPECT_LE(after - before, 2) << n << " lwsockets grew the fd table from " << before << " to "
                                  << after;
     EXPECT_EQ(std::set<int>(ids.begin(), ids.end()).size(), (size_t)n);
@@ -180,60 +180,60 @@ TEST_F(LwSocket, UringLwsocketsTakeNoFdTableEntries) {
         hs.push_back(h);
         ASSERT_EQ(mp_read(h, bufs[i].data(), bufs[i].size()), 0);
     }
-    for (int i = 0; i < n; i++) ASSERT_TRUE(pt::send_all(cl[i], "lw!", 3));
+    for (int i = 0; i < n; i++) ASSERT_TRUE(mpt::write_all(cl[i], "lw!", 3));
     for (int k = 0; k < n; k++) {
         mp_event ev;
-        ASSERT_TRUE(pt::wait_cmd(ch_.get(), &ev, MP_EV_READ)) << "read " << k;
+        ASSERT_TRUE(mpt::wait_cmd(ch_.get(), &ev, MP_EV_READ)) << "read " << k;
         size_t i = (size_t)(uintptr_t)ev.cookie;
         ASSERT_EQ(ev.result, 3);
         ASSERT_EQ(mp_write(hs[i], bufs[i].data(), 3), 0);
     }
     for (int k = 0; k < n; k++) {
         mp_event ev;
-        ASSERT_TRUE(pt::wait_cmd(ch_.get(), &ev, MP_EV_WRITE)) << "write " << k;
+        ASSERT_TRUE(mpt::wait_cmd(ch_.get(), &ev, MP_EV_WRITE)) << "write " << k;
         EXPECT_EQ(ev.result, 3);
     }
     for (int i = 0; i < n; i++) {
         char b[3];
-        ASSERT_EQ(pt::recv_exact(cl[i], b, 3), 3u);
+        ASSERT_EQ(mpt::recv_exact(cl[i], b, 3), 3u);
         EXPECT_EQ(std::string(b, 3), "lw!");
     }
-    EXPECT_LE(pt::count_open_fds() - before, 2);
+    EXPECT_LE(mpt::count_open_fds() - before, 2);
 
     // mp_unregister closes lwsockets (the channel owns them): every client sees EOF.
     for (auto *h : hs) EXPECT_EQ(mp_unregister(h), 0);
     EXPECT_GE(mp_flush(ch_.get()), 0);
     int eof = 0;
-    for (int c : cl) eof += pt::sees_eof(c, 2000);
+    for (int c : cl) eof += mpt::sees_eof(c, 2000);
     EXPECT_EQ(eof, n) << "unregistered lwsockets were not closed";
 
     // The measurement is meaningful: the same accepts as regular fds (another listener on
     // the same channel) do take n entries.
     uint16_t port2 = 0;
-    int lfd2 = pt::plain_listener(&port2);
+    int lfd2 = mpt::plain_listener(&port2);
     ASSERT_GE(lfd2, 0);
     mp_handle *lh2 = mp_register(ch_.get(), lfd2, nullptr, nullptr);
     ASSERT_NE(lh2, nullptr);
     std::vector<int> cl2;
     for (int i = 0; i < n; i++) {
-        int c2 = pt::connect_loopback(port2);
+        int c2 = mpt::connect_loopback(port2);
         ASSERT_GE(c2, 0);
         cl2.push_back(c2);
     }
-    int before2 = pt::count_open_fds();
+    int before2 = mpt::count_open_fds();
     ASSERT_EQ(mp_accept(lh2, 0, 0), 0);
     std::vector<int> fds;
     for (int i = 0; i < n; i++) {
         mp_event ev;
-        ASSERT_TRUE(pt::wait_cmd(ch_.get(), &ev, MP_EV_ACCEPT, lh2));
+        ASSERT_TRUE(mpt::wait_cmd(ch_.get(), &ev, MP_EV_ACCEPT, lh2));
         ASSERT_GE(ev.result, 0);
         ASSERT_LT(ev.result, MP_LWSOCKET_BASE);
         fds.push_back((int)ev.result);
     }
-    EXPECT_GE(pt::count_open_fds() - before2, n);
+    EXPECT_GE(mpt::count_open_fds() - before2, n);
     EXPECT_EQ(mp_unregister(lh2), 0);
     for (int fd : fds) close(fd);
-    pt::close_all_rst(cl2);
+    mpt::close_all_rst(cl2);
     close(lfd2);
 }
 
@@ -244,14 +244,14 @@ TEST_F(LwSocket, UringCountedAcceptGivesLwsockets) {
     for (int k = 0; k < 3; k++) {
         int c = connect_client();
         ASSERT_GE(c, 0);
-        int before = pt::count_open_fds();
+        int before = mpt::count_open_fds();
         ASSERT_EQ(mp_accept(lh_, 1, MP_LWSOCKET), 0);
         mp_event ev;
-        ASSERT_TRUE(pt::wait_cmd(ch_.get(), &ev, MP_EV_ACCEPT, lh_));
+        ASSERT_TRUE(mpt::wait_cmd(ch_.get(), &ev, MP_EV_ACCEPT, lh_));
         int id = (int)ev.result;
         ASSERT_GE(id, MP_LWSOCKET_BASE);
         std::string leak = fd_leak_diagnosis(id, c);
-        EXPECT_EQ(pt::count_open_fds(), before) << "a counted lwsocket accept added an fd" << leak;
+        EXPECT_EQ(mpt::count_open_fds(), before) << "a counted lwsocket accept added an fd" << leak;
         if (!leak.empty()) close(id - MP_LWSOCKET_BASE); // the library lost track of it
         mp_handle *h = mp_register(ch_.get(), id, nullptr, nullptr);
         ASSERT_NE(h, nullptr);
@@ -268,7 +268,7 @@ TEST_F(LwSocket, UringExportFdGivesWorkingRealFd) {
     int c = connect_client();
     ASSERT_GE(c, 0);
     mp_event ev;
-    ASSERT_TRUE(pt::wait_cmd(ch_.get(), &ev, MP_EV_ACCEPT, lh_));
+    ASSERT_TRUE(mpt::wait_cmd(ch_.get(), &ev, MP_EV_ACCEPT, lh_));
     int id = (int)ev.result;
     ASSERT_TRUE(mp_is_lwsocket(id));
     mp_handle *h = mp_register(ch_.get(), id, nullptr, nullptr);
@@ -278,16 +278,16 @@ TEST_F(LwSocket, UringExportFdGivesWorkingRealFd) {
     if (fd == -ENOTSUP) GTEST_SKIP() << "kernel without IORING_OP_FIXED_FD_INSTALL";
     ASSERT_GE(fd, 0) << strerror(-fd);
     EXPECT_LT(fd, MP_LWSOCKET_BASE);
-    EXPECT_TRUE(pt::fd_valid(fd));
-    EXPECT_EQ(pt::peer_port(fd), pt::local_port(c)) << "exported fd is not this connection";
-    EXPECT_EQ(pt::local_port(fd), port_);
+    EXPECT_TRUE(mpt::fd_valid(fd));
+    EXPECT_EQ(mpt::peer_port(fd), mpt::local_port(c)) << "exported fd is not this connection";
+    EXPECT_EQ(mpt::local_port(fd), port_);
     // Plain socket calls work on it, both ways.
-    ASSERT_TRUE(pt::send_all(fd, "exported", 8));
+    ASSERT_TRUE(mpt::write_all(fd, "exported", 8));
     char b[16];
-    ASSERT_EQ(pt::recv_exact(c, b, 8), 8u);
+    ASSERT_EQ(mpt::recv_exact(c, b, 8), 8u);
     EXPECT_EQ(std::string(b, 8), "exported");
-    ASSERT_TRUE(pt::send_all(c, "reply", 5));
-    ASSERT_EQ(pt::recv_exact(fd, b, 5), 5u);
+    ASSERT_TRUE(mpt::write_all(c, "reply", 5));
+    ASSERT_EQ(mpt::recv_exact(fd, b, 5), 5u);
     EXPECT_EQ(std::string(b, 5), "reply");
     EXPECT_EQ(close(fd), 0);
 
@@ -305,7 +305,7 @@ TEST_F(LwSocket, UringExportFdGivesWorkingRealFd) {
     EXPECT_EQ(errno, EBADF);
     EXPECT_EQ(mp_export_fd(h), -EBADF);
     EXPECT_GE(mp_flush(ch_.get()), 0);
-    EXPECT_TRUE(pt::sees_eof(c)) << "mp_unregister did not close the lwsocket";
+    EXPECT_TRUE(mpt::sees_eof(c)) << "mp_unregister did not close the lwsocket";
 }
 
 // MP_LWSOCKET=0: the flag is ignored, on every engine.
@@ -317,13 +317,13 @@ TEST_F(LwSocket, OptionOffGivesRegularFds) {
     EXPECT_LT(fd, MP_LWSOCKET_BASE) << "lwsocket option 0 must give regular fds ("
                                     << mp_engine_name(ch_.get()) << ")";
     EXPECT_FALSE(mp_is_lwsocket(fd));
-    EXPECT_TRUE(pt::fd_valid(fd));
-    EXPECT_EQ(pt::peer_port(fd), pt::local_port(c));
+    EXPECT_TRUE(mpt::fd_valid(fd));
+    EXPECT_EQ(mpt::peer_port(fd), mpt::local_port(c));
     mp_handle *h = mp_register(ch_.get(), fd, nullptr, nullptr);
     ASSERT_NE(h, nullptr);
     round_trip(h, c, "regular fd");
     EXPECT_EQ(mp_unregister(h), 0);
-    EXPECT_TRUE(pt::fd_valid(fd)) << "mp_unregister must not close a regular fd";
+    EXPECT_TRUE(mpt::fd_valid(fd)) << "mp_unregister must not close a regular fd";
     close(fd);
 }
 
@@ -337,8 +337,8 @@ TEST_F(LwSocket, EpollGivesRegularFds) {
         int fd = accept_one(MP_LWSOCKET, &c);
         ASSERT_GE(fd, 0);
         EXPECT_LT(fd, MP_LWSOCKET_BASE);
-        EXPECT_TRUE(pt::fd_valid(fd));
-        EXPECT_EQ(pt::peer_port(fd), pt::local_port(c));
+        EXPECT_TRUE(mpt::fd_valid(fd));
+        EXPECT_EQ(mpt::peer_port(fd), mpt::local_port(c));
         mp_handle *h = mp_register(ch_.get(), fd, nullptr, nullptr);
         ASSERT_NE(h, nullptr);
         round_trip(h, c, "epoll fallback");
@@ -364,9 +364,9 @@ TEST_F(LwSocket, ExportOfRegularFdIsWorkingDup) {
     ASSERT_EQ(fstat(d, &s2), 0);
     EXPECT_EQ(s1.st_ino, s2.st_ino) << "not the same socket";
     EXPECT_EQ(s1.st_dev, s2.st_dev);
-    ASSERT_TRUE(pt::send_all(d, "dup", 3));
+    ASSERT_TRUE(mpt::write_all(d, "dup", 3));
     char b[4];
-    ASSERT_EQ(pt::recv_exact(c, b, 3), 3u);
+    ASSERT_EQ(mpt::recv_exact(c, b, 3), 3u);
     EXPECT_EQ(std::string(b, 3), "dup");
     close(d);
     round_trip(h, c, "handle works after the dup is closed");
@@ -391,7 +391,7 @@ TEST_F(LwSocket, RegisterUnknownIdIsEbadf) {
     errno = 0;
     EXPECT_EQ(mp_register(ch_.get(), id + 1, nullptr, nullptr), nullptr);
     EXPECT_EQ(errno, EBADF);
-    pt::ChanPtr other(mp_create(nullptr));
+    mpt::ChanPtr other(mp_create(nullptr));
     ASSERT_NE(other, nullptr);
     errno = 0;
     EXPECT_EQ(mp_register(other.get(), id, nullptr, nullptr), nullptr)

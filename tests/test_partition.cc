@@ -7,7 +7,7 @@
 #include <sstream>
 
 #include "megapipe.h"
-#include "pt_util.h"
+#include "test_util.h"
 
 namespace {
 
@@ -25,16 +25,16 @@ struct Phase {
 
 // Clients pinned to each of cpus open n connections each (concurrently); wait until the
 // workers have accepted them all; record who accepted what; close the clients.
-Phase run_phase(const std::vector<pt::ChannelThread *> &workers, uint16_t port,
+Phase run_phase(const std::vector<mpt::ChannelThread *> &workers, uint16_t port,
                 const std::vector<int> &cpus, int n = kConns) {
     Phase ph;
     for (auto *w : workers) w->take_ports(); // nothing should be left; start clean
-    std::vector<std::unique_ptr<pt::ClientBatch>> batches;
+    std::vector<std::unique_ptr<mpt::ClientBatch>> batches;
     std::vector<std::thread> threads;
     for (int cpu : cpus) {
-        batches.emplace_back(new pt::ClientBatch);
-        pt::ClientBatch *b = batches.back().get();
-        threads.emplace_back([b, cpu, port, n] { pt::connect_from_cpu(b, cpu, port, n); });
+        batches.emplace_back(new mpt::ClientBatch);
+        mpt::ClientBatch *b = batches.back().get();
+        threads.emplace_back([b, cpu, port, n] { mpt::connect_from_cpu(b, cpu, port, n); });
     }
     for (auto &t : threads) t.join();
     for (auto &b : batches) {
@@ -92,12 +92,12 @@ void expect_steered(const Phase &ph, const std::function<std::set<int>(int)> &al
 class Partition : public ::testing::Test {
   protected:
     void SetUp() override {
-        cpus_ = pt::usable_cpus();
+        cpus_ = mpt::usable_cpus();
         if (cpus_.size() >= 2) {
             a_ = cpus_[0];
             b_ = cpus_[1];
         }
-        lfd_ = pt::mp_listen_loopback(&port_);
+        lfd_ = mpt::mp_listen_loopback(&port_);
         ASSERT_GE(lfd_, 0) << strerror(-lfd_);
     }
     void TearDown() override {
@@ -105,19 +105,19 @@ class Partition : public ::testing::Test {
         if (lfd_ >= 0) close(lfd_);
     }
 
-    pt::ChannelThread *add_worker(int cpu, const mp_options *opt = nullptr) {
-        workers_.emplace_back(new pt::ChannelThread(cpu, opt));
+    mpt::ChannelThread *add_worker(int cpu, const mp_options *opt = nullptr) {
+        workers_.emplace_back(new mpt::ChannelThread(cpu, opt));
         return workers_.back().get();
     }
 
-    std::vector<pt::ChannelThread *> workers() {
-        std::vector<pt::ChannelThread *> w;
+    std::vector<mpt::ChannelThread *> workers() {
+        std::vector<mpt::ChannelThread *> w;
         for (auto &p : workers_) w.push_back(p.get());
         return w;
     }
 
     // Register the listening address on w with mask and accept forever (regular fds).
-    mp_handle *listen_on(pt::ChannelThread *w, const cpu_set_t &mask) {
+    mp_handle *listen_on(mpt::ChannelThread *w, const cpu_set_t &mask) {
         int lfd = lfd_;
         int *err = &last_err_;
         return w->run([lfd, mask, err](mp_channel *ch) -> mp_handle * {
@@ -136,12 +136,23 @@ class Partition : public ::testing::Test {
         });
     }
 
+    // Three workers pinned to pin[i], each listening with masks[i].
+    void start_three(const std::vector<cpu_set_t> &masks, const std::vector<int> &pin,
+                     mpt::ChannelThread **w, mp_handle **h) {
+        for (int i = 0; i < 3; i++) {
+            w[i] = add_worker(pin[i]);
+            ASSERT_TRUE(w[i]->ok());
+            h[i] = listen_on(w[i], masks[i]);
+            ASSERT_NE(h[i], nullptr) << "partition " << i << ": " << strerror(last_err_);
+        }
+    }
+
     std::vector<int> cpus_;
     int a_ = -1, b_ = -1;
     int lfd_ = -1;
     uint16_t port_ = 0;
     int last_err_ = 0; // errno of the last failed listen_on()
-    std::vector<std::unique_ptr<pt::ChannelThread>> workers_;
+    std::vector<std::unique_ptr<mpt::ChannelThread>> workers_;
 };
 
 } // namespace
@@ -161,23 +172,23 @@ TEST_F(Partition, ListenSocketIsBoundReusePortNotListening) {
     ASSERT_EQ(getsockname(fd, (sockaddr *)&a, &l), 0);
     EXPECT_EQ(a.sin_family, AF_INET);
     EXPECT_EQ(ntohl(a.sin_addr.s_addr), INADDR_LOOPBACK);
-    EXPECT_EQ(pt::sockopt(fd, SOL_SOCKET, SO_TYPE), SOCK_STREAM);
-    EXPECT_EQ(pt::sockopt(fd, SOL_SOCKET, SO_REUSEPORT), 1);
-    EXPECT_EQ(pt::sockopt(fd, SOL_SOCKET, SO_ACCEPTCONN), 0) << "must not be listening yet";
+    EXPECT_EQ(mpt::sockopt(fd, SOL_SOCKET, SO_TYPE), SOCK_STREAM);
+    EXPECT_EQ(mpt::sockopt(fd, SOL_SOCKET, SO_REUSEPORT), 1);
+    EXPECT_EQ(mpt::sockopt(fd, SOL_SOCKET, SO_ACCEPTCONN), 0) << "must not be listening yet";
     EXPECT_TRUE(fcntl(fd, F_GETFD) & FD_CLOEXEC);
     // Not listening: a connection is refused.
-    int c = pt::connect_loopback(port);
+    int c = mpt::connect_loopback(port);
     EXPECT_EQ(c, -ECONNREFUSED);
     if (c >= 0) close(c);
 }
 
 TEST_F(Partition, ConnectionsFollowTheSynCpu) {
     NEED_TWO_CPUS();
-    pt::ChannelThread *w0 = add_worker(a_), *w1 = add_worker(b_);
+    mpt::ChannelThread *w0 = add_worker(a_), *w1 = add_worker(b_);
     ASSERT_TRUE(w0->ok() && w1->ok()) << "mp_create: " << strerror(w0->create_errno());
     RecordProperty("engine", w0->engine());
-    mp_handle *h0 = listen_on(w0, pt::cpuset_of({a_}));
-    mp_handle *h1 = listen_on(w1, pt::cpuset_of({b_}));
+    mp_handle *h0 = listen_on(w0, mpt::cpuset_of({a_}));
+    mp_handle *h1 = listen_on(w1, mpt::cpuset_of({b_}));
     ASSERT_NE(h0, nullptr) << strerror(last_err_);
     ASSERT_NE(h1, nullptr) << strerror(last_err_);
 
@@ -189,12 +200,12 @@ TEST_F(Partition, ConnectionsFollowTheSynCpu) {
     EXPECT_NE(f0, lfd_);
     EXPECT_NE(f1, lfd_);
     EXPECT_NE(f0, f1);
-    EXPECT_EQ(pt::sockopt(f0, SOL_SOCKET, SO_ACCEPTCONN), 1);
-    EXPECT_EQ(pt::sockopt(f1, SOL_SOCKET, SO_ACCEPTCONN), 1);
-    EXPECT_EQ(pt::sockopt(f0, SOL_SOCKET, SO_REUSEPORT), 1);
-    EXPECT_EQ(pt::local_port(f0), port_);
-    EXPECT_EQ(pt::local_port(f1), port_);
-    EXPECT_EQ(pt::sockopt(lfd_, SOL_SOCKET, SO_ACCEPTCONN), 0);
+    EXPECT_EQ(mpt::sockopt(f0, SOL_SOCKET, SO_ACCEPTCONN), 1);
+    EXPECT_EQ(mpt::sockopt(f1, SOL_SOCKET, SO_ACCEPTCONN), 1);
+    EXPECT_EQ(mpt::sockopt(f0, SOL_SOCKET, SO_REUSEPORT), 1);
+    EXPECT_EQ(mpt::local_port(f0), port_);
+    EXPECT_EQ(mpt::local_port(f1), port_);
+    EXPECT_EQ(mpt::sockopt(lfd_, SOL_SOCKET, SO_ACCEPTCONN), 0);
 
     int a = a_, b = b_;
     Phase ph = run_phase(workers(), port_, {a_, b_});
@@ -206,10 +217,10 @@ TEST_F(Partition, ConnectionsFollowTheSynCpu) {
 
 TEST_F(Partition, ClosingAPartitionFallsBackWithoutLoss) {
     NEED_TWO_CPUS();
-    pt::ChannelThread *w0 = add_worker(a_), *w1 = add_worker(b_);
+    mpt::ChannelThread *w0 = add_worker(a_), *w1 = add_worker(b_);
     ASSERT_TRUE(w0->ok() && w1->ok());
-    mp_handle *h0 = listen_on(w0, pt::cpuset_of({a_}));
-    mp_handle *h1 = listen_on(w1, pt::cpuset_of({b_}));
+    mp_handle *h0 = listen_on(w0, mpt::cpuset_of({a_}));
+    mp_handle *h1 = listen_on(w1, mpt::cpuset_of({b_}));
     ASSERT_NE(h0, nullptr) << strerror(last_err_);
     ASSERT_NE(h1, nullptr) << strerror(last_err_);
     int a = a_;
@@ -228,10 +239,10 @@ TEST_F(Partition, ClosingAPartitionFallsBackWithoutLoss) {
 
 // Three partitions with the given masks; close member close_idx; connections from every CPU
 // must land on a live channel whose mask holds that CPU (any live channel if none does).
-static void three_partitions(Partition *t, pt::ChannelThread **w, mp_handle **h,
+static void three_partitions(Partition *t, mpt::ChannelThread **w, mp_handle **h,
                              const std::vector<cpu_set_t> &masks, int close_idx, int port,
                              const std::vector<int> &cpus) {
-    std::vector<pt::ChannelThread *> ws(w, w + 3);
+    std::vector<mpt::ChannelThread *> ws(w, w + 3);
     auto allowed_fn = [&](std::vector<bool> alive) {
         return [masks, alive](int cpu) {
             std::set<int> s, any;
@@ -260,15 +271,10 @@ static void three_partitions(Partition *t, pt::ChannelThread **w, mp_handle **h,
 // that no longer exists; a rebuilt program with a wrongly mirrored order sends both wrong.
 TEST_F(Partition, ClosingFirstMemberReordersGroupAndSteeringFollows) {
     NEED_TWO_CPUS();
-    pt::ChannelThread *w[3];
+    mpt::ChannelThread *w[3];
     mp_handle *h[3];
-    std::vector<cpu_set_t> masks = {pt::cpuset_of({a_}), pt::cpuset_of({a_}), pt::cpuset_of({b_})};
-    for (int i = 0; i < 3; i++) {
-        w[i] = add_worker(i == 2 ? b_ : a_);
-        ASSERT_TRUE(w[i]->ok());
-        h[i] = listen_on(w[i], masks[i]);
-        ASSERT_NE(h[i], nullptr) << "partition " << i << ": " << strerror(last_err_);
-    }
+    std::vector<cpu_set_t> masks = {mpt::cpuset_of({a_}), mpt::cpuset_of({a_}), mpt::cpuset_of({b_})};
+    ASSERT_NO_FATAL_FAILURE(start_three(masks, {a_, a_, b_}, w, h));
     three_partitions(this, w, h, masks, 0, port_, {a_, b_});
 }
 
@@ -276,43 +282,31 @@ TEST_F(Partition, ClosingFirstMemberReordersGroupAndSteeringFollows) {
 // then reach the {a,b} channel, not the {b} one.
 TEST_F(Partition, ClosingFirstOfOverlappingPartitions) {
     NEED_TWO_CPUS();
-    pt::ChannelThread *w[3];
+    mpt::ChannelThread *w[3];
     mp_handle *h[3];
-    std::vector<cpu_set_t> masks = {pt::cpuset_of({a_}), pt::cpuset_of({b_}),
-                                    pt::cpuset_of({a_, b_})};
-    int pin[3] = {a_, b_, a_};
-    for (int i = 0; i < 3; i++) {
-        w[i] = add_worker(pin[i]);
-        ASSERT_TRUE(w[i]->ok());
-        h[i] = listen_on(w[i], masks[i]);
-        ASSERT_NE(h[i], nullptr) << strerror(last_err_);
-    }
+    std::vector<cpu_set_t> masks = {mpt::cpuset_of({a_}), mpt::cpuset_of({b_}),
+                                    mpt::cpuset_of({a_, b_})};
+    ASSERT_NO_FATAL_FAILURE(start_three(masks, {a_, b_, a_}, w, h));
     three_partitions(this, w, h, masks, 0, port_, {a_, b_});
 }
 
 // {a} {b} {a,b}, closing the middle one: CPU b must go to the {a,b} channel.
 TEST_F(Partition, ClosingMiddleOfOverlappingPartitions) {
     NEED_TWO_CPUS();
-    pt::ChannelThread *w[3];
+    mpt::ChannelThread *w[3];
     mp_handle *h[3];
-    std::vector<cpu_set_t> masks = {pt::cpuset_of({a_}), pt::cpuset_of({b_}),
-                                    pt::cpuset_of({a_, b_})};
-    int pin[3] = {a_, b_, b_};
-    for (int i = 0; i < 3; i++) {
-        w[i] = add_worker(pin[i]);
-        ASSERT_TRUE(w[i]->ok());
-        h[i] = listen_on(w[i], masks[i]);
-        ASSERT_NE(h[i], nullptr) << strerror(last_err_);
-    }
+    std::vector<cpu_set_t> masks = {mpt::cpuset_of({a_}), mpt::cpuset_of({b_}),
+                                    mpt::cpuset_of({a_, b_})};
+    ASSERT_NO_FATAL_FAILURE(start_three(masks, {a_, b_, b_}, w, h));
     three_partitions(this, w, h, masks, 1, port_, {a_, b_});
 }
 
 TEST_F(Partition, SetCpuMaskSwapsAtRunTime) {
     NEED_TWO_CPUS();
-    pt::ChannelThread *w0 = add_worker(a_), *w1 = add_worker(b_);
+    mpt::ChannelThread *w0 = add_worker(a_), *w1 = add_worker(b_);
     ASSERT_TRUE(w0->ok() && w1->ok());
-    mp_handle *h0 = listen_on(w0, pt::cpuset_of({a_}));
-    mp_handle *h1 = listen_on(w1, pt::cpuset_of({b_}));
+    mp_handle *h0 = listen_on(w0, mpt::cpuset_of({a_}));
+    mp_handle *h1 = listen_on(w1, mpt::cpuset_of({b_}));
     ASSERT_NE(h0, nullptr) << strerror(last_err_);
     ASSERT_NE(h1, nullptr) << strerror(last_err_);
     int a = a_;
@@ -326,7 +320,7 @@ TEST_F(Partition, SetCpuMaskSwapsAtRunTime) {
     EXPECT_EQ(w0->run([h0, empty](mp_channel *) { return mp_set_cpu_mask(h0, &empty); }), -EINVAL);
     EXPECT_EQ(w0->run([h0](mp_channel *) { return mp_set_cpu_mask(h0, nullptr); }), -EINVAL);
 
-    cpu_set_t ma = pt::cpuset_of({a_}), mb = pt::cpuset_of({b_});
+    cpu_set_t ma = mpt::cpuset_of({a_}), mb = mpt::cpuset_of({b_});
     EXPECT_EQ(w0->run([h0, mb](mp_channel *) { return mp_set_cpu_mask(h0, &mb); }), 0);
     EXPECT_EQ(w1->run([h1, ma](mp_channel *) { return mp_set_cpu_mask(h1, &ma); }), 0);
     Phase ph2 = run_phase(workers(), port_, {a_, b_});
@@ -343,11 +337,11 @@ TEST_F(Partition, SetCpuMaskSwapsAtRunTime) {
 
 TEST_F(Partition, SetCpuMaskRefusesNonPartitionHandles) {
     NEED_TWO_CPUS();
-    pt::ChannelThread *w0 = add_worker(a_);
+    mpt::ChannelThread *w0 = add_worker(a_);
     ASSERT_TRUE(w0->ok());
     int sv[2];
     ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
-    cpu_set_t m = pt::cpuset_of({a_});
+    cpu_set_t m = mpt::cpuset_of({a_});
     int r = w0->run([&](mp_channel *ch) {
         mp_handle *h = mp_register(ch, sv[0], nullptr, nullptr);
         if (!h) return -1000;
@@ -368,19 +362,19 @@ TEST_F(Partition, PartitionOffSharesOneQueue) {
     mp_options o;
     mp_options_init(&o);
     o.partition = 0;
-    pt::ChannelThread *w0 = add_worker(a_, &o), *w1 = add_worker(b_, &o);
+    mpt::ChannelThread *w0 = add_worker(a_, &o), *w1 = add_worker(b_, &o);
     ASSERT_TRUE(w0->ok() && w1->ok());
-    mp_handle *h0 = listen_on(w0, pt::cpuset_of({a_}));
+    mp_handle *h0 = listen_on(w0, mpt::cpuset_of({a_}));
     ASSERT_NE(h0, nullptr) << strerror(last_err_);
     EXPECT_EQ(w0->run([h0](mp_channel *) { return mp_handle_fd(h0); }), lfd_)
         << "with partitioning off no partition socket may be created";
-    EXPECT_EQ(pt::sockopt(lfd_, SOL_SOCKET, SO_ACCEPTCONN), 1) << "shared fd must be listening";
+    EXPECT_EQ(mpt::sockopt(lfd_, SOL_SOCKET, SO_ACCEPTCONN), 1) << "shared fd must be listening";
 
     // One channel: it gets everything, whatever its mask says.
     Phase ph = run_phase(workers(), port_, {a_, b_});
     expect_steered(ph, [](int) { return std::set<int>{0}; }, "only channel 0 registered");
 
-    mp_handle *h1 = listen_on(w1, pt::cpuset_of({b_}));
+    mp_handle *h1 = listen_on(w1, mpt::cpuset_of({b_}));
     ASSERT_NE(h1, nullptr) << strerror(last_err_);
     EXPECT_EQ(w1->run([h1](mp_channel *) { return mp_handle_fd(h1); }), lfd_);
 
@@ -391,7 +385,7 @@ TEST_F(Partition, PartitionOffSharesOneQueue) {
     // Channel 0 leaves: the shared socket stays open (the application owns it) and channel
     // 1, mask {b}, accepts connections from CPU a too.
     EXPECT_EQ(w0->run([h0](mp_channel *) { return mp_unregister(h0); }), 0);
-    EXPECT_TRUE(pt::fd_valid(lfd_));
+    EXPECT_TRUE(mpt::fd_valid(lfd_));
     Phase ph3 = run_phase(workers(), port_, {a_, b_});
     expect_steered(ph3, [](int) { return std::set<int>{1}; }, "only channel 1 left");
     EXPECT_EQ(w0->accept_errors() + w1->accept_errors(), 0);

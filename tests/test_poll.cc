@@ -5,14 +5,14 @@
 #include <map>
 #include <set>
 
-#include "ext_util.h"
+#include "test_util.h"
 
-using namespace mpx;
+using namespace mpt;
 
 namespace {
 
 struct PollFixture : ::testing::Test {
-    Chan ch;
+    Channel ch;
     void SetUp() override {
         mp_options o = opts();
         ch.reset(mp_create(&o));
@@ -251,9 +251,9 @@ TEST_F(Poll, DelDropsQueuedEvents) {
 // libuv #4323: mp_poll_del, close(fd), a new socket gets the same number and is watched with a
 // new cookie.  No event may ever carry the old cookie, whatever state the old watch was in.
 TEST_F(Poll, DelThenFdReuseNeverReportsOldCookie) {
-    Fd lst(listener(64));
+    Fd lst(make_listener(64));
     ASSERT_GE(lst.get(), 0);
-    const uint16_t port = port_of(lst.get());
+    const uint16_t port = local_port(lst.get());
     const intptr_t OLD = 0x01d, NEW = 0x2ee;
     int old_seen = 0, new_seen = 0;
     for (int iter = 0; iter < 32; iter++) {
@@ -292,9 +292,9 @@ TEST_F(Poll, DelThenFdReuseNeverReportsOldCookie) {
             nfd = fd;
         }
         Fd nsock(nfd);
-        sockaddr_in a = loopback(port);
+        sockaddr_in a = loopback_addr(port);
         ASSERT_EQ(connect(nfd, (sockaddr *)&a, sizeof a), 0);
-        Fd peer(accept_wait(lst.get()));
+        Fd peer(accept_timeout(lst.get()));
         ASSERT_GE(peer.get(), 0);
         ASSERT_TRUE(write_all(peer.get(), "new", 3));
         mp_handle *w2 = mp_poll_add(ch, nfd, EPOLLIN | EPOLLRDHUP, et ? 0 : MP_POLL_ET, (void *)NEW);
@@ -532,22 +532,28 @@ TEST_F(Poll, ModToEmptyInterestPauses) {
     EXPECT_EQ(mp_poll_del(w), 0);
 }
 
+// Watch p.a (cookie 0x01d), then close it and reuse its number for q.a at once (dup3 does
+// both atomically): old_w is the stale watch, fd the reused number (now q.a).
+static void watch_then_reuse(mp_channel *ch, Pair &p, Pair &q, mp_handle *&old_w, int &fd) {
+    ASSERT_TRUE(tcp_pair(p));
+    old_w = mp_poll_add(ch, p.a.get(), EPOLLIN, 0, (void *)0x01d);
+    ASSERT_NE(old_w, nullptr);
+    collect(ch, 20);
+    ASSERT_TRUE(tcp_pair(q));
+    fd = p.a.release();
+    ASSERT_EQ(dup3(q.a.get(), fd, O_CLOEXEC), fd);
+    q.a.reset(fd);
+}
+
 // The other order (libuv #4323 itself): the fd is closed while still watched, its number is
 // reused, and only then is the stale watch deleted.  Deleting the stale watch must not affect
 // whatever now uses the number: a new watch (mp_poll_add may refuse it with EEXIST while the
 // stale watch holds the number; then it is added after the delete) ...
 TEST_F(Poll, StaleDelAfterReuseKeepsNewWatch) {
-    Pair p;
-    ASSERT_TRUE(tcp_pair(p));
-    mp_handle *old_w = mp_poll_add(ch, p.a.get(), EPOLLIN, 0, (void *)0x01d);
-    ASSERT_NE(old_w, nullptr);
-    collect(ch, 20);
-    Pair q;
-    ASSERT_TRUE(tcp_pair(q));
-    // Close the watched fd and reuse its number at once: dup3 does both atomically.
-    int fd = p.a.release();
-    ASSERT_EQ(dup3(q.a.get(), fd, O_CLOEXEC), fd);
-    q.a.reset(fd);
+    Pair p, q;
+    mp_handle *old_w = nullptr;
+    int fd = -1;
+    ASSERT_NO_FATAL_FAILURE(watch_then_reuse(ch, p, q, old_w, fd));
     errno = 0;
     mp_handle *new_w = mp_poll_add(ch, fd, EPOLLIN, 0, (void *)0x2ee);
     if (!new_w) {
@@ -572,17 +578,10 @@ TEST_F(Poll, StaleDelAfterReuseKeepsNewWatch) {
 
 // ... or a connection handle registered on the reused number.
 TEST_F(Poll, StaleDelAfterReuseKeepsNewConnection) {
-    Pair p;
-    ASSERT_TRUE(tcp_pair(p));
-    mp_handle *old_w = mp_poll_add(ch, p.a.get(), EPOLLIN, 0, (void *)0x01d);
-    ASSERT_NE(old_w, nullptr);
-    collect(ch, 20);
-    Pair q;
-    ASSERT_TRUE(tcp_pair(q));
-    // Close the watched fd and reuse its number at once: dup3 does both atomically.
-    int fd = p.a.release();
-    ASSERT_EQ(dup3(q.a.get(), fd, O_CLOEXEC), fd);
-    q.a.reset(fd);
+    Pair p, q;
+    mp_handle *old_w = nullptr;
+    int fd = -1;
+    ASSERT_NO_FATAL_FAILURE(watch_then_reuse(ch, p, q, old_w, fd));
     mp_handle *c = mp_register(ch, fd, (void *)0xc0, nullptr);
     ASSERT_NE(c, nullptr) << strerror(errno);
     char buf[8];

@@ -338,7 +338,7 @@ TEST_F(Rules, PeerResetIsDisconnectError) {
     ASSERT_EQ(mp_read(h, buf, 256), 0);
     mp_event ev;
     ASSERT_EQ(mp_dispatch(ch, &ev, 0), 0);
-    close_with_reset(p.client);
+    close_rst(p.client);
     ASSERT_TRUE(dispatch_until(ch, [&](const mp_event &e) { ev = e; return true; }, 5000));
     EXPECT_EQ(ev.cmd, MP_EV_DISCONNECT) << describe(ev);
     EXPECT_EQ(ev.handle, h);
@@ -353,7 +353,7 @@ TEST_F(Rules, ReadAfterPeerResetIsDisconnectError) {
     ASSERT_TRUE(p.server.ok() && p.client.ok());
     mp_handle *h = reg(p.server.get(), cookie_of(43));
     ASSERT_NE(h, nullptr);
-    close_with_reset(p.client);
+    close_rst(p.client);
     ASSERT_TRUE(wait_readable(p.server.get())); // the RST has arrived
     char *buf = buffer(256);
     ASSERT_EQ(mp_read(h, buf, 256), 0);
@@ -373,7 +373,7 @@ TEST_F(Rules, WriteToResetPeerFailsWithoutSigpipe) {
     ASSERT_TRUE(p.server.ok() && p.client.ok());
     mp_handle *h = reg(p.server.get(), cookie_of(51));
     ASSERT_NE(h, nullptr);
-    close_with_reset(p.client);
+    close_rst(p.client);
     ASSERT_TRUE(wait_readable(p.server.get()));
 
     const std::string &chunk = keep_str(pattern(65536, 5));
@@ -550,7 +550,7 @@ TEST_F(Rules, NoEventAfterUnregisterWithOperationsInFlight) {
     while (now_ms() < until) {
         if (recv_some(p.client.get(), sink.data(), sink.size(), 10) <= 0) continue;
     }
-    close_with_reset(p.client);
+    close_rst(p.client);
 
     bool ctl_seen = false;
     for (const mp_event &ev : collect_events(ch, 250)) {

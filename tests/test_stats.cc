@@ -1,9 +1,9 @@
 // test_stats.cc — per-channel statistics (mp_get_stats, mp_print_stats, MP_STATS=1 report).
 #include <sys/utsname.h>
 
-#include "ext_util.h"
+#include "test_util.h"
 
-using namespace mpx;
+using namespace mpt;
 
 namespace {
 
@@ -58,7 +58,7 @@ TEST(Stats, BadArguments) {
     mp_stats st;
     EXPECT_EQ(mp_get_stats(nullptr, &st), -EBADF);
     mp_options o = opts();
-    Chan ch(mp_create(&o));
+    Channel ch(mp_create(&o));
     ASSERT_NE(ch.get(), nullptr);
     EXPECT_EQ(mp_get_stats(ch, nullptr), -EINVAL);
     EXPECT_EQ(mp_get_stats(nullptr, nullptr), -EBADF);
@@ -67,7 +67,7 @@ TEST(Stats, BadArguments) {
 
 TEST(Stats, EngineAndFeatures) {
     mp_options o = opts();
-    Chan ch(mp_create(&o));
+    Channel ch(mp_create(&o));
     ASSERT_NE(ch.get(), nullptr);
     mp_stats st;
     ASSERT_EQ(mp_get_stats(ch, &st), 0);
@@ -100,7 +100,7 @@ TEST(Stats, EngineAndFeatures) {
 
 TEST(Stats, CountersGrowWithIo) {
     mp_options o = opts();
-    Chan ch(mp_create(&o));
+    Channel ch(mp_create(&o));
     ASSERT_NE(ch.get(), nullptr);
     mp_stats s0, s1;
     ASSERT_EQ(mp_get_stats(ch, &s0), 0);
@@ -135,7 +135,7 @@ TEST(Stats, CountersGrowWithIo) {
 TEST(Stats, BatchHistogramBuckets) {
     mp_options o = opts();
     o.batch = 4096; // only mp_flush()/dispatch submits
-    Chan ch(mp_create(&o));
+    Channel ch(mp_create(&o));
     ASSERT_NE(ch.get(), nullptr);
     const int N = 40;
     std::vector<Pair> pairs(N);
@@ -224,7 +224,7 @@ TEST(Stats, MpStatsPrintsReportAtDestroy) {
 
 TEST(Stats, PrintStatsFormats) {
     mp_options o = opts();
-    Chan ch(mp_create(&o));
+    Channel ch(mp_create(&o));
     ASSERT_NE(ch.get(), nullptr);
     echo_rounds(ch, 2);
     mp_stats st;
