@@ -11,6 +11,7 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <time.h>
+#include <unistd.h>
 
 int parse_cpu_list(const char *s, int *cpus, int max) {
     int n = 0;
@@ -90,4 +91,28 @@ void raise_nofile(void) {
         rl.rlim_cur = rl.rlim_max;
         setrlimit(RLIMIT_NOFILE, &rl);
     }
+}
+
+int64_t cpus_busy_ns(const int *cpus, int n, int64_t *softirq) {
+    FILE *f = fopen("/proc/stat", "r");
+    if (!f) return -1;
+    long hz = sysconf(_SC_CLK_TCK);
+    char line[512];
+    int64_t busy = 0, si = 0;
+    while (fgets(line, sizeof line, f)) {
+        int cpu;
+        unsigned long long v[8] = {0};
+        if (sscanf(line, "cpu%d %llu %llu %llu %llu %llu %llu %llu %llu", &cpu, &v[0], &v[1],
+                   &v[2], &v[3], &v[4], &v[5], &v[6], &v[7]) < 8)
+            continue;
+        for (int i = 0; i < n; i++) {
+            if (cpus[i] != cpu) continue;
+            /* user nice system idle iowait irq softirq steal */
+            busy += (int64_t)(v[0] + v[1] + v[2] + v[5] + v[6] + v[7]);
+            si += (int64_t)v[6];
+        }
+    }
+    fclose(f);
+    if (softirq) *softirq = si * (1000000000 / hz);
+    return busy * (1000000000 / hz);
 }

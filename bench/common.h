@@ -21,7 +21,6 @@ int online_cpus(int *cpus, int max);
 /* Pin the calling thread to one CPU (cpu < 0: leave it alone).  Returns 0 or -errno. */
 int pin_self(int cpu);
 
-static inline uint64_t ns_since(uint64_t t0);
 uint64_t now_ns(void); /* CLOCK_MONOTONIC */
 static inline uint64_t ns_since(uint64_t t0) { return now_ns() - t0; }
 
@@ -29,6 +28,11 @@ static inline uint64_t ns_since(uint64_t t0) { return now_ns() - t0; }
  * field: time on CPU).  /proc/pid/schedstat alone is the main thread only.  Returns -1 when
  * the process is gone. */
 int64_t proc_cpu_ns(pid_t pid);
+
+/* Busy time of a set of CPUs from /proc/stat, in ns (USER_HZ ticks): everything but idle and
+ * iowait, so it includes softirq work that ran outside any task (e.g. RPS on an idle CPU) and
+ * any other process on those CPUs.  *softirq gets the softirq part.  Returns -1 on error. */
+int64_t cpus_busy_ns(const int *cpus, int n, int64_t *softirq);
 
 /* Raise RLIMIT_NOFILE's soft limit to the hard limit (connections need fds). */
 void raise_nofile(void);

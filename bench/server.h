@@ -21,6 +21,7 @@ typedef struct srv_config {
     int megapipe;            /* 0 = baseline (epoll + BSD calls), 1 = the library */
     int P, B, L;             /* megapipe: partition, batch (32 vs 1), lwsockets */
     int mp_engine;           /* MP_ENGINE_AUTO / URING / EPOLL */
+    int R;                   /* megapipe: buffered reads (multishot receive, provided buffers) */
     int threads;
     int cpus[MAX_THREADS];   /* thread i runs on cpus[i % ncpus] */
     int ncpus;

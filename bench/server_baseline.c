@@ -41,10 +41,10 @@ int baseline_prepare(srv_config *cfg, srv_worker *w) {
 
 void baseline_wake(srv_worker *w) { (void)w; /* threads wait at most 100 ms */ }
 
-static void conn_close(srv_worker *w, bconn *c, uint64_t *open) {
+static void conn_close(srv_worker *w, bconn *c, uint64_t *nopen) {
     SYS(w, close(c->fd)); /* also leaves the epoll set */
     free(c);
-    (*open)--;
+    (*nopen)--;
 }
 
 /* Push the pending response; 1 = all sent, 0 = wait for EPOLLOUT, -1 = error. */
@@ -63,6 +63,8 @@ static int conn_send(srv_worker *w, bconn *c) {
             }
             return 0;
         }
+        if (r < 0 && errno == EINTR) continue;
+        w->conn_errors++;
         return -1;
     }
     atomic_fetch_add_explicit(&w->txns, 1, memory_order_relaxed);
@@ -109,7 +111,7 @@ static int conn_read(srv_worker *w, bconn *c) {
     }
 }
 
-static void do_accept(srv_worker *w, uint64_t *open, int *reserve_fd) {
+static void do_accept(srv_worker *w, uint64_t *nopen, int *reserve_fd) {
     const srv_config *cfg = w->cfg;
     for (int i = 0; i < ACCEPT_BURST; i++) {
         int fd = SYS(w, accept4(cfg->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC));
@@ -143,9 +145,9 @@ static void do_accept(srv_worker *w, uint64_t *open, int *reserve_fd) {
             free(c);
             continue;
         }
-        if (++*open > w->peak_conns) w->peak_conns = *open;
+        if (++*nopen > w->peak_conns) w->peak_conns = *nopen;
         /* The request often arrives with the connection: read it now (saves an epoll round). */
-        if (conn_read(w, c) < 0) conn_close(w, c, open);
+        if (conn_read(w, c) < 0) conn_close(w, c, nopen);
     }
 }
 

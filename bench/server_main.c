@@ -1,11 +1,12 @@
 /*
  * server_main.c — mpserver: options, listening socket, worker threads, exit totals.
  *
- *   mpserver [-e baseline|megapipe] [-P 0|1] [-B 0|1] [-L 0|1] [-E auto|uring|epoll]
+ *   mpserver [-e baseline|megapipe] [-P 0|1] [-B 0|1] [-L 0|1] [-R 0|1] [-E auto|uring|epoll]
  *            [-t threads] [-c cpulist] [-p port] [-d seconds] [-i idle-seconds]
- *            [-m rpc|http] [-s bytes] [-b backlog]
+ *            [-m rpc|http] [-s bytes] [-b backlog] [-a addr]
  *
- * Listens on 127.0.0.1 only.  Line 1 of stdout is "port N".  Stops by itself after -d
+ * Listens on 127.0.0.1 (-a: another local address, e.g. a veth in a private netns).  Line 1
+ * of stdout is "port N".  Stops by itself after -d
  * seconds (default 600), after -i seconds without a transaction or accept (default 60;
  * 0 = never), or on SIGINT/SIGTERM, and then prints one line of totals:
  *   result engine=... transactions=... syscalls=... [sqes=... submits=... batch_hist=...]
@@ -32,14 +33,16 @@ static void on_signal(int sig) {
 
 static void usage(FILE *f) {
     fprintf(f,
-            "usage: mpserver [-e baseline|megapipe] [-P 0|1] [-B 0|1] [-L 0|1]\n"
+            "usage: mpserver [-e baseline|megapipe] [-P 0|1] [-B 0|1] [-L 0|1] [-R 0|1]\n"
             "                [-E auto|uring|epoll] [-t threads] [-c cpulist] [-p port]\n"
             "                [-d seconds] [-i idle-seconds] [-m rpc|http] [-s bytes] [-b backlog]\n"
+            "                [-a addr]\n"
             "  -e  engine: baseline = shared socket + epoll + BSD calls; megapipe = the library\n"
             "  -P -B -L  megapipe: partitioned listener, batching (32 vs 1), lwsockets (default 1)\n"
+            "  -R  megapipe: buffered reads (multishot receive into provided buffers; default 0)\n"
             "  -E  the library's engine (default auto)\n"
             "  -t  threads (default: one per CPU of -c, or nproc); -c CPUs to pin to, e.g. 0 or 0-3\n"
-            "  -p  port on 127.0.0.1 (0 = any free one; default 0)\n"
+            "  -p  port (0 = any free one; default 0); -a IPv4 address (default 127.0.0.1)\n"
             "  -d  stop after this many seconds (default 600); -i stop after this many idle\n"
             "      seconds (default 60, 0 = never)\n"
             "  -m  protocol (default rpc); -s rpc message size (default 64)\n");
@@ -55,8 +58,8 @@ int main(int argc, char **argv) {
     cfg.proto.kind = PROTO_RPC;
     cfg.proto.size = 64;
     int port = 0, duration = 600, idle = 60, opt;
-    const char *cpulist = NULL;
-    while ((opt = getopt(argc, argv, "e:P:B:L:E:t:c:p:d:i:m:s:b:h")) != -1) {
+    const char *cpulist = NULL, *addr = "127.0.0.1";
+    while ((opt = getopt(argc, argv, "e:P:B:L:R:E:t:c:p:d:i:m:s:b:a:h")) != -1) {
         switch (opt) {
         case 'e':
             if (!strcmp(optarg, "baseline")) cfg.megapipe = 0;
@@ -66,6 +69,7 @@ int main(int argc, char **argv) {
         case 'P': cfg.P = parse01(optarg); break;
         case 'B': cfg.B = parse01(optarg); break;
         case 'L': cfg.L = parse01(optarg); break;
+        case 'R': cfg.R = parse01(optarg); break;
         case 'E':
             if (!strcmp(optarg, "auto")) cfg.mp_engine = MP_ENGINE_AUTO;
             else if (!strcmp(optarg, "uring")) cfg.mp_engine = MP_ENGINE_URING;
@@ -82,6 +86,7 @@ int main(int argc, char **argv) {
             break;
         case 's': cfg.proto.size = (size_t)atol(optarg); break;
         case 'b': cfg.backlog = atoi(optarg); break;
+        case 'a': addr = optarg; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
@@ -104,7 +109,10 @@ int main(int argc, char **argv) {
     raise_nofile();
 
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (inet_pton(AF_INET, addr, &sa.sin_addr) != 1) {
+        fprintf(stderr, "mpserver: bad address '%s'\n", addr);
+        return 2;
+    }
     if (cfg.megapipe) {
         /* bound, not listening: each partition listens (or the shared registration does) */
         cfg.listen_fd = mp_listen_socket((struct sockaddr *)&sa, sizeof sa, cfg.backlog);
@@ -208,12 +216,12 @@ int main(int argc, char **argv) {
     }
     double secs = (double)(now_ns() - t0) / 1e9;
     if (cfg.megapipe) {
-        printf("result engine=megapipe mp_engine=%s P=%d B=%d L=%d threads=%d size=%zu "
+        printf("result engine=megapipe mp_engine=%s P=%d B=%d L=%d R=%d threads=%d size=%zu "
                "seconds=%.2f transactions=%llu accepts=%llu syscalls=%llu app_syscalls=%llu "
                "mp_syscalls=%llu submits=%llu sqes=%llu cqes=%llu events=%llu requests=%llu "
                "cq_overflows=%llu accept_errors=%llu conn_errors=%llu peak_conns=%llu "
                "features=0x%x missing=0x%x fallbacks=0x%x batch_hist=",
-               tot.engine, cfg.P, cfg.B, cfg.L, cfg.threads, cfg.proto.size, secs,
+               tot.engine, cfg.P, cfg.B, cfg.L, cfg.R, cfg.threads, cfg.proto.size, secs,
                (unsigned long long)txns, (unsigned long long)accepts,
                (unsigned long long)(tot.syscalls + app_sys), (unsigned long long)app_sys,
                (unsigned long long)tot.syscalls, (unsigned long long)tot.submits,
