@@ -35,8 +35,8 @@
 #ifndef IORING_CQE_F_SOCK_NONEMPTY
 #define IORING_CQE_F_SOCK_NONEMPTY (1U << 2)
 #endif
-#ifndef IORING_FEAT_RECVSEND_BUNDLE
-#define IORING_FEAT_RECVSEND_BUNDLE (1U << 14)
+#ifndef IORING_FEAT_MIN_TIMEOUT
+#define IORING_FEAT_MIN_TIMEOUT (1U << 15) /* getevents_arg.min_wait_usec (the old pad) */
 #endif
 
 enum tag { T_IGNORE = 0, T_READ, T_WRITE, T_ACCEPT, T_STEAL, T_TIMER, T_POLL, T_EXPORT, T_WAKE };
@@ -56,6 +56,8 @@ typedef struct uring {
     unsigned nfixed;     /* direct-descriptor table size, 0 = no lwsockets */
     bool ms_accept, fixed_install, ms_poll;
     bool cqe_skip;       /* IORING_FEAT_CQE_SKIP: fire-and-forget SQEs post no CQE */
+    bool min_wait;       /* IORING_FEAT_MIN_TIMEOUT and MP_WAIT_USEC > 0 */
+    bool ring_fd_registered;
     bool balancing;      /* some listener may steal from siblings */
     int export_res;
     bool export_done;
@@ -90,6 +92,7 @@ static void enable_ring(mp_channel *ch) {
         u->ring_fd_tried = true;
         ch->st.syscalls++;
         if (io_uring_register_ring_fd(&u->ring) == 1) {
+            u->ring_fd_registered = true;
             ch->st.features |= MP_FEAT_REGISTERED_RING;
             ch->st.missing &= ~MP_FEAT_REGISTERED_RING;
         }
@@ -656,6 +659,32 @@ static void reap(mp_channel *ch) {
     if (io_uring_cq_has_overflow(&u->ring)) ch->st.cq_overflows++;
 }
 
+/* Submit everything and wait with the kernel's min_wait: up to MP_BATCH completions, for at
+ * most MP_WAIT_USEC after the first (liburing 2.3 has no helper for it). */
+static int enter_batched(mp_channel *ch, int timeout_ms) {
+    uring *u = U(ch);
+    struct io_uring_sq *sq = &u->ring.sq;
+    unsigned tail = sq->sqe_tail;
+    if (sq->sqe_head != tail) {
+        sq->sqe_head = tail;
+        io_uring_smp_store_release(sq->ktail, tail);
+    }
+    unsigned to_submit = tail - io_uring_smp_load_acquire(sq->khead);
+    struct __kernel_timespec ts = {.tv_sec = timeout_ms / 1000,
+                                   .tv_nsec = (long long)(timeout_ms % 1000) * 1000000};
+    struct io_uring_getevents_arg arg = {.pad = (uint32_t)ch->cfg.wait_usec,
+                                         .ts = timeout_ms > 0 ? (uint64_t)(uintptr_t)&ts : 0};
+    unsigned flags = IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG;
+    int fd = u->ring.ring_fd;
+    if (u->ring_fd_registered) {
+        fd = u->ring.enter_ring_fd;
+        flags |= IORING_ENTER_REGISTERED_RING;
+    }
+    int r = io_uring_enter2((unsigned)fd, to_submit, (unsigned)ch->cfg.batch, flags,
+                            (sigset_t *)&arg, sizeof arg);
+    return r;
+}
+
 static int uring_wait(mp_channel *ch, int timeout_ms) {
     uring *u = U(ch);
     reap(ch); /* completions already in the ring cost no system call */
@@ -693,6 +722,8 @@ static int uring_wait(mp_channel *ch, int timeout_ms) {
     int r;
     if (timeout_ms == 0) {
         r = io_uring_submit_and_get_events(&u->ring);
+    } else if (u->min_wait) {
+        r = enter_batched(ch, timeout_ms);
     } else if (timeout_ms < 0) {
         r = io_uring_submit_and_wait(&u->ring, 1);
     } else {
@@ -748,6 +779,11 @@ static int ring_init(mp_channel *ch, uring *u) {
     if (p.features & IORING_FEAT_NODROP) ch->st.features |= MP_FEAT_NODROP;
     else ch->st.missing |= MP_FEAT_NODROP;
     u->cqe_skip = p.features & IORING_FEAT_CQE_SKIP;
+    if (ch->cfg.wait_usec > 0) {
+        u->min_wait = p.features & IORING_FEAT_MIN_TIMEOUT;
+        if (u->min_wait) ch->st.features |= MP_FEAT_MIN_WAIT;
+        else ch->st.missing |= MP_FEAT_MIN_WAIT;
+    }
     if (p.features & IORING_FEAT_EXT_ARG) ch->st.features |= MP_FEAT_EXT_ARG;
     else ch->st.missing |= MP_FEAT_EXT_ARG;
     return 0;

@@ -24,7 +24,7 @@
 /* Resolved options (no MP_OPT_DEFAULT left). */
 typedef struct mp_config {
     int engine, batch, partition, lwsocket, stats, ring_entries, max_lwsockets;
-    int buf_size, buf_count, balance, balance_threshold, log;
+    int buf_size, buf_count, balance, balance_threshold, log, wait_usec;
 } mp_config;
 
 void mp__config_resolve(const mp_options *opt, mp_config *cfg);

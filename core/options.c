@@ -23,6 +23,7 @@ void mp_options_init(mp_options *opt) {
     opt->balance = MP_OPT_DEFAULT;
     opt->balance_threshold = MP_OPT_DEFAULT;
     opt->log = MP_OPT_DEFAULT;
+    opt->wait_usec = MP_OPT_DEFAULT;
 }
 
 /* An integer from the environment; def when unset, -2 (invalid) when malformed. */
@@ -59,6 +60,7 @@ void mp__config_resolve(const mp_options *opt, mp_config *cfg) {
     PICK(balance, env_int("MP_BALANCE", 0));
     PICK(balance_threshold, env_int("MP_BALANCE_THRESHOLD", 16));
     PICK(log, env_int("MP_LOG", 1));
+    PICK(wait_usec, env_int("MP_WAIT_USEC", 0));
 }
 
 int mp__config_valid(const mp_config *c) {
@@ -72,5 +74,6 @@ int mp__config_valid(const mp_config *c) {
     if (c->buf_size < 64 || c->buf_size > (1 << 24)) return 0;
     if (c->buf_count < 1 || c->buf_count > 32768) return 0;
     if (c->balance_threshold < 1) return 0;
+    if (c->wait_usec < 0 || c->wait_usec > 1000000) return 0;
     return 1;
 }

@@ -23,6 +23,7 @@ static void feat_list(FILE *f, uint32_t bits) {
         {MP_FEAT_FIXED_FD_INSTALL, "fixed_fd_install"}, {MP_FEAT_BUF_RING, "buf_ring"},
         {MP_FEAT_RECV_MULTISHOT, "recv_multishot"}, {MP_FEAT_NODROP, "nodrop"},
         {MP_FEAT_EXT_ARG, "ext_arg"}, {MP_FEAT_POLL_MULTISHOT, "poll_multishot"},
+        {MP_FEAT_MIN_WAIT, "min_wait"},
         {MP_FALLBACK_EPOLL_ENGINE, "epoll_engine"},
     };
     int any = 0;

@@ -103,6 +103,12 @@ typedef struct mp_options {
     int balance_threshold;
     /* MP_LOG=0|1: log fallbacks and misuse to stderr (each kind once).  Default 1. */
     int log;
+    /* MP_WAIT_USEC=<us>: completion batching on the wait side.  When mp_dispatch() has to
+     * block, it lets the kernel gather up to MP_BATCH completions for at most this many
+     * microseconds after the first one arrives, instead of waking up for each (io_uring
+     * min_wait, kernel 6.12+; ignored elsewhere).  0 = wake at the first completion.
+     * Default 0. */
+    int wait_usec;
 } mp_options;
 
 /* Fill *opt with MP_OPT_DEFAULT everywhere (the environment and built-in defaults apply). */
@@ -331,6 +337,7 @@ int mp_poll_del(mp_handle *h);
 #define MP_FEAT_NODROP 0x100u
 #define MP_FEAT_EXT_ARG 0x200u
 #define MP_FEAT_POLL_MULTISHOT 0x400u
+#define MP_FEAT_MIN_WAIT 0x800u
 #define MP_FALLBACK_EPOLL_ENGINE 0x10000u /* io_uring could not be set up */
 
 typedef struct mp_stats {

@@ -307,3 +307,36 @@ TEST(Batching, EpollCountsRequestsAndSyscalls) {
     ASSERT_EQ(mp_get_stats(ch.get(), &s), 0);
     EXPECT_STREQ(s.engine, "epoll");
 }
+
+// MP_WAIT_USEC: the wait side gathers completions (kernel min_wait); echo stays correct, the
+// feature is reported, an idle timed dispatch still times out, and a single completion (a
+// wake) is delivered without waiting for a full batch.
+TEST(Batching, MinWaitGathersCompletionsAndKeepsTimeouts) {
+    URING_ONLY();
+    setenv("MP_WAIT_USEC", "1000", 1);
+    EchoRun e;
+    run_echo(MP_OPT_DEFAULT, 256, &e);
+    mp_channel *ch = mp_create(nullptr);
+    unsetenv("MP_WAIT_USEC");
+    ASSERT_TRUE(e.ok);
+    ASSERT_NE(ch, nullptr);
+    mp_stats st;
+    ASSERT_EQ(mp_get_stats(ch, &st), 0);
+    EXPECT_TRUE((st.features | st.missing) & MP_FEAT_MIN_WAIT) << "min_wait neither found nor missing";
+    size_t ops = e.reads + e.writes;
+    uint64_t sys = e.echo1.syscalls - e.echo0.syscalls;
+    EXPECT_LT(sys * 4, ops) << sys << " system calls for " << ops << " operations";
+
+    mp_event ev;
+    int64_t t0 = mpt::now_ms();
+    EXPECT_EQ(mp_dispatch(ch, &ev, 100), 0);
+    int64_t dt = mpt::now_ms() - t0;
+    EXPECT_GE(dt, 90);
+    EXPECT_LT(dt, 2000);
+    ASSERT_EQ(mp_wake(ch), 0);
+    t0 = mpt::now_ms();
+    ASSERT_EQ(mp_dispatch(ch, &ev, 5000), 1);
+    EXPECT_EQ(ev.cmd, MP_EV_WAKE);
+    EXPECT_LT(mpt::now_ms() - t0, 1000);
+    mp_destroy(ch);
+}
