@@ -23,8 +23,10 @@
  * errno.  Functions returning a pointer return NULL and set errno.
  *
  * Threads.  A channel and every handle registered on it belong to one thread at a time: call
- * all functions on one channel from one thread (or serialise them yourself).  mp_wake() is the
- * one call that is safe from any thread.  Different channels are independent and may be used
+ * all functions on one channel from one thread.  With io_uring the channel binds to the thread
+ * that first hands it work to the kernel (IORING_SETUP_SINGLE_ISSUER): create it anywhere,
+ * then use it from that one thread; calls from another thread fail with -EEXIST.  mp_wake() is
+ * the one call that is safe from any thread.  Different channels are independent and may be used
  * concurrently from different threads.
  *
  * Environment.  mp_create(NULL) reads the MP_* variables listed at struct mp_options; with a
@@ -207,7 +209,7 @@ const char *mp_engine_name(const mp_channel *ch);
  *     shared: it is put in listening state if it is not already, and every channel that
  *     registers it accepts from the one queue.
  *   - a connected socket (fd), or an lwsocket id from an ACCEPT event of this channel.
- * The library sets O_NONBLOCK on fds it drives with the epoll engine.  cookie is returned in
+ * The epoll engine sets O_NONBLOCK on listening sockets and on sockets given to mp_connect().  cookie is returned in
  * every event of the handle.  Regular fds stay owned by the caller (close them after
  * mp_unregister()); lwsockets are owned by the channel (mp_unregister() closes them).
  * Errors (NULL, errno): EBADF (bad ch, bad fd, lwsocket id not owned by ch), EINVAL (listener
@@ -264,13 +266,15 @@ int mp_connect(mp_handle *h, const struct sockaddr *addr, socklen_t addrlen);
 /* Read up to size bytes into buf (size > 0).  Completes with MP_EV_READ and result = bytes
  * read (> 0).  EOF and receive errors complete instead with MP_EV_DISCONNECT (0 or -errno).
  * Reads on one handle complete in issue order; buf must stay valid until the event.  Returns
- * 0, -EBADF, -EINVAL (size 0 or > INT_MAX), -ENOMEM. */
+ * 0, -EBADF, -EINVAL (NULL buf, size 0 or > INT_MAX, handle in buffered mode), -ENOMEM. */
 int mp_read(mp_handle *h, void *buf, size_t size);
 
 /* Buffered read: like mp_read() but the kernel picks a buffer from the channel's provided-
  * buffer ring when data arrives, so idle connections hold no buffer.  The READ event has
  * MP_EVF_BUFFER, u.read.buf/len/buf_id; give the buffer back with mp_buffer_release().
- * Returns 0, -EBADF, -ENOTSUP (engine without provided buffers). */
+ * The handle stays in buffered mode: mp_read() on it fails with -EINVAL.
+ * Returns 0, -EBADF, -EINVAL (plain mp_read() requests still pending), -ENOTSUP (epoll engine
+ * or no provided-buffer rings in the kernel). */
 int mp_read_buffered(mp_handle *h);
 
 /* Give a buffer from a buffered READ event back to the channel.  Returns 0, -EBADF, -EINVAL
