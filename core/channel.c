@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "internal.h"
 
@@ -23,6 +24,7 @@ mp_channel *mp_create(const mp_options *opt) {
         return NULL;
     }
     ch->magic = MP_CHANNEL_MAGIC;
+    ch->pid = getpid();
     mp__config_resolve(opt, &ch->cfg);
     if (!mp__config_valid(&ch->cfg)) {
         free(ch);
@@ -60,7 +62,9 @@ mp_channel *mp_create(const mp_options *opt) {
 
 void mp_destroy(mp_channel *ch) {
     if (!ch || ch->magic != MP_CHANNEL_MAGIC) return;
-    mp__detach_all(ch);
+    /* In a forked child the rings and partition sockets are shared with the parent: only
+     * release this process's copies, never cancel, shut down or unregister anything. */
+    if (!mp__forked(ch)) mp__detach_all(ch);
     if (ch->cfg.stats) mp_print_stats(&ch->st, stderr);
     ch->eng->fini(ch); /* the kernel drops whatever was still in flight */
     for (uint32_t c = 0; c < ch->nchunks; c++) {

@@ -829,20 +829,16 @@ static int uring_init(mp_channel *ch) {
         return r;
     }
     ch->st.missing |= MP_FEAT_REGISTERED_RING; /* until enable_ring() registers it */
-    /* The direct-descriptor table may not exceed RLIMIT_NOFILE. */
-    unsigned want = (unsigned)ch->cfg.max_lwsockets;
+    /* The direct-descriptor table may not exceed RLIMIT_NOFILE.  MP_LWSOCKET=0: none. */
+    unsigned want = ch->cfg.lwsocket ? (unsigned)ch->cfg.max_lwsockets : 0;
     struct rlimit rl;
-    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY && want > rl.rlim_cur) {
-        mp__log_once(ch, MP_LOG_LWSOCKET_CLAMP,
-                     "lwsocket table clamped to RLIMIT_NOFILE (%u of %u)", (unsigned)rl.rlim_cur,
-                     want);
-        want = (unsigned)rl.rlim_cur;
-    }
-    r = io_uring_register_files_sparse(&u->ring, want);
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY && want > rl.rlim_cur)
+        want = (unsigned)rl.rlim_cur; /* documented at MP_MAX_LWSOCKETS; not worth a log line */
+    r = want ? io_uring_register_files_sparse(&u->ring, want) : -ENOTSUP;
     if (r == 0) {
         u->nfixed = want;
         ch->st.features |= MP_FEAT_DIRECT_DESCRIPTORS;
-    } else {
+    } else if (want) {
         ch->st.missing |= MP_FEAT_DIRECT_DESCRIPTORS;
         mp__log_once(ch, MP_LOG_NO_DIRECT, "no direct-descriptor table (%s): lwsockets off",
                      strerror(-r));
@@ -855,7 +851,7 @@ static int uring_init(mp_channel *ch) {
 static void uring_fini(mp_channel *ch) {
     uring *u = U(ch);
     if (!u) return;
-    if (u->br) io_uring_unregister_buf_ring(&u->ring, BUF_GROUP);
+    if (u->br && !mp__forked(ch)) io_uring_unregister_buf_ring(&u->ring, BUF_GROUP);
     io_uring_queue_exit(&u->ring);
     if (u->br) munmap(u->br, u->nbufs * sizeof(struct io_uring_buf));
     free(u->bufs);

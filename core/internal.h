@@ -11,6 +11,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include "megapipe.h"
 #include "engine.h"
@@ -139,7 +140,10 @@ struct mp_channel {
     unsigned op_free_n;
     mp_stats st;
     uint32_t logged; /* log-once bits */
+    pid_t pid;       /* creator: a forked child's copy must not touch the shared ring */
 };
+
+static inline bool mp__forked(const mp_channel *ch) { return getpid() != ch->pid; }
 
 /* handle.c */
 mp_handle *mp__handle_alloc(mp_channel *ch);
@@ -196,7 +200,6 @@ bool mp__batch_full(const mp_channel *ch, unsigned queued);
 #define MP_LOG_NOT_READY 0x10u
 #define MP_LOG_NO_INSTALL 0x20u
 #define MP_LOG_FEATURES 0x40u
-#define MP_LOG_LWSOCKET_CLAMP 0x80u
 #define MP_LOG_NO_BUFRING 0x100u
 #define MP_LOG_NO_BALANCE 0x200u
 void mp__log_once(mp_channel *ch, uint32_t bit, const char *fmt, ...)

@@ -92,7 +92,8 @@ typedef struct mp_options {
     int stats;
     /* MP_RING_ENTRIES=<n>: submission ring size (completion ring is 16x).  Default 256. */
     int ring_entries;
-    /* MP_MAX_LWSOCKETS=<n>: size of the direct-descriptor table.  Default 16384. */
+    /* MP_MAX_LWSOCKETS=<n>: size of the direct-descriptor table, at most RLIMIT_NOFILE (the
+     * kernel's limit for it); with MP_LWSOCKET=0 no table is made.  Default 16384. */
     int max_lwsockets;
     /* MP_BUF_SIZE=<bytes>, MP_BUF_COUNT=<n>: the provided-buffer ring used by buffered reads
      * (mp_read_buffered()).  Defaults 4096 and 1024 (count is rounded up to a power of 2). */

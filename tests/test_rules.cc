@@ -824,3 +824,45 @@ TEST_F(Rules, AcceptCountAcceptsExactlyThatMany) {
 }
 
 }  // namespace
+
+// A forked child that destroys its copy of a channel must not disturb the parent: the rings
+// and the partition sockets are shared across fork().
+TEST(Fork, ChildDestroyLeavesParentChannelWorking) {
+    uint16_t port = 0;
+    mpt::Fd lfd(mpt::mp_listen_loopback(&port));
+    ASSERT_GE(lfd.get(), 0);
+    mp_channel *ch = mp_create(nullptr);
+    ASSERT_NE(ch, nullptr);
+    cpu_set_t all;
+    sched_getaffinity(0, sizeof all, &all);
+    mp_handle *lh = mp_register(ch, lfd.get(), nullptr, &all);
+    ASSERT_NE(lh, nullptr) << strerror(errno);
+    ASSERT_EQ(mp_accept(lh, 0, 0), 0);
+    mpt::Pair p;
+    ASSERT_TRUE(mpt::tcp_pair(p));
+    mp_handle *h = mp_register(ch, p.a.get(), nullptr, nullptr);
+    ASSERT_NE(h, nullptr);
+    char buf[16];
+    ASSERT_EQ(mp_read(h, buf, sizeof buf), 0);
+    mp_event ev;
+    EXPECT_EQ(mp_dispatch(ch, &ev, 50), 0); // the parent's requests are in the kernel now
+
+    pid_t pid = fork();
+    if (pid == 0) {
+        mp_destroy(ch);
+        _exit(0);
+    }
+    int status = 0;
+    ASSERT_EQ(waitpid(pid, &status, 0), pid);
+    ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+
+    ASSERT_TRUE(mpt::write_all(p.b.get(), "ping", 4));
+    ASSERT_TRUE(mpt::wait_event(ch, MP_EV_READ, h, &ev));
+    EXPECT_EQ(ev.result, 4);
+    mpt::Fd c(mpt::connect_client(port));
+    ASSERT_GE(c.get(), 0);
+    ASSERT_TRUE(mpt::wait_event(ch, MP_EV_ACCEPT, lh, &ev)) << "partition lost after the child's destroy";
+    EXPECT_GE(ev.result, 0);
+    if (ev.result >= 0 && !mp_is_lwsocket((int)ev.result)) close((int)ev.result);
+    mp_destroy(ch);
+}
