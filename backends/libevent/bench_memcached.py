@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""bench_memcached.py — issue 5 point 6: Debian's memcached on stock libevent (epoll) vs on the
+megapipe libevent (LD_LIBRARY_PATH), same binary, same run, variants interleaved.
+
+Load: bench's loadgen in memcached mode (64 B keys, 1 KiB values, 9:1 get:set), persistent
+connections and 1, 4, 16 requests per connection.  Server pinned to SERVER_CPU with one worker
+thread, load generator to LOADGEN_CPU.  Per point: throughput, server CPU per request (loadgen
+-S: all server threads' schedstat), system calls per request (perf stat on raw_syscalls for
+the server during the measured window), load generator CPU per request.  Medians over REPS.
+
+  bench_memcached.py --loadgen BUILD/bench/loadgen --lelib BUILD/libevent/lib [--reps 3]
+                     [--secs 3] [--conns 64] [--csv out.csv]
+"""
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--loadgen", required=True)
+ap.add_argument("--lelib", required=True)
+ap.add_argument("--memcached", default="/usr/bin/memcached")
+ap.add_argument("--reps", type=int, default=3)
+ap.add_argument("--secs", type=float, default=3)
+ap.add_argument("--warmup", type=float, default=1)
+ap.add_argument("--conns", type=int, default=64)
+ap.add_argument("--txns", default="0,1,4,16")
+ap.add_argument("--server-cpu", default="0")
+ap.add_argument("--loadgen-cpu", default="1")
+ap.add_argument("--csv", default=None)
+ap.add_argument("--plot", default=None, help="PNG: medians plotted with gnuplot")
+ap.add_argument("--from-csv", default=None, help="no runs: summarize/plot this CSV")
+a = ap.parse_args()
+
+perf = shutil.which("perf")
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def wait_port(port, t=5.0):
+    end = time.time() + t
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def run_point(variant, txns):
+    port = free_port()
+    env = dict(os.environ)
+    env.pop("LD_LIBRARY_PATH", None)
+    if variant == "megapipe":
+        env["LD_LIBRARY_PATH"] = a.lelib
+    srv = subprocess.Popen(["taskset", "-c", a.server_cpu, a.memcached, "-u", "root", "-l",
+                            "127.0.0.1", "-p", str(port), "-U", "0", "-t", "1", "-c", "4096",
+                            "-m", "256"], env=env)
+    try:
+        if not wait_port(port):
+            raise RuntimeError("memcached did not come up")
+        pst = None
+        if perf:
+            # counts the server's system calls from the start of the warmup; scaled below to the
+            # measured window by time
+            pst = subprocess.Popen([perf, "stat", "-x,", "-e", "raw_syscalls:sys_enter", "-p",
+                                    str(srv.pid), "--", "sleep", str(a.warmup + a.secs)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        out = subprocess.run([a.loadgen, "-m", "memcached", "-p", str(port), "-c", str(a.conns),
+                              "-n", str(txns), "-d", str(a.secs), "-w", str(a.warmup), "-C",
+                              a.loadgen_cpu, "-t", "1", "-S", str(srv.pid)],
+                             capture_output=True, text=True, timeout=a.secs + a.warmup + 60)
+        m = re.search(r"^result (.*)$", out.stdout, re.M)
+        if not m:
+            raise RuntimeError("loadgen: " + out.stdout + out.stderr)
+        r = dict(kv.split("=", 1) for kv in m.group(1).split())
+        res = {"tps": float(r["tps"]), "srv_us": float(r["server_cpu_us_per_txn"]),
+               "lg_us": float(r["lg_cpu_us_per_txn"]), "errors": int(r["errors"]) +
+               int(r["timeouts"]) + int(r["proto_errors"]), "sys": float("nan")}
+        if pst:
+            _, err = pst.communicate(timeout=30)
+            mm = re.search(r"^(\d+),,raw_syscalls:sys_enter", err, re.M)
+            if mm and float(r["tps"]) > 0:
+                calls = int(mm.group(1))
+                # calls over warmup+measured; requests over the same span ~ tps * span
+                res["sys"] = calls / (float(r["tps"]) * (a.warmup + a.secs))
+        return res
+    finally:
+        srv.send_signal(signal.SIGTERM)
+        try:
+            srv.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            srv.kill()
+            srv.wait()
+
+
+txns_list = [int(x) for x in a.txns.split(",")]
+rows = []
+if a.from_csv:
+    import csv
+    for r in csv.DictReader(open(a.from_csv)):
+        rows.append({"variant": r["variant"], "txns": int(r["txns_per_conn"]), "rep": int(r["rep"]),
+                     "tps": float(r["tps"]), "srv_us": float(r["server_us_per_req"]),
+                     "sys": float(r["syscalls_per_req"]), "lg_us": float(r["loadgen_us_per_req"]),
+                     "errors": int(r["errors"])})
+    a.reps = 0
+for rep in range(a.reps):
+    for txns in txns_list:
+        for variant in (("stock", "megapipe") if rep % 2 == 0 else ("megapipe", "stock")):
+            res = run_point(variant, txns)
+            res.update(variant=variant, txns=txns, rep=rep)
+            rows.append(res)
+            print(f"rep {rep} txns/conn {txns or 'persistent'} {variant:8s} "
+                  f"{res['tps']:10.0f} req/s  server {res['srv_us']:6.2f} us/req  "
+                  f"syscalls {res['sys']:5.2f}/req  loadgen {res['lg_us']:5.2f} us/req  "
+                  f"errors {res['errors']}", flush=True)
+
+if a.csv:
+    with open(a.csv, "w") as f:
+        f.write("variant,txns_per_conn,rep,tps,server_us_per_req,syscalls_per_req,"
+                "loadgen_us_per_req,errors\n")
+        for r in rows:
+            f.write(f"{r['variant']},{r['txns']},{r['rep']},{r['tps']:.1f},{r['srv_us']:.3f},"
+                    f"{r['sys']:.3f},{r['lg_us']:.3f},{r['errors']}\n")
+
+print("\nmedians (megapipe / stock):")
+print("| requests/conn | variant | req/s | server CPU us/req | syscalls/req | loadgen CPU us/req |")
+print("|---|---|---|---|---|---|")
+for txns in txns_list:
+    med = {}
+    for v in ("stock", "megapipe"):
+        sel = [r for r in rows if r["variant"] == v and r["txns"] == txns]
+        med[v] = {k: statistics.median(r[k] for r in sel) for k in ("tps", "srv_us", "sys", "lg_us")}
+        print(f"| {txns or 'persistent'} | {v} | {med[v]['tps']:.0f} | {med[v]['srv_us']:.2f} | "
+              f"{med[v]['sys']:.2f} | {med[v]['lg_us']:.2f} |")
+    s, m = med["stock"], med["megapipe"]
+    print(f"| {txns or 'persistent'} | ratio | {m['tps'] / s['tps']:.2f}x | "
+          f"{m['srv_us'] / s['srv_us']:.2f}x | {m['sys'] / s['sys'] if s['sys'] else float('nan'):.2f}x | "
+          f"{m['lg_us'] / s['lg_us']:.2f}x |")
+
+if a.plot:
+    dat = a.plot + ".dat"
+    with open(dat, "w") as f:
+        for txns in txns_list:
+            m = {v: {k: statistics.median(r[k] for r in rows if r["variant"] == v and r["txns"] == txns)
+                     for k in ("tps", "srv_us", "sys")} for v in ("stock", "megapipe")}
+            f.write(f"{txns or 'persistent'} {m['stock']['tps'] / 1000:.1f} {m['megapipe']['tps'] / 1000:.1f} "
+                    f"{m['stock']['srv_us']:.2f} {m['megapipe']['srv_us']:.2f} "
+                    f"{m['stock']['sys']:.2f} {m['megapipe']['sys']:.2f}\n")
+    gp = f"""set terminal pngcairo size 1200,420 font ",10"
+set output '{a.plot}'
+set multiplot layout 1,3 title "memcached (Debian binary, 1 worker) on libevent 2.1.12: stock epoll vs megapipe, medians"
+set style data histograms
+set style histogram clustered gap 1
+set style fill solid 0.8 border -1
+set key top right
+set yrange [0:*]
+set xlabel "requests per connection"
+set ylabel "kreq/s"; set title "throughput"
+plot '{dat}' using 2:xtic(1) title 'stock', '' using 3 title 'megapipe'
+set ylabel "us/req"; set title "server CPU per request"
+plot '{dat}' using 4:xtic(1) title 'stock', '' using 5 title 'megapipe'
+set ylabel "syscalls/req"; set title "server system calls per request"
+plot '{dat}' using 6:xtic(1) title 'stock', '' using 7 title 'megapipe'
+unset multiplot
+"""
+    subprocess.run(["gnuplot"], input=gp, text=True, check=True)
+    os.unlink(dat)
