@@ -58,6 +58,7 @@ typedef struct uring {
     bool cqe_skip;       /* IORING_FEAT_CQE_SKIP: fire-and-forget SQEs post no CQE */
     bool min_wait;       /* IORING_FEAT_MIN_TIMEOUT and MP_WAIT_USEC > 0 */
     bool ring_fd_registered;
+    unsigned last_burst; /* CQEs the last wait brought: is gathering worth it? */
     bool balancing;      /* some listener may steal from siblings */
     int export_res;
     bool export_done;
@@ -722,7 +723,10 @@ static int uring_wait(mp_channel *ch, int timeout_ms) {
     int r;
     if (timeout_ms == 0) {
         r = io_uring_submit_and_get_events(&u->ring);
-    } else if (u->min_wait) {
+    } else if (u->min_wait && u->last_burst * 4 >= (unsigned)ch->cfg.batch) {
+        /* Adaptive: gather only while completions come in bursts (long connections, many
+         * in flight).  With short connections each wake-up brings one or two, and holding
+         * the thread in a timed wait costs more than the system call it saves. */
         r = enter_batched(ch, timeout_ms);
     } else if (timeout_ms < 0) {
         r = io_uring_submit_and_wait(&u->ring, 1);
@@ -739,7 +743,9 @@ static int uring_wait(mp_channel *ch, int timeout_ms) {
         ch->st.cq_overflows++;
         r = 0;
     }
+    uint64_t before = ch->st.cqes;
     reap(ch);
+    u->last_burst = (unsigned)(ch->st.cqes - before);
     return (r >= 0 || r == -ETIME) ? 0 : r;
 }
 

@@ -60,7 +60,7 @@ void mp__config_resolve(const mp_options *opt, mp_config *cfg) {
     PICK(balance, env_int("MP_BALANCE", 0));
     PICK(balance_threshold, env_int("MP_BALANCE_THRESHOLD", 16));
     PICK(log, env_int("MP_LOG", 1));
-    PICK(wait_usec, env_int("MP_WAIT_USEC", 0));
+    PICK(wait_usec, env_int("MP_WAIT_USEC", 20));
 }
 
 int mp__config_valid(const mp_config *c) {

@@ -107,10 +107,11 @@ typedef struct mp_options {
     /* MP_LOG=0|1: log fallbacks and misuse to stderr (each kind once).  Default 1. */
     int log;
     /* MP_WAIT_USEC=<us>: completion batching on the wait side.  When mp_dispatch() has to
-     * block, it lets the kernel gather up to MP_BATCH completions for at most this many
-     * microseconds after the first one arrives, instead of waking up for each (io_uring
-     * min_wait, kernel 6.12+; ignored elsewhere).  0 = wake at the first completion.
-     * Default 0. */
+     * block and the previous wait brought a burst of completions (at least MP_BATCH/4), it
+     * lets the kernel gather up to MP_BATCH completions for at most this many microseconds
+     * after the first one, instead of waking up for each (io_uring min_wait, kernel 6.12+;
+     * ignored elsewhere).  Light loads never wait.  0 = always wake at the first completion.
+     * Default 20. */
     int wait_usec;
 } mp_options;
 
