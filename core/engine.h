@@ -50,6 +50,9 @@ typedef struct mp_engine {
     int (*wake)(struct mp_channel *ch);
     /* New regular fd for h's socket, or -errno. */
     int (*export_fd)(struct mp_channel *ch, struct mp_handle *h);
+    /* Buffered reads: make the channel's provided-buffer ring (once).  0, -ENOTSUP or
+     * -errno.  NULL: the engine has no buffered reads. */
+    int (*buf_setup)(struct mp_channel *ch);
     /* Buffered reads: give buffer id back to the kernel's ring.  0 or -errno. */
     int (*buf_release)(struct mp_channel *ch, unsigned buf_id);
 } mp_engine;

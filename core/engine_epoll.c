@@ -275,5 +275,6 @@ const mp_engine mp__engine_epoll = {
     .wait = ep_wait,
     .wake = ep_wake,
     .export_fd = ep_export_fd,
+    .buf_setup = NULL,
     .buf_release = NULL,
 };

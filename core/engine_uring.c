@@ -241,9 +241,7 @@ static int uring_buf_release(mp_channel *ch, unsigned id) {
 static ssize_t uring_start_read(mp_channel *ch, mp_handle *h, mp_op *op) {
     uring *u = U(ch);
     struct io_uring_sqe *sqe;
-    if (op->type == OP_READBUF) {
-        int r = bufring_setup(ch);
-        if (r < 0) return r;
+    if (op->type == OP_READBUF) { /* the buffer ring exists: mp_read_buffered made it */
         mp_op *s = mp__opq_pop(&h->stash);
         if (s) { /* data that arrived before this request asked for it */
             ssize_t res = (ssize_t)s->len;
@@ -881,5 +879,6 @@ const mp_engine mp__engine_uring = {
     .wait = uring_wait,
     .wake = uring_wake,
     .export_fd = uring_export_fd,
+    .buf_setup = bufring_setup,
     .buf_release = uring_buf_release,
 };

@@ -141,8 +141,10 @@ int mp_read(mp_handle *h, void *buf, size_t size) {
 
 int mp_read_buffered(mp_handle *h) {
     if (!mp__live(h) || h->kind != HK_CONN) return -EBADF;
-    if (!h->ch->eng->buf_release) return -ENOTSUP;
+    if (!h->ch->eng->buf_setup) return -ENOTSUP;
     if (!h->readbuf && h->rq.head) return -EINVAL; /* plain reads still pending */
+    int r = h->ch->eng->buf_setup(h->ch); /* fail here, not later as an event */
+    if (r < 0) return r;
     h->readbuf = true;
     return queue_read(h, OP_READBUF, NULL, 0);
 }
