@@ -11,12 +11,6 @@
 
 #include "internal.h"
 
-static int64_t now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 mp_channel *mp_create(const mp_options *opt) {
     mp_channel *ch = calloc(1, sizeof *ch);
     if (!ch) {
@@ -95,7 +89,7 @@ void mp_destroy(mp_channel *ch) {
 int mp_dispatch(mp_channel *ch, mp_event *ev, int timeout_ms) {
     if (!ch || ch->magic != MP_CHANNEL_MAGIC) return -EBADF;
     if (!ev) return -EINVAL;
-    int64_t deadline = timeout_ms > 0 ? now_ms() + timeout_ms : 0;
+    int64_t deadline = timeout_ms > 0 ? mp__now_ms() + timeout_ms : 0;
     for (bool waited = false;; waited = true) {
         if (mp__event_pop(ch, ev)) {
             ch->st.events++;
@@ -103,7 +97,7 @@ int mp_dispatch(mp_channel *ch, mp_event *ev, int timeout_ms) {
         }
         int wait = timeout_ms;
         if (timeout_ms > 0) {
-            int64_t left = deadline - now_ms();
+            int64_t left = deadline - mp__now_ms();
             if (left <= 0 && waited) return 0;
             wait = left > 0 ? (int)left : 0;
         } else if (timeout_ms == 0 && waited) {

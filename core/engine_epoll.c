@@ -31,12 +31,6 @@ typedef struct epeng {
 
 #define E(ch) ((epeng *)(ch)->eng_data)
 
-static int64_t now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 static uint64_t tag(const mp_handle *h) { return (uint64_t)h->gen << 32 | h->idx; }
 
 static int set_nonblock(mp_channel *ch, int fd) {
@@ -139,7 +133,7 @@ static int ep_arm_accept(mp_channel *ch, mp_handle *h) {
         /* EMFILE, ENFILE, ENOBUFS...: report, then try again a little later. */
         mp__accept_done(h, -errno, false, false);
         h->acc.backoff = true;
-        E(ch)->retry_at = now_ms() + BACKOFF_MS;
+        E(ch)->retry_at = mp__now_ms() + BACKOFF_MS;
         mp__rearm_add(h);
         break;
     }
@@ -179,7 +173,7 @@ static void retry_write(mp_channel *ch, mp_handle *h) {
 static int ep_wait(mp_channel *ch, int timeout_ms) {
     epeng *e = E(ch);
     if (e->retry_at) {
-        int64_t left = e->retry_at - now_ms();
+        int64_t left = e->retry_at - mp__now_ms();
         if (left <= 0) {
             e->retry_at = 0;
             mp_handle *h;
@@ -212,7 +206,7 @@ static int ep_wait(mp_channel *ch, int timeout_ms) {
             ep_arm_accept(ch, h);
             break;
         case HK_POLL:
-            mp__poll_done(h, rev, false);
+            mp__poll_done(h, rev);
             break;
         default:
             if ((rev & (EPOLLIN | EPOLLERR | EPOLLHUP | EPOLLRDHUP)) && h->r_busy) retry_read(ch, h);

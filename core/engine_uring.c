@@ -621,7 +621,7 @@ static void complete(mp_channel *ch, uint64_t data, int res, unsigned flags) {
             if (!h->pw.armed) uring_poll_arm(ch, h);
             return;
         }
-        mp__poll_done(h, res < 0 ? (uint32_t)POLLERR : (uint32_t)res, final);
+        mp__poll_done(h, res < 0 ? (uint32_t)POLLERR : (uint32_t)res);
         if (final && !h->pw.armed) {
             if (h->pw.flags & MP_POLL_ET) uring_poll_arm(ch, h); /* multishot ended: re-arm */
             else mp__rearm_add(h);                               /* level: at next wait */
@@ -795,15 +795,11 @@ static int ring_init(mp_channel *ch, uring *u) {
 
 static void probe(mp_channel *ch, uring *u) {
     struct io_uring_probe *pr = io_uring_get_probe_ring(&u->ring);
-    bool has_install = false, has_recv = true, has_shutdown = true;
+    bool has_install = false;
     if (pr) {
         has_install = io_uring_opcode_supported(pr, IORING_OP_FIXED_FD_INSTALL);
-        has_recv = io_uring_opcode_supported(pr, IORING_OP_RECV);
-        has_shutdown = io_uring_opcode_supported(pr, IORING_OP_SHUTDOWN);
         io_uring_free_probe(pr);
     }
-    (void)has_recv;
-    (void)has_shutdown;
     u->fixed_install = has_install;
     if (has_install) ch->st.features |= MP_FEAT_FIXED_FD_INSTALL;
     else ch->st.missing |= MP_FEAT_FIXED_FD_INSTALL;

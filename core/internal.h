@@ -11,6 +11,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "megapipe.h"
@@ -145,6 +146,12 @@ struct mp_channel {
 
 static inline bool mp__forked(const mp_channel *ch) { return getpid() != ch->pid; }
 
+static inline int64_t mp__now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
 /* handle.c */
 mp_handle *mp__handle_alloc(mp_channel *ch);
 void mp__handle_free(mp_handle *h);
@@ -199,7 +206,6 @@ bool mp__batch_full(const mp_channel *ch, unsigned queued);
 #define MP_LOG_NO_DIRECT 0x08u
 #define MP_LOG_NOT_READY 0x10u
 #define MP_LOG_NO_INSTALL 0x20u
-#define MP_LOG_FEATURES 0x40u
 #define MP_LOG_NO_BUFRING 0x100u
 #define MP_LOG_NO_BALANCE 0x200u
 void mp__log_once(mp_channel *ch, uint32_t bit, const char *fmt, ...)
@@ -214,6 +220,6 @@ unsigned mp__partition_backlog(int fd);
 int mp__partition_busy_sibling(mp_handle *h, unsigned threshold);
 
 /* poll.c */
-void mp__poll_done(mp_handle *h, uint32_t revents, bool ended);
+void mp__poll_done(mp_handle *h, uint32_t revents);
 
 #endif

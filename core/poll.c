@@ -73,8 +73,7 @@ int mp_poll_del(mp_handle *h) {
     return 0;
 }
 
-void mp__poll_done(mp_handle *h, uint32_t revents, bool ended) {
-    (void)ended;
+void mp__poll_done(mp_handle *h, uint32_t revents) {
     revents &= h->pw.events | EPOLLERR | EPOLLHUP;
     if (!revents) return;
     mp_event *ev = mp__event_push_ref(h->ch, h, MP_EV_POLL, (ssize_t)revents, 0);
