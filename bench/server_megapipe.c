@@ -51,14 +51,20 @@ void megapipe_finish(srv_worker *w) {
     }
 }
 
+/* End the connection; its memory and fd are released at its CLOSED event, once the kernel
+ * holds none of its operations (and so none of its buffer). */
 static void conn_close(srv_worker *w, mconn *c, uint64_t *open) {
+    (void)w;
     mp_unregister(c->h);
+    (*open)--;
+}
+
+static void conn_free(srv_worker *w, mconn *c) {
     if (!mp_is_lwsocket(c->fd)) {
         close(c->fd); /* regular fds stay ours (lwsockets: the channel closed it) */
         w->app_syscalls++;
     }
     free(c);
-    (*open)--;
 }
 
 static void conn_read_more(srv_worker *w, mconn *c, uint64_t *open) {
@@ -95,14 +101,24 @@ void *megapipe_thread(void *arg) {
         return NULL;
     }
     uint64_t open_conns = 0;
-    mp_event ev;
+    enum { BATCH = 64 };
+    mp_event evs[BATCH];
+    int nev = 0, next = 0;
     while (!atomic_load_explicit(&g_stop, memory_order_relaxed)) {
-        r = mp_dispatch(ch, &ev, -1);
-        if (r < 0 && r != -EINTR) {
-            fprintf(stderr, "mp_dispatch: %s\n", strerror(-r));
-            break;
+        if (next == nev) {
+            next = 0;
+            nev = mp_dispatch_batch(ch, evs, BATCH, -1);
+            if (nev < 0 && nev != -EINTR) {
+                fprintf(stderr, "mp_dispatch: %s\n", strerror(-nev));
+                break;
+            }
+            if (nev <= 0) {
+                nev = 0;
+                continue;
+            }
         }
-        if (r <= 0 || ev.cmd == MP_EV_WAKE) continue;
+        const mp_event ev = evs[next++];
+        if (ev.cmd == MP_EV_WAKE) continue;
         mconn *c = ev.cookie;
         switch (ev.cmd) {
         case MP_EV_ACCEPT: {
@@ -121,11 +137,8 @@ void *megapipe_thread(void *arg) {
             }
             if (!c || !c->h) {
                 w->accept_errors++;
-                if (!mp_is_lwsocket(fd)) {
-                    close(fd);
-                    w->app_syscalls++;
-                }
-                /* an lwsocket that could not be registered cannot be closed from here */
+                mp_close_accepted(ch, fd); /* an fd or an lwsocket nobody registered */
+                if (!mp_is_lwsocket(fd)) w->app_syscalls++;
                 free(c);
                 break;
             }
@@ -177,6 +190,9 @@ void *megapipe_thread(void *arg) {
             /* EOF or -ECONNRESET (how the load generator closes): not an error */
             if (ev.result < 0 && ev.result != -ECONNRESET) w->conn_errors++;
             conn_close(w, c, &open_conns);
+            break;
+        case MP_EV_CLOSED:
+            if (ev.cookie != &listener_cookie) conn_free(w, c);
             break;
         default:
             break;

@@ -8,7 +8,8 @@
 #include "internal.h"
 
 int mp_accept(mp_handle *h, unsigned count, int flags) {
-    if (!mp__live(h)) return -EBADF;
+    int e = mp__h_enter(h);
+    if (e < 0) return e;
     if (h->kind != HK_LISTENER) return -EINVAL;
     if (flags & ~MP_LWSOCKET) return -EINVAL;
     mp_channel *ch = h->ch;

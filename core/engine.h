@@ -55,6 +55,10 @@ typedef struct mp_engine {
     int (*buf_setup)(struct mp_channel *ch);
     /* Buffered reads: give buffer id back to the kernel's ring.  0 or -errno. */
     int (*buf_release)(struct mp_channel *ch, unsigned buf_id);
+    /* Close an lwsocket slot that no handle owns (queued, no system call).  NULL: no lwsockets. */
+    void (*close_direct)(struct mp_channel *ch, unsigned slot);
+    /* Completions the kernel has posted and the engine not yet reaped (no system call). */
+    unsigned (*ready)(const struct mp_channel *ch);
 } mp_engine;
 
 extern const mp_engine mp__engine_uring;

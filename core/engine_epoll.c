@@ -176,8 +176,11 @@ static int ep_wait(mp_channel *ch, int timeout_ms) {
         int64_t left = e->retry_at - mp__now_ms();
         if (left <= 0) {
             e->retry_at = 0;
+            /* Take the whole list: a retry that fails again goes on a new list (and sets a
+             * new retry_at) for a later wait, instead of being met again in this walk. */
+            uint32_t list = mp__rearm_take(ch);
             mp_handle *h;
-            while ((h = mp__rearm_pop(ch))) {
+            while ((h = mp__rearm_next(ch, &list))) {
                 h->acc.backoff = false;
                 ep_arm_accept(ch, h);
             }
@@ -229,6 +232,11 @@ static int ep_export_fd(mp_channel *ch, mp_handle *h) {
     return fd < 0 ? -errno : fd;
 }
 
+static unsigned ep_ready(const mp_channel *ch) {
+    (void)ch;
+    return 0; /* the kernel's ready list is only read by epoll_wait() */
+}
+
 static int ep_init(mp_channel *ch) {
     epeng *e = calloc(1, sizeof *e);
     if (!e) return -ENOMEM;
@@ -271,4 +279,6 @@ const mp_engine mp__engine_epoll = {
     .export_fd = ep_export_fd,
     .buf_setup = NULL,
     .buf_release = NULL,
+    .close_direct = NULL,
+    .ready = ep_ready,
 };

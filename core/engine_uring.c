@@ -68,6 +68,9 @@ typedef struct uring {
     uint8_t *buf_busy;   /* buffer id -> held by the application */
     unsigned nbufs, bufsz;
     bool br_failed;
+    struct buf_owner { uint32_t idx1, gen; } *buf_owner; /* buffer id -> holding handle */
+    unsigned lw_inflight; /* one-shot direct accepts in the kernel: each may take a slot */
+    bool run_task_work;   /* the next flush also runs the ring's task work (see detach) */
     struct __kernel_timespec backoff_ts;
 } uring;
 
@@ -108,7 +111,9 @@ static int uring_flush(mp_channel *ch) {
     if (!n) return 0;
     enable_ring(ch);
     for (int tries = 0;; tries++) {
-        int r = io_uring_submit(&u->ring);
+        int r = u->run_task_work ? io_uring_submit_and_get_events(&u->ring)
+                                 : io_uring_submit(&u->ring);
+        u->run_task_work = false;
         ch->st.syscalls++;
         if (r >= 0) {
             mp__batch_account(ch, (unsigned)r);
@@ -159,6 +164,19 @@ static void set_file(struct io_uring_sqe *sqe, mp_handle *h) {
     if (h->fixed) sqe->flags |= IOSQE_FIXED_FILE;
 }
 
+/* Free a direct-descriptor slot (queued; the kernel runs it in submission order, before any
+ * accept queued after it). */
+static void uring_close_direct(mp_channel *ch, unsigned slot) {
+    struct io_uring_sqe *sqe = get_sqe(ch);
+    if (!sqe) return;
+    io_uring_prep_close_direct(sqe, slot);
+    set_ignored(ch, sqe);
+}
+
+static unsigned uring_ready(const mp_channel *ch) {
+    return io_uring_cq_ready(&((const uring *)ch->eng_data)->ring);
+}
+
 /* ---- wake ----------------------------------------------------------------------------- */
 
 static void arm_wake(mp_channel *ch) {
@@ -192,10 +210,12 @@ static int bufring_setup(mp_channel *ch) {
     if (mem == MAP_FAILED) return -ENOMEM;
     char *bufs = malloc((size_t)n * (size_t)ch->cfg.buf_size);
     uint8_t *busy = calloc(n, 1);
-    if (!bufs || !busy) {
+    struct buf_owner *owner = calloc(n, sizeof *owner);
+    if (!bufs || !busy || !owner) {
         munmap(mem, ring_sz);
         free(bufs);
         free(busy);
+        free(owner);
         return -ENOMEM;
     }
     struct io_uring_buf_reg reg = {.ring_addr = (uint64_t)(uintptr_t)mem, .ring_entries = n,
@@ -206,6 +226,7 @@ static int bufring_setup(mp_channel *ch) {
         munmap(mem, ring_sz);
         free(bufs);
         free(busy);
+        free(owner);
         u->br_failed = true;
         ch->st.missing |= MP_FEAT_BUF_RING;
         mp__log_once(ch, MP_LOG_NO_BUFRING, "provided-buffer rings unavailable (%s)", strerror(-r));
@@ -214,6 +235,7 @@ static int bufring_setup(mp_channel *ch) {
     u->br = mem;
     u->bufs = bufs;
     u->buf_busy = busy;
+    u->buf_owner = owner;
     u->nbufs = n;
     u->bufsz = (unsigned)ch->cfg.buf_size;
     io_uring_buf_ring_init(u->br);
@@ -225,10 +247,31 @@ static int bufring_setup(mp_channel *ch) {
     return 0;
 }
 
+/* A buffer the kernel filled for h: h holds it until it is given back. */
+static void buf_take(mp_channel *ch, mp_handle *h, unsigned id) {
+    uring *u = U(ch);
+    u->buf_busy[id] = 1;
+    if (++ch->st.bufs_in_use > ch->st.bufs_peak) ch->st.bufs_peak = ch->st.bufs_in_use;
+    u->buf_owner[id].idx1 = h->idx + 1;
+    u->buf_owner[id].gen = h->gen;
+    h->bufs_held++;
+}
+
 static int uring_buf_release(mp_channel *ch, unsigned id) {
     uring *u = U(ch);
     if (!u->br || id >= u->nbufs || !u->buf_busy[id]) return -EINVAL;
     u->buf_busy[id] = 0;
+    struct buf_owner *o = &u->buf_owner[id];
+    mp_handle *h = o->idx1 ? mp__handle_at(ch, o->idx1 - 1) : NULL;
+    if (h && h->gen == o->gen && h->bufs_held) {
+        h->bufs_held--;
+        /* A receive paused at MP_BUF_PER_CONN resumes at the next wait. */
+        if (h->rb_capped && h->bufs_held < (uint32_t)ch->cfg.buf_per_conn && h->state == H_LIVE) {
+            h->rb_capped = false;
+            if (h->r_busy && !h->readbuf_armed) mp__rearm_add(h);
+        }
+    }
+    o->idx1 = 0;
     io_uring_buf_ring_add(u->br, u->bufs + (size_t)id * u->bufsz, u->bufsz, (unsigned short)id,
                           io_uring_buf_ring_mask(u->nbufs), 0);
     io_uring_buf_ring_advance(u->br, 1);
@@ -237,6 +280,22 @@ static int uring_buf_release(mp_channel *ch, unsigned id) {
 }
 
 /* ---- operations ------------------------------------------------------------------------- */
+
+/* A multishot receive may fill 1 + 32 buffers in one pass (the kernel's retry limit) and run
+ * more than one pass before its completions are reaped: it is used only while a connection
+ * holds this many fewer buffers than MP_BUF_PER_CONN, and cancelled when it gets closer. */
+#define RB_MULTISHOT_MARGIN 96
+
+/* Buffers h may still take before MP_BUF_PER_CONN (negative past it). */
+static inline int64_t rb_room(const mp_channel *ch, const mp_handle *h) {
+    return (int64_t)ch->cfg.buf_per_conn - (int64_t)h->bufs_held;
+}
+
+/* May h's receive be multishot?  Always when MP_BUF_PER_CONN is the whole pool (then the pool
+ * is the only bound, and running out of it is handled: ENOBUFS, re-armed on release). */
+static inline bool rb_multishot_ok(const mp_channel *ch, const mp_handle *h) {
+    return (unsigned)ch->cfg.buf_per_conn >= U(ch)->nbufs || rb_room(ch, h) > RB_MULTISHOT_MARGIN;
+}
 
 static ssize_t uring_start_read(mp_channel *ch, mp_handle *h, mp_op *op) {
     uring *u = U(ch);
@@ -257,10 +316,19 @@ static ssize_t uring_start_read(mp_channel *ch, mp_handle *h, mp_op *op) {
             mp__rearm_add(h);
             return MP_INPROGRESS;
         }
-        /* One multishot receive per handle, picking a buffer only when data arrives: an idle
-         * connection holds no buffer. */
+        if (rb_room(ch, h) <= 0) { /* resumed by a release of one of its buffers */
+            if (!h->rb_capped) ch->st.buf_paused++;
+            h->rb_capped = true;
+            return MP_INPROGRESS;
+        }
+        /* The kernel picks a buffer only when data arrives: an idle connection holds none.
+         * Far below MP_BUF_PER_CONN one multishot receive feeds the handle (and reads ahead
+         * into the stash); near it, one receive of one buffer per request, so that a
+         * connection whose application stops reading holds at most one buffer more. */
         if (!(sqe = get_sqe(ch))) return -EAGAIN;
-        io_uring_prep_recv_multishot(sqe, h->fd, NULL, 0, 0);
+        h->rb_multishot = rb_multishot_ok(ch, h);
+        if (h->rb_multishot) io_uring_prep_recv_multishot(sqe, h->fd, NULL, 0, 0);
+        else io_uring_prep_recv(sqe, h->fd, NULL, 0, 0);
         sqe->flags |= IOSQE_BUFFER_SELECT;
         sqe->buf_group = BUF_GROUP;
         h->readbuf_armed = true;
@@ -291,13 +359,20 @@ static void readbuf_done(mp_channel *ch, mp_handle *h, int res, unsigned flags) 
         }
         return;
     }
+    if (res == -ECANCELED && h->rb_cancelling) { /* ours: go on one buffer at a time */
+        h->rb_cancelling = false;
+        if (h->r_busy && h->state == H_LIVE) {
+            h->r_busy = 0;
+            mp__pump_reads(h);
+        }
+        return;
+    }
     unsigned id = 0;
     void *buf = NULL;
     uint32_t evf = 0;
     if (flags & IORING_CQE_F_BUFFER) {
         id = flags >> IORING_CQE_BUFFER_SHIFT;
-        u->buf_busy[id] = 1;
-        if (++ch->st.bufs_in_use > ch->st.bufs_peak) ch->st.bufs_peak = ch->st.bufs_in_use;
+        buf_take(ch, h, id);
         if (res <= 0) {
             uring_buf_release(ch, id);
         } else {
@@ -319,6 +394,13 @@ static void readbuf_done(mp_channel *ch, mp_handle *h, int res, unsigned flags) 
             s->rbuf = buf;
             mp__opq_push(&h->stash, s);
         }
+    }
+    /* One connection may not hold the whole pool: near MP_BUF_PER_CONN the multishot stops
+     * (the data waits in the socket); requests then take one buffer each, and past the limit
+     * the receive pauses until the connection gives buffers back (start_read). */
+    if (!final && h->rb_multishot && !h->rb_cancelling && !rb_multishot_ok(ch, h)) {
+        h->rb_cancelling = true;
+        prep_cancel(ch, ud(T_READ, h->gen, h->idx));
     }
     /* Ended although the connection goes on (e.g. CQ overflow): start it again. */
     if (final && res > 0 && h->state == H_LIVE && h->r_busy) {
@@ -385,12 +467,46 @@ static bool prep_accept_on(mp_channel *ch, mp_handle *h, struct io_uring_sqe *sq
     return direct;
 }
 
+/* lwsockets: a direct accept whose connection finds no free slot in the table is closed by
+ * the kernel after it left the backlog.  So the engine reserves a slot for every accept it
+ * arms: one-shot accepts, at most as many as slots are free, and multishot only while more
+ * slots are free than a full accept queue can hand over at once. */
+#define LW_MULTISHOT_HEADROOM 4608u /* > net.core.somaxconn's default of 4096 */
+
+static unsigned lw_free(const mp_channel *ch) {
+    const uring *u = U(ch);
+    unsigned used = ch->lw_used + u->lw_inflight;
+    return used < u->nfixed ? u->nfixed - used : 0;
+}
+
+/* No slot for an lwsocket: accepting pauses (the connections stay in the backlog) and is
+ * looked at again at each wait, after the application had the chance to free slots. */
+static void accept_pause(mp_channel *ch, mp_handle *h) {
+    if (!h->acc.lw_full) {
+        ch->st.accept_paused++;
+        mp__log_once(ch, MP_LOG_LW_FULL, "lwsocket table full (%u slots, MP_MAX_LWSOCKETS): "
+                     "accepting pauses until a slot is freed", U(ch)->nfixed);
+    }
+    h->acc.lw_full = true;
+    mp__rearm_add(h);
+}
+
 static int uring_arm_accept(mp_channel *ch, mp_handle *h) {
     uring *u = U(ch);
     if (h->acc.busy || h->acc.backoff || !accept_wanted(h)) return 0;
+    bool direct = h->acc.lw && u->nfixed;
+    unsigned slots = direct ? lw_free(ch) : 0;
+    if (direct && !slots) {
+        accept_pause(ch, h);
+        return 0;
+    }
+    h->acc.lw_full = false;
     struct io_uring_sqe *sqe = get_sqe(ch);
     if (!sqe) return -EAGAIN;
-    h->acc.lw_armed = prep_accept_on(ch, h, sqe, h->fd, h->acc.forever && u->ms_accept);
+    bool ms = h->acc.forever && u->ms_accept && (!direct || slots > LW_MULTISHOT_HEADROOM);
+    h->acc.lw_armed = prep_accept_on(ch, h, sqe, h->fd, ms);
+    h->acc.ms_armed = ms;
+    if (direct && !ms) u->lw_inflight++;
     io_uring_sqe_set_data64(sqe, ud(T_ACCEPT, h->gen, h->idx));
     h->acc.busy = true;
     h->inflight++;
@@ -420,12 +536,14 @@ static void balance(mp_channel *ch) {
                 continue;
             u->balancing = true;
             if (h->acc.steal_busy || mp__partition_backlog(h->fd) > 0) continue;
+            if (h->acc.lw && u->nfixed && !lw_free(ch)) continue;
             int fd = mp__partition_busy_sibling(h, (unsigned)ch->cfg.balance_threshold);
             ch->st.syscalls += 2;
             if (fd < 0) continue;
             struct io_uring_sqe *sqe = get_sqe(ch);
             if (sqe) {
                 h->acc.lw_steal = prep_accept_on(ch, h, sqe, fd, false);
+                if (h->acc.lw_steal) u->lw_inflight++;
                 io_uring_sqe_set_data64(sqe, ud(T_STEAL, h->gen, h->idx));
                 h->acc.steal_busy = true;
                 h->inflight++;
@@ -458,6 +576,7 @@ static int uring_poll_arm(mp_channel *ch, mp_handle *h) {
 }
 
 static unsigned uring_detach(mp_channel *ch, mp_handle *h) {
+    uring *u = U(ch);
     if (h->r_busy || h->readbuf_armed) prep_cancel(ch, ud(T_READ, h->gen, h->idx));
     for (mp_op *s; (s = mp__opq_pop(&h->stash));) {
         if (s->evflags & MP_EVF_BUFFER) uring_buf_release(ch, s->buf_id);
@@ -468,13 +587,11 @@ static unsigned uring_detach(mp_channel *ch, mp_handle *h) {
     if (h->acc.steal_busy) prep_cancel(ch, ud(T_STEAL, h->gen, h->idx));
     if (h->acc.backoff) prep_cancel(ch, ud(T_TIMER, h->gen, h->idx));
     if (h->pw.armed) prep_cancel(ch, ud(T_POLL, h->pw.seq, h->idx));
-    if (h->fixed) {
-        struct io_uring_sqe *sqe = get_sqe(ch);
-        if (sqe) {
-            io_uring_prep_close_direct(sqe, (unsigned)h->fd);
-            set_ignored(ch, sqe);
-        }
-    }
+    if (h->fixed) uring_close_direct(ch, (unsigned)h->fd);
+    /* With DEFER_TASKRUN a cancelled accept leaves the socket's wait queue only in task work,
+     * which runs when we enter with GETEVENTS: until then it would keep taking the wake-ups
+     * another channel on a shared queue needs.  The core flushes at once for listeners. */
+    if (h->kind == HK_LISTENER) u->run_task_work = true;
     return h->inflight;
 }
 
@@ -536,23 +653,22 @@ static void complete(mp_channel *ch, uint64_t data, int res, unsigned flags) {
     if (!h || h->state == H_FREE) return;
     if (t != T_POLL && seq != h->gen) return;
 
+    bool acc = t == T_ACCEPT || t == T_STEAL;
+    bool acc_direct = acc && (t == T_ACCEPT ? h->acc.lw_armed : h->acc.lw_steal);
+    /* A one-shot direct accept ended: the slot it reserved is taken (counted in lwmap from
+     * the ACCEPT event on) or was not needed. */
+    if (acc && final && acc_direct && (t == T_STEAL || !h->acc.ms_armed) && u->lw_inflight)
+        u->lw_inflight--;
+
     if (h->state != H_LIVE) {
-        /* Unregistered: release what the completion carries, deliver nothing. */
-        if ((t == T_ACCEPT || t == T_STEAL) && res >= 0) {
-            if (t == T_ACCEPT ? h->acc.lw_armed : h->acc.lw_steal) {
-                struct io_uring_sqe *sqe = get_sqe(ch);
-                if (sqe) {
-                    io_uring_prep_close_direct(sqe, (unsigned)res);
-                    set_ignored(ch, sqe);
-                }
-            } else {
-                close(res);
-            }
+        /* Ended: release what the completion carries, deliver nothing. */
+        if (acc && res >= 0) {
+            if (acc_direct) uring_close_direct(ch, (unsigned)res);
+            else close(res);
         }
         if (flags & IORING_CQE_F_BUFFER) {
             unsigned id = flags >> IORING_CQE_BUFFER_SHIFT;
-            U(ch)->buf_busy[id] = 1;
-            ch->st.bufs_in_use++;
+            buf_take(ch, h, id);
             uring_buf_release(ch, id);
         }
         if (t == T_READ && final) mp__read_done(h, res, 0, 0, NULL);
@@ -585,7 +701,7 @@ static void complete(mp_channel *ch, uint64_t data, int res, unsigned flags) {
             if (t == T_ACCEPT) h->acc.busy = false;
             else h->acc.steal_busy = false;
         }
-        if (res == -EINVAL && t == T_ACCEPT && h->acc.forever && u->ms_accept) {
+        if (res == -EINVAL && t == T_ACCEPT && h->acc.ms_armed) {
             /* multishot accept refused: fall back to one accept at a time */
             u->ms_accept = false;
             ch->st.features &= ~MP_FEAT_MULTISHOT_ACCEPT;
@@ -594,18 +710,22 @@ static void complete(mp_channel *ch, uint64_t data, int res, unsigned flags) {
             uring_arm_accept(ch, h);
             return;
         }
-        if (res == -ECANCELED && t == T_STEAL) return;
-        if (res >= 0 && (t == T_ACCEPT ? h->acc.lw_armed : h->acc.lw_steal))
-            res += MP_LWSOCKET_BASE;
-        mp__accept_done(h, res, flags & IORING_CQE_F_SOCK_NONEMPTY, t == T_STEAL);
-        if (res < 0 && t == T_ACCEPT) {
-            if (h->acc.busy) { /* a multishot that goes on after an error: stop it */
-                prep_cancel(ch, data);
-            } else {
-                accept_backoff(ch, h);
-            }
+        if (res == -ECANCELED) { /* ours: a steal, or a multishot stopped (errors, headroom) */
+            if (t == T_ACCEPT) uring_arm_accept(ch, h); /* nothing while backing off */
             return;
         }
+        if (res >= 0 && acc_direct) res += MP_LWSOCKET_BASE;
+        mp__accept_done(h, res, flags & IORING_CQE_F_SOCK_NONEMPTY, t == T_STEAL);
+        if (res < 0 && t == T_ACCEPT) {
+            /* EMFILE, ENFILE (for lwsockets: the table filled under a multishot burst, and
+             * the kernel closed that connection)...: try again a little later. */
+            if (h->acc.busy) prep_cancel(ch, data); /* a multishot that goes on: stop it */
+            if (!h->acc.backoff) accept_backoff(ch, h);
+            return;
+        }
+        /* A multishot of lwsockets goes one at a time once the table runs low. */
+        if (t == T_ACCEPT && h->acc.busy && acc_direct && lw_free(ch) <= LW_MULTISHOT_HEADROOM)
+            prep_cancel(ch, data);
         if (final && t == T_ACCEPT) uring_arm_accept(ch, h);
         return;
     case T_TIMER:
@@ -688,27 +808,20 @@ static int uring_wait(mp_channel *ch, int timeout_ms) {
     uring *u = U(ch);
     reap(ch); /* completions already in the ring cost no system call */
     if (mp__event_count(ch)) return 0;
-    /* Level-triggered polls whose event was handed out, and receives starved of buffers. */
+    /* Level-triggered polls whose event was handed out, receives starved of buffers, accepts
+     * paused for want of lwsocket slots.  What is still stuck goes back on the list for the
+     * next wait. */
+    uint32_t list = mp__rearm_take(ch);
     mp_handle *h;
-    uint32_t again = 0;
-    while ((h = mp__rearm_pop(ch))) {
+    while ((h = mp__rearm_next(ch, &list))) {
         if (h->kind == HK_POLL) {
             if (!h->pw.armed) uring_poll_arm(ch, h);
-        }
-        else if (h->kind == HK_CONN) {
-            if (u->br && ch->st.bufs_in_use >= u->nbufs) { /* still no buffer */
-                h->rearm_next = again;
-                again = h->idx + 1;
-                continue;
-            }
+        } else if (h->kind == HK_LISTENER) {
+            if (h->acc.lw_full) uring_arm_accept(ch, h);
+        } else if (h->kind == HK_CONN) {
             if (!h->readbuf_armed) h->r_busy = 0;
             mp__pump_reads(h);
         }
-    }
-    while (again) {
-        h = mp__handle_at(ch, again - 1);
-        again = h->rearm_next;
-        mp__rearm_add(h);
     }
     if (u->balancing) {
         balance(ch);
@@ -856,6 +969,7 @@ static void uring_fini(mp_channel *ch) {
     if (u->br) munmap(u->br, u->nbufs * sizeof(struct io_uring_buf));
     free(u->bufs);
     free(u->buf_busy);
+    free(u->buf_owner);
     close(u->efd);
     free(u);
     ch->eng_data = NULL;
@@ -877,4 +991,6 @@ const mp_engine mp__engine_uring = {
     .export_fd = uring_export_fd,
     .buf_setup = bufring_setup,
     .buf_release = uring_buf_release,
+    .close_direct = uring_close_direct,
+    .ready = uring_ready,
 };

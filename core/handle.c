@@ -66,9 +66,18 @@ void mp__handle_free(mp_handle *h) {
     ch->free_head = h->idx + 1;
 }
 
+/* The kernel let go of the last operation of an ended handle: queue its final event.  The
+ * slot is freed only when that event is handed out (events.c), so a stale pointer keeps
+ * meeting a DEAD or ZOMBIE record (-EBADF) until the application has been told. */
+static void handle_close_event(mp_handle *h) {
+    h->state = H_ZOMBIE;
+    mp__rearm_remove(h);
+    if (mp__event_push(h->ch, h, MP_EV_CLOSED, 0, 0) < 0) mp__handle_free(h); /* no memory */
+}
+
 void mp__handle_settled(mp_handle *h) {
     if (h->inflight) h->inflight--;
-    if (h->state == H_DEAD && h->inflight == 0) mp__handle_free(h);
+    if (h->state == H_DEAD && h->inflight == 0) handle_close_event(h);
 }
 
 static int map_set(uint32_t **map, size_t *len, size_t key, uint32_t v) {
@@ -93,7 +102,13 @@ uint32_t mp__fdmap_get(const mp_channel *ch, int fd) {
     return (size_t)fd < ch->fdmap_len ? ch->fdmap[fd] : 0;
 }
 int mp__lwmap_set(mp_channel *ch, unsigned slot, uint32_t v) {
-    return map_set(&ch->lwmap, &ch->lwmap_len, slot, v);
+    uint32_t old = mp__lwmap_get(ch, slot);
+    int r = map_set(&ch->lwmap, &ch->lwmap_len, slot, v);
+    if (r == 0 && !old != !v) {
+        if (v) ch->lw_used++;
+        else ch->lw_used--;
+    }
+    return r;
 }
 uint32_t mp__lwmap_get(const mp_channel *ch, unsigned slot) {
     return slot < ch->lwmap_len ? ch->lwmap[slot] : 0;
@@ -106,18 +121,21 @@ uint32_t mp__pollmap_get(const mp_channel *ch, int fd) {
     return (size_t)fd < ch->pollmap_len ? ch->pollmap[fd] : 0;
 }
 
-static int sockopt_int(int fd, int level, int opt, int *out) {
+/* A getsockopt() that mp_register() makes to learn what a foreign fd is: counted. */
+static int probe_int(mp_channel *ch, int fd, int level, int opt, int *out) {
     socklen_t l = sizeof *out;
+    ch->st.syscalls++;
+    ch->st.probes++;
     return getsockopt(fd, level, opt, out, &l);
 }
 
-/* A bound, not listening TCP socket with SO_REUSEPORT: what mp_listen_socket() makes. */
-static bool ready_for_partition(int fd) {
+/* Not connected (getpeername failed): is it a bound, not listening TCP socket with
+ * SO_REUSEPORT, what mp_listen_socket() makes? */
+static bool ready_for_partition(mp_channel *ch, int fd) {
     int v = 0;
-    struct sockaddr_storage peer;
-    socklen_t pl = sizeof peer;
-    if (getpeername(fd, (struct sockaddr *)&peer, &pl) == 0) return false; /* connected */
-    if (sockopt_int(fd, SOL_SOCKET, SO_REUSEPORT, &v) < 0 || !v) return false;
+    if (probe_int(ch, fd, SOL_SOCKET, SO_REUSEPORT, &v) < 0 || !v) return false;
+    ch->st.syscalls++;
+    ch->st.probes++;
     struct sockaddr_storage ss;
     socklen_t sl = sizeof ss;
     if (getsockname(fd, (struct sockaddr *)&ss, &sl) < 0) return false;
@@ -132,8 +150,21 @@ static mp_handle *fail(mp_handle *h, int err) {
     return NULL;
 }
 
+/* A connection: attach it to the engine and index it. */
+static mp_handle *register_conn(mp_channel *ch, mp_handle *h) {
+    int r = ch->eng->attach(ch, h);
+    if (r < 0) return fail(h, -r);
+    if (mp__fdmap_set(ch, h->id, h->idx + 1) < 0) {
+        ch->eng->detach(ch, h);
+        return fail(h, ENOMEM);
+    }
+    ch->st.handles++;
+    return h;
+}
+
 mp_handle *mp_register(mp_channel *ch, int fd, void *cookie, const cpu_set_t *cpu_mask) {
-    if (!ch || ch->magic != MP_CHANNEL_MAGIC) return fail(NULL, EBADF);
+    int e = mp__ch_enter(ch);
+    if (e < 0) return fail(NULL, -e);
     if (fd < 0) return fail(NULL, EBADF);
 
     if (mp_is_lwsocket(fd)) {
@@ -155,14 +186,37 @@ mp_handle *mp_register(mp_channel *ch, int fd, void *cookie, const cpu_set_t *cp
         return h;
     }
 
-    if (fcntl(fd, F_GETFD) < 0) return fail(NULL, EBADF);
-    if (mp__fdmap_get(ch, fd)) return fail(NULL, EEXIST);
     if (cpu_mask && CPU_COUNT(cpu_mask) == 0) return fail(NULL, EINVAL);
+    uint32_t known = mp__fdmap_get(ch, fd);
+    if (known == MP_FD_ACCEPTED) { /* this channel accepted it: a connected stream socket */
+        mp_handle *h = mp__handle_alloc(ch);
+        if (!h) return fail(NULL, ENOMEM);
+        h->kind = HK_CONN;
+        h->id = h->fd = fd;
+        h->cookie = cookie;
+        return register_conn(ch, h);
+    }
+    if (known) return fail(NULL, EEXIST);
 
-    int type = 0, listening = 0;
-    bool is_sock = sockopt_int(fd, SOL_SOCKET, SO_TYPE, &type) == 0;
-    if (is_sock) sockopt_int(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening);
-    bool ready = is_sock && type == SOCK_STREAM && !listening && ready_for_partition(fd);
+    /* A foreign fd: as few probes as tell a connection from a listener (counted). */
+    int type = SOCK_STREAM, listening = 0;
+    bool is_sock = true, ready = false;
+    if (probe_int(ch, fd, SOL_SOCKET, SO_ACCEPTCONN, &listening) < 0) {
+        if (errno != ENOTSOCK) return fail(NULL, EBADF);
+        is_sock = false;
+    }
+    if (listening && cpu_mask && probe_int(ch, fd, SOL_SOCKET, SO_TYPE, &type) < 0)
+        return fail(NULL, errno);
+    if (is_sock && !listening) {
+        struct sockaddr_storage peer;
+        socklen_t pl = sizeof peer;
+        ch->st.syscalls++;
+        ch->st.probes++;
+        bool connected = getpeername(fd, (struct sockaddr *)&peer, &pl) == 0;
+        if (!connected && probe_int(ch, fd, SOL_SOCKET, SO_TYPE, &type) == 0 &&
+            type == SOCK_STREAM)
+            ready = ready_for_partition(ch, fd);
+    }
 
     mp_handle *h = mp__handle_alloc(ch);
     if (!h) return fail(NULL, ENOMEM);
@@ -172,10 +226,13 @@ mp_handle *mp_register(mp_channel *ch, int fd, void *cookie, const cpu_set_t *cp
     h->kind = HK_CONN;
 
     if (is_sock && type == SOCK_STREAM && cpu_mask && ch->cfg.partition) {
+        /* Already listening with SO_REUSEPORT: adopted, steered in place (listener.c). */
+        if (listening) ready = ready_for_partition(ch, fd);
         if (!ready) {
             mp__log_once(ch, MP_LOG_NOT_READY,
                          "mp_register: fd %d cannot be partitioned: create it with "
-                         "mp_listen_socket() (SO_REUSEPORT, bound, not listening)", fd);
+                         "mp_listen_socket() (SO_REUSEPORT, bound, not listening), or "
+                         "listen on it with SO_REUSEPORT set", fd);
             return fail(h, EINVAL);
         }
         h->kind = HK_LISTENER;
@@ -200,12 +257,12 @@ mp_handle *mp_register(mp_channel *ch, int fd, void *cookie, const cpu_set_t *cp
     return h;
 }
 
-int mp_unregister(mp_handle *h) {
-    if (!mp__live(h)) return -EBADF;
-    if (h->kind == HK_POLL) return mp_poll_del(h);
+void mp__handle_end(mp_handle *h) {
     mp_channel *ch = h->ch;
     h->state = H_DEAD;
-    if (!h->fixed) {
+    if (h->kind == HK_POLL) {
+        if (mp__pollmap_get(ch, h->id) == h->idx + 1) mp__pollmap_set(ch, h->id, 0);
+    } else if (!h->fixed) {
         if (mp__fdmap_get(ch, h->id) == h->idx + 1) mp__fdmap_set(ch, h->id, 0);
     } else {
         mp__lwmap_set(ch, (unsigned)h->fd, 0);
@@ -216,17 +273,51 @@ int mp_unregister(mp_handle *h) {
     mp__opq_drop(ch, &h->wq, h->w_busy);
     h->inflight = ch->eng->detach(ch, h);
     if (h->acc.part) mp__partition_close(h);
+    /* A listener stops taking connections now, not at the thread's next wait: a shared
+     * queue's connections must go to the channels still accepting. */
+    if (h->kind == HK_LISTENER && h->inflight) ch->eng->flush(ch);
     ch->st.handles--;
-    if (h->inflight == 0) mp__handle_free(h);
+    if (h->inflight == 0) handle_close_event(h);
+}
+
+int mp_unregister(mp_handle *h) {
+    int e = mp__h_enter(h);
+    if (e < 0) return e;
+    if (h->kind == HK_POLL) h->ch->st.requests++;
+    mp__handle_end(h);
     return 0;
+}
+
+int mp_close_accepted(mp_channel *ch, int id) {
+    int e = mp__ch_enter(ch);
+    if (e < 0) return e;
+    if (id < 0) return -EBADF;
+    if (mp_is_lwsocket(id)) {
+        unsigned slot = (unsigned)(id - MP_LWSOCKET_BASE);
+        if (mp__lwmap_get(ch, slot) != 1 || !ch->eng->close_direct) return -EBADF;
+        ch->eng->close_direct(ch, slot);
+        mp__lwmap_set(ch, slot, 0);
+        return 0;
+    }
+    uint32_t known = mp__fdmap_get(ch, id);
+    if (known && known != MP_FD_ACCEPTED) return -EBADF; /* registered: unregister it */
+    if (known) mp__fdmap_set(ch, id, 0);
+    ch->st.syscalls++;
+    return close(id) < 0 ? -errno : 0;
 }
 
 void mp__detach_all(mp_channel *ch) {
     for (uint32_t c = 0; c < ch->nchunks; c++)
         for (uint32_t i = 0; i < MP_CHUNK_SIZE; i++) {
             mp_handle *h = &ch->chunks[c][i];
-            if (h->state == H_LIVE) mp_unregister(h);
+            if (h->state == H_LIVE) mp__handle_end(h);
         }
+}
+
+void mp__partition_forget_all(mp_channel *ch) {
+    for (uint32_t c = 0; c < ch->nchunks; c++)
+        for (uint32_t i = 0; i < MP_CHUNK_SIZE; i++)
+            if (ch->chunks[c][i].acc.part) mp__partition_forget(&ch->chunks[c][i]);
 }
 
 void *mp_cookie(const mp_handle *h) { return mp__live(h) ? h->cookie : NULL; }

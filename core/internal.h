@@ -8,6 +8,8 @@
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE 1
 #endif
+#include <errno.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/socket.h>
@@ -26,7 +28,7 @@
 /* Resolved options (no MP_OPT_DEFAULT left). */
 typedef struct mp_config {
     int engine, batch, partition, lwsocket, stats, ring_entries, max_lwsockets;
-    int buf_size, buf_count, balance, balance_threshold, log, wait_usec;
+    int buf_size, buf_count, balance, balance_threshold, log, wait_usec, buf_per_conn;
 } mp_config;
 
 void mp__config_resolve(const mp_options *opt, mp_config *cfg);
@@ -57,7 +59,9 @@ typedef struct mp_opq {
     mp_op *head, *tail;
 } mp_opq;
 
-enum mp_hstate { H_FREE = 0, H_LIVE, H_DEAD };
+/* LIVE -> (mp_unregister) DEAD -> (kernel holds nothing) ZOMBIE, CLOSED event queued ->
+ * (CLOSED handed out) FREE, slot reusable. */
+enum mp_hstate { H_FREE = 0, H_LIVE, H_DEAD, H_ZOMBIE };
 enum mp_hkind { HK_CONN = 1, HK_LISTENER, HK_POLL };
 
 struct mp_partition;
@@ -85,9 +89,11 @@ struct mp_handle {
         bool forever;              /* count 0: until unregistered */
         bool lw;                   /* accept as lwsockets (the latest mp_accept's wish) */
         bool lw_armed, lw_steal;   /* what the accept / stolen accept in the kernel yields */
+        bool ms_armed;             /* the accept in the kernel is multishot */
         bool busy;                 /* an accept (or multishot) is in the kernel */
         bool backoff;              /* waiting after an accept error */
         bool steal_busy;           /* a balancing accept on a sibling is in the kernel */
+        bool lw_full;              /* paused: no free lwsocket slot (re-checked at each wait) */
     } acc;
     /* readiness adapter */
     struct {
@@ -103,6 +109,10 @@ struct mp_handle {
     uint32_t rearm_next;  /* idx+1 of next handle in the channel's re-arm list */
     bool readbuf;         /* buffered-read mode: a multishot receive feeds this handle */
     bool readbuf_armed;   /* io_uring: the multishot receive is in the kernel */
+    bool rb_capped;       /* receive paused: MP_BUF_PER_CONN buffers held */
+    bool rb_multishot;    /* the receive in the kernel is multishot (else one buffer) */
+    bool rb_cancelling;   /* we cancelled the multishot: its -ECANCELED end is ours */
+    uint32_t bufs_held;   /* channel buffers this connection holds (stashed + handed out) */
     mp_opq stash;         /* buffered completions that arrived before a request asked */
 };
 
@@ -131,6 +141,11 @@ struct mp_channel {
     /* lwsocket slot -> 0 free, 1 accepted not registered, idx+2 registered */
     uint32_t *lwmap;
     size_t lwmap_len;
+    uint32_t lw_used;   /* slots not free in lwmap */
+    /* regular fds of ACCEPT events handed out by the last dispatch: registering one of them
+     * needs no probing (fdmap holds MP_FD_ACCEPTED for them until the next dispatch) */
+    int *accepted;
+    size_t naccepted, accepted_cap;
     /* event queue (ring) */
     mp_qev *evq;
     size_t evq_cap, evq_head, evq_len;
@@ -141,10 +156,24 @@ struct mp_channel {
     unsigned op_free_n;
     mp_stats st;
     uint32_t logged; /* log-once bits */
-    pid_t pid;       /* creator: a forked child's copy must not touch the shared ring */
+    /* Ownership: the thread that first used the channel, and the creating process.  The
+     * fork check costs no system call: fork_mark lives in a MADV_WIPEONFORK page, which reads
+     * as zero in a forked child.  (Kernels before 4.14: pid compared at each check.) */
+    pthread_t owner;
+    bool owned;
+    volatile uint32_t *fork_mark;
+    pid_t pid;
 };
 
-static inline bool mp__forked(const mp_channel *ch) { return getpid() != ch->pid; }
+#define MP_FD_ACCEPTED 0xffffffffu /* fdmap: accepted by this channel, not registered */
+
+static inline bool mp__forked(const mp_channel *ch) {
+    return ch->fork_mark ? *ch->fork_mark != MP_CHANNEL_MAGIC : getpid() != ch->pid;
+}
+
+/* May the calling thread use ch?  0, -EBADF (not a channel), -EPERM (another thread or a
+ * forked child).  The first caller becomes the owner. */
+int mp__ch_enter(mp_channel *ch);
 
 static inline int64_t mp__now_ms(void) {
     struct timespec ts;
@@ -159,6 +188,12 @@ mp_handle *mp__handle_at(const mp_channel *ch, uint32_t idx);
 static inline bool mp__live(const mp_handle *h) {
     return h && h->magic == MP_HANDLE_MAGIC && h->state == H_LIVE;
 }
+/* A live handle the calling thread may use: 0, -EBADF or -EPERM. */
+static inline int mp__h_enter(mp_handle *h) {
+    if (!mp__live(h)) return -EBADF;
+    return mp__ch_enter(h->ch);
+}
+void mp__handle_end(mp_handle *h); /* LIVE -> DEAD: drop queues, detach; CLOSED when settled */
 void mp__handle_settled(mp_handle *h); /* one kernel op of a dead handle ended */
 void mp__detach_all(mp_channel *ch);
 int mp__fdmap_set(mp_channel *ch, int fd, uint32_t v);
@@ -187,12 +222,17 @@ int mp__event_push(mp_channel *ch, mp_handle *h, mp_cmd cmd, ssize_t res, uint32
 mp_event *mp__event_push_ref(mp_channel *ch, mp_handle *h, mp_cmd cmd, ssize_t res,
                              uint32_t flags);
 bool mp__event_pop(mp_channel *ch, mp_event *ev);
+void mp__events_drain(mp_channel *ch); /* drop every queued event, releasing what it carries */
+void mp__accepted_forget(mp_channel *ch); /* at each dispatch: see mp_channel.accepted */
 static inline size_t mp__event_count(const mp_channel *ch) { return ch->evq_len; }
 void mp__events_free(mp_channel *ch);
 
-/* rearm list (level-triggered polls, accept back-off) */
+/* rearm list (level-triggered polls, accept back-off, paused receives and accepts).  An
+ * engine takes the whole list at once and walks it, so that what it adds back while walking
+ * waits for the next wait instead of being met again in the same walk. */
 void mp__rearm_add(mp_handle *h);
-mp_handle *mp__rearm_pop(mp_channel *ch);
+uint32_t mp__rearm_take(mp_channel *ch);
+mp_handle *mp__rearm_next(mp_channel *ch, uint32_t *list);
 void mp__rearm_remove(mp_handle *h); /* before the slot is freed */
 
 /* batcher.c */
@@ -208,13 +248,18 @@ bool mp__batch_full(const mp_channel *ch, unsigned queued);
 #define MP_LOG_NO_INSTALL 0x20u
 #define MP_LOG_NO_BUFRING 0x100u
 #define MP_LOG_NO_BALANCE 0x200u
+#define MP_LOG_MISUSE 0x400u
+#define MP_LOG_LW_FULL 0x800u
 void mp__log_once(mp_channel *ch, uint32_t bit, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
 /* listener.c */
 int mp__partition_open(mp_channel *ch, mp_handle *h, int listen_fd, const cpu_set_t *mask);
 void mp__partition_close(mp_handle *h);
-int mp__partition_set_mask(mp_handle *h, const cpu_set_t *mask);
+/* In a forked child: drop this process's copy of h's partition (close the fd; no shutdown,
+ * no change to the kernel group the parent still uses). */
+void mp__partition_forget(mp_handle *h);
+void mp__partition_forget_all(mp_channel *ch);
 unsigned mp__partition_backlog(int fd);
 /* A sibling partition of h's group with at least threshold connections waiting, or -1. */
 int mp__partition_busy_sibling(mp_handle *h, unsigned threshold);

@@ -75,6 +75,13 @@ void mp__opq_drop(mp_channel *ch, mp_opq *q, bool keep_head) {
     }
 }
 
+/* A connection handle the calling thread may use: 0, -EBADF or -EPERM. */
+static int conn_enter(mp_handle *h) {
+    int e = mp__h_enter(h);
+    if (e < 0) return e;
+    return h->kind == HK_CONN ? 0 : -EBADF;
+}
+
 /* ---- reads ---------------------------------------------------------------------------- */
 
 /* Outcome of the head read.  res > 0: data; 0: EOF; < 0: error (DISCONNECT). */
@@ -134,13 +141,15 @@ static int queue_read(mp_handle *h, int type, void *buf, size_t size) {
 }
 
 int mp_read(mp_handle *h, void *buf, size_t size) {
-    if (!mp__live(h) || h->kind != HK_CONN) return -EBADF;
+    int e = conn_enter(h);
+    if (e < 0) return e;
     if (!buf || size == 0 || size > INT_MAX || h->readbuf) return -EINVAL;
     return queue_read(h, OP_READ, buf, size);
 }
 
 int mp_read_buffered(mp_handle *h) {
-    if (!mp__live(h) || h->kind != HK_CONN) return -EBADF;
+    int e = conn_enter(h);
+    if (e < 0) return e;
     if (!h->ch->eng->buf_setup) return -ENOTSUP;
     if (!h->readbuf && h->rq.head) return -EINVAL; /* plain reads still pending */
     int r = h->ch->eng->buf_setup(h->ch); /* fail here, not later as an event */
@@ -150,7 +159,8 @@ int mp_read_buffered(mp_handle *h) {
 }
 
 int mp_buffer_release(mp_channel *ch, unsigned buf_id) {
-    if (!ch || ch->magic != MP_CHANNEL_MAGIC) return -EBADF;
+    int e = mp__ch_enter(ch);
+    if (e < 0) return e;
     if (!ch->eng->buf_release) return -ENOTSUP;
     return ch->eng->buf_release(ch, buf_id);
 }
@@ -224,7 +234,8 @@ static int queue_write(mp_handle *h, mp_op *op) {
 }
 
 int mp_write(mp_handle *h, const void *buf, size_t size) {
-    if (!mp__live(h) || h->kind != HK_CONN) return -EBADF;
+    int e = conn_enter(h);
+    if (e < 0) return e;
     if (!buf || size == 0 || size > INT_MAX) return -EINVAL;
     mp_op *op = mp__op_alloc(h->ch);
     if (!op) return -ENOMEM;
@@ -235,7 +246,8 @@ int mp_write(mp_handle *h, const void *buf, size_t size) {
 }
 
 int mp_writev(mp_handle *h, const struct iovec *iov, int iovcnt) {
-    if (!mp__live(h) || h->kind != HK_CONN) return -EBADF;
+    int e = conn_enter(h);
+    if (e < 0) return e;
     if (!iov || iovcnt <= 0 || iovcnt > IOV_MAX) return -EINVAL;
     size_t total = 0;
     for (int i = 0; i < iovcnt; i++) {
@@ -264,7 +276,8 @@ int mp_writev(mp_handle *h, const struct iovec *iov, int iovcnt) {
 }
 
 int mp_disconnect(mp_handle *h) {
-    if (!mp__live(h) || h->kind != HK_CONN) return -EBADF;
+    int e = conn_enter(h);
+    if (e < 0) return e;
     mp_op *op = mp__op_alloc(h->ch);
     if (!op) return -ENOMEM;
     op->type = OP_SHUTDOWN;
@@ -272,7 +285,9 @@ int mp_disconnect(mp_handle *h) {
 }
 
 int mp_connect(mp_handle *h, const struct sockaddr *addr, socklen_t addrlen) {
-    if (!mp__live(h) || h->kind != HK_CONN || h->fixed) return -EBADF;
+    int e = conn_enter(h);
+    if (e < 0) return e;
+    if (h->fixed) return -EBADF;
     if (!addr || addrlen == 0 || addrlen > sizeof(struct sockaddr_storage)) return -EINVAL;
     mp_op *op = mp__op_alloc(h->ch);
     if (!op) return -ENOMEM;
@@ -283,6 +298,8 @@ int mp_connect(mp_handle *h, const struct sockaddr *addr, socklen_t addrlen) {
 }
 
 int mp_export_fd(mp_handle *h) {
-    if (!mp__live(h) || h->kind == HK_POLL) return -EBADF;
+    int e = mp__h_enter(h);
+    if (e < 0) return e;
+    if (h->kind == HK_POLL) return -EBADF;
     return h->ch->eng->export_fd(h->ch, h);
 }

@@ -1,16 +1,32 @@
 /*
- * options.c — mp_options: defaults, MP_* environment variables, validation.
- * Every knob is documented at struct mp_options in include/megapipe.h.
+ * options.c — mp_options: defaults, MP_* environment variables, validation, and the
+ * library's version.  Every knob is documented at struct mp_options in include/megapipe.h.
  */
 #include <errno.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
 #include "internal.h"
 
-void mp_options_init(mp_options *opt) {
-    if (!opt) return;
+#define STR2(x) #x
+#define STR(x) STR2(x)
+
+int mp_version(void) { return MEGAPIPE_VERSION; }
+
+const char *mp_version_string(void) {
+    return STR(MEGAPIPE_VERSION_MAJOR) "." STR(MEGAPIPE_VERSION_MINOR) "." STR(
+        MEGAPIPE_VERSION_PATCH);
+}
+
+/* Older callers pass a smaller struct: only the fields that fit are touched. */
+#define HAS(opt, size, field) (offsetof(mp_options, field) + sizeof((opt)->field) <= (size))
+
+void mp_options_init_sized(mp_options *opt, size_t size) {
+    if (!opt || size < offsetof(mp_options, engine)) return;
+    if (size > sizeof *opt) size = sizeof *opt;
+    opt->size = (uint32_t)size;
     opt->engine = MP_OPT_DEFAULT;
     opt->batch = MP_OPT_DEFAULT;
     opt->partition = MP_OPT_DEFAULT;
@@ -24,6 +40,7 @@ void mp_options_init(mp_options *opt) {
     opt->balance_threshold = MP_OPT_DEFAULT;
     opt->log = MP_OPT_DEFAULT;
     opt->wait_usec = MP_OPT_DEFAULT;
+    if (HAS(opt, size, buf_per_conn)) opt->buf_per_conn = MP_OPT_DEFAULT;
 }
 
 /* An integer from the environment; def when unset, -2 (invalid) when malformed. */
@@ -45,7 +62,10 @@ static int env_engine(void) {
     return -2;
 }
 
-#define PICK(field, envexpr) cfg->field = (opt && opt->field != MP_OPT_DEFAULT) ? opt->field : (envexpr)
+#define PICK(field, envexpr)                                                                 \
+    cfg->field = (opt && HAS(opt, opt->size, field) && opt->field != MP_OPT_DEFAULT)          \
+                     ? opt->field                                                             \
+                     : (envexpr)
 
 void mp__config_resolve(const mp_options *opt, mp_config *cfg) {
     PICK(engine, env_engine());
@@ -61,6 +81,9 @@ void mp__config_resolve(const mp_options *opt, mp_config *cfg) {
     PICK(balance_threshold, env_int("MP_BALANCE_THRESHOLD", 16));
     PICK(log, env_int("MP_LOG", 1));
     PICK(wait_usec, env_int("MP_WAIT_USEC", 20));
+    /* A quarter of the pool, but never fewer than 16 (or the whole of a smaller pool). */
+    int per_conn = cfg->buf_count / 4, floor = cfg->buf_count < 16 ? cfg->buf_count : 16;
+    PICK(buf_per_conn, env_int("MP_BUF_PER_CONN", per_conn > floor ? per_conn : floor));
 }
 
 int mp__config_valid(const mp_config *c) {
@@ -75,5 +98,6 @@ int mp__config_valid(const mp_config *c) {
     if (c->buf_count < 1 || c->buf_count > 32768) return 0;
     if (c->balance_threshold < 1) return 0;
     if (c->wait_usec < 0 || c->wait_usec > 1000000) return 0;
+    if (c->buf_per_conn < 1) return 0;
     return 1;
 }

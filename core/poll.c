@@ -14,7 +14,12 @@
 #define POLL_EVENTS (EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLPRI)
 
 mp_handle *mp_poll_add(mp_channel *ch, int fd, uint32_t events, int flags, void *cookie) {
-    if (!ch || ch->magic != MP_CHANNEL_MAGIC || fd < 0 || fcntl(fd, F_GETFD) < 0) {
+    int e = mp__ch_enter(ch);
+    if (e < 0) {
+        errno = -e;
+        return NULL;
+    }
+    if (fd < 0 || fcntl(fd, F_GETFD) < 0) {
         errno = EBADF;
         return NULL;
     }
@@ -52,7 +57,9 @@ mp_handle *mp_poll_add(mp_channel *ch, int fd, uint32_t events, int flags, void 
 }
 
 int mp_poll_mod(mp_handle *h, uint32_t events, int flags) {
-    if (!mp__live(h) || h->kind != HK_POLL) return -EBADF;
+    int e = mp__h_enter(h);
+    if (e < 0) return e;
+    if (h->kind != HK_POLL) return -EBADF;
     if ((events & ~(uint32_t)POLL_EVENTS) || (flags & ~MP_POLL_ET)) return -EINVAL;
     if (events == h->pw.events && flags == h->pw.flags && h->pw.armed) return 0;
     h->pw.events = events;
@@ -62,14 +69,11 @@ int mp_poll_mod(mp_handle *h, uint32_t events, int flags) {
 }
 
 int mp_poll_del(mp_handle *h) {
-    if (!mp__live(h) || h->kind != HK_POLL) return -EBADF;
-    mp_channel *ch = h->ch;
-    h->state = H_DEAD; /* from here on no event of this watch is delivered */
-    if (mp__pollmap_get(ch, h->id) == h->idx + 1) mp__pollmap_set(ch, h->id, 0);
-    h->inflight = ch->eng->detach(ch, h);
-    ch->st.handles--;
-    ch->st.requests++;
-    if (h->inflight == 0) mp__handle_free(h);
+    int e = mp__h_enter(h);
+    if (e < 0) return e;
+    if (h->kind != HK_POLL) return -EBADF;
+    h->ch->st.requests++;
+    mp__handle_end(h); /* from here on only the watch's CLOSED event is delivered */
     return 0;
 }
 

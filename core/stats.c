@@ -2,15 +2,23 @@
  * stats.c — per-channel statistics: mp_get_stats() and the MP_STATS=1 report.
  */
 #include <errno.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 
 #include "internal.h"
 
-int mp_get_stats(const mp_channel *ch, mp_stats *st) {
+/* The first version's mp_stats ends at handles. */
+#define STATS_SIZE_V1 (offsetof(mp_stats, handles) + sizeof(uint64_t))
+#define HAS(st, field) (offsetof(mp_stats, field) + sizeof((st)->field) <= (st)->size)
+
+int mp_get_stats_sized(const mp_channel *ch, mp_stats *st, size_t size) {
     if (!ch || ch->magic != MP_CHANNEL_MAGIC) return -EBADF;
-    if (!st) return -EINVAL;
-    *st = ch->st;
+    if (!st || size < STATS_SIZE_V1) return -EINVAL;
+    if (size > sizeof *st) size = sizeof *st;
+    mp_stats cur = ch->st;
+    cur.size = (uint32_t)size;
+    memcpy(st, &cur, size);
     return 0;
 }
 
@@ -34,7 +42,7 @@ static void feat_list(FILE *f, uint32_t bits) {
 
 void mp_print_stats(const mp_stats *st, void *stdio_file) {
     FILE *f = stdio_file ? (FILE *)stdio_file : stderr;
-    if (!st) return;
+    if (!st || st->size < STATS_SIZE_V1) return;
     fprintf(f, "megapipe stats: engine=%s features=", st->engine);
     feat_list(f, st->features);
     fputs(" missing=", f);
@@ -49,9 +57,14 @@ void mp_print_stats(const mp_stats *st, void *stdio_file) {
             (unsigned long long)st->sqes, (unsigned long long)st->cqes,
             (unsigned long long)st->cq_overflows, (unsigned long long)st->accept_errors,
             (unsigned long long)st->stolen_accepts, (unsigned long long)st->handles);
-    fprintf(f, "  buffers: in_use=%llu peak=%llu starved=%llu\n",
+    fprintf(f, "  buffers: in_use=%llu peak=%llu starved=%llu",
             (unsigned long long)st->bufs_in_use, (unsigned long long)st->bufs_peak,
             (unsigned long long)st->buf_starved);
+    if (HAS(st, buf_paused))
+        fprintf(f, " paused=%llu\n  probes=%llu accept_paused=%llu",
+                (unsigned long long)st->buf_paused, (unsigned long long)st->probes,
+                (unsigned long long)st->accept_paused);
+    fputc('\n', f);
     static const char *lbl[MP_STATS_HIST] = {"1", "2-3", "4-7", "8-15", "16-31", "32-63",
                                              "64-127", "128+"};
     fputs("  batch sizes:", f);

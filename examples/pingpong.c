@@ -6,14 +6,20 @@
  * connections whose SYN that CPU handled.  The loop below reads almost line for line like the
  * paper's pseudo-code.
  *
- *   pingpong [-p port] [-t threads] [-d seconds] [-s size]
+ *   pingpong [-p port] [-t threads] [-d seconds] [-h|--help]
  *
  * Listens on 127.0.0.1 (port 0 = any; the chosen port is printed as "port N"), echoes every
- * message, and stops by itself after -d seconds (0 = run until SIGINT/SIGTERM).
+ * message (up to READSIZE bytes per read), and stops by itself after -d seconds (0 = run until
+ * SIGINT/SIGTERM).
+ *
+ * Accepted connections are lwsockets when the engine can make them (io_uring) and regular fds
+ * otherwise (MP_ENGINE=epoll, MP_LWSOCKET=0): mp_unregister() closes an lwsocket, a regular fd
+ * stays ours to close.
  */
 #define _GNU_SOURCE 1
 #include <arpa/inet.h>
 #include <errno.h>
+#include <getopt.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -27,6 +33,7 @@
 
 typedef struct conn {
     mp_handle *handle;
+    int fd; /* lwsocket id or regular fd (mp_is_lwsocket() tells) */
     char buf[READSIZE];
 } conn;
 
@@ -68,18 +75,27 @@ static void *serve(void *arg) {
         case MP_EV_ACCEPT:
             if (ev.result < 0) break; /* e.g. EMFILE: the channel retries by itself */
             c = malloc(sizeof *c);
-            c->handle = mp_register(ch, (int)ev.result, c, NULL);
+            if (!c || !(c->handle = mp_register(ch, (int)ev.result, c, NULL))) {
+                mp_close_accepted(ch, (int)ev.result); /* an fd or an lwsocket */
+                free(c);
+                break;
+            }
+            c->fd = (int)ev.result;
             mp_read(c->handle, c->buf, READSIZE);
             break;
         case MP_EV_READ:
-            mp_write(c->handle, c->buf, (size_t)ev.result);
+            mp_write(c->handle, c->buf, (size_t)ev.result); /* result > 0: bytes read */
             break;
         case MP_EV_WRITE:
             w->transactions++;
             mp_read(c->handle, c->buf, READSIZE);
             break;
         case MP_EV_DISCONNECT:
-            mp_unregister(c->handle);
+            mp_unregister(c->handle);           /* closes an lwsocket; CLOSED follows */
+            break;
+        case MP_EV_CLOSED:                      /* the kernel let go: c is ours again */
+            if (c == &listener) break;
+            if (!mp_is_lwsocket(c->fd)) close(c->fd); /* a regular fd is ours to close */
             free(c);
             break;
         default:
@@ -91,16 +107,28 @@ static void *serve(void *arg) {
 
 static void on_signal(int sig) { (void)sig; stop = 1; }
 
+static void usage(FILE *f) {
+    fprintf(f,
+            "usage: pingpong [-p port] [-t threads] [-d seconds]\n"
+            "  The paper's ping-pong server: one channel per thread, each pinned to a CPU with its\n"
+            "  own partition of the listening address; echoes every message.\n"
+            "  -p  port on 127.0.0.1 (default 0 = any free one; printed as \"port N\")\n"
+            "  -t  threads = channels (default: one per online CPU)\n"
+            "  -d  stop after this many seconds (default 0 = run until SIGINT/SIGTERM)\n"
+            "  -h, --help  this text\n"
+            "  Environment: MP_ENGINE, MP_LWSOCKET, MP_BATCH, ... (see docs/api.md)\n");
+}
+
 int main(int argc, char **argv) {
+    static const struct option longopts[] = {{"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
     int port = 0, threads = (int)sysconf(_SC_NPROCESSORS_ONLN), seconds = 0, opt;
-    while ((opt = getopt(argc, argv, "p:t:d:h")) != -1) {
+    while ((opt = getopt_long(argc, argv, "p:t:d:h", longopts, NULL)) != -1) {
         switch (opt) {
         case 'p': port = atoi(optarg); break;
         case 't': threads = atoi(optarg); break;
         case 'd': seconds = atoi(optarg); break;
-        default:
-            fprintf(stderr, "usage: %s [-p port] [-t threads] [-d seconds]\n", argv[0]);
-            return opt == 'h' ? 0 : 2;
+        case 'h': usage(stdout); return 0;
+        default: usage(stderr); return 2;
         }
     }
     if (threads < 1) threads = 1;

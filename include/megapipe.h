@@ -22,12 +22,37 @@
  * failure (-EBADF, -EINVAL, ...).  They never abort, assert or exit on bad input and never set
  * errno.  Functions returning a pointer return NULL and set errno.
  *
- * Threads.  A channel and every handle registered on it belong to one thread at a time: call
- * all functions on one channel from one thread.  With io_uring the channel binds to the thread
- * that first hands it work to the kernel (IORING_SETUP_SINGLE_ISSUER): create it anywhere,
- * then use it from that one thread; calls from another thread fail with -EEXIST.  mp_wake() is
- * the one call that is safe from any thread.  Different channels are independent and may be used
- * concurrently from different threads.
+ * Threads.  A channel and every handle registered on it belong to one thread: the first thread
+ * that calls a function on the channel after mp_create() (creating it elsewhere is fine).  On
+ * both engines a call from any other thread fails with -EPERM (NULL and errno EPERM for the
+ * functions returning pointers) and touches nothing.  mp_wake() is the one call that is safe
+ * from any thread; mp_get_stats(), mp_pending() and mp_destroy() may be called from another
+ * thread when the owner is not inside a call on the channel.  Different channels are
+ * independent and may be used concurrently from different threads.
+ *
+ * fork().  A channel belongs to the process that created it.  In a forked child every call on
+ * an inherited channel fails with -EPERM without touching the parent's rings (the child would
+ * otherwise steal the parent's completions); mp_destroy() in the child only releases the
+ * child's copy (unmaps, closes its descriptors; cancels nothing, shuts down nothing).  Create
+ * a new channel in the child.
+ *
+ * Lifetimes.  A handle lives from mp_register() (or mp_poll_add()) to its MP_EV_CLOSED event.
+ * mp_unregister() ends it at once: from then on no other event of the handle is delivered and
+ * every call on it fails with -EBADF.  The kernel may still hold operations of the handle;
+ * when it holds none, the channel delivers one MP_EV_CLOSED event for it.  Between the two the
+ * kernel may still read the buffer of a write that was in flight and write the buffer of a
+ * read that was in flight (the head of each queue; requests queued behind them are dropped at
+ * mp_unregister()); nothing else.  From the CLOSED event on, every buffer given to the handle
+ * is the caller's again and the mp_handle pointer is dead (its slot may be reused, like a libuv
+ * handle after its close callback).  Until that event the slot is never reused, so a stale
+ * pointer gets -EBADF and never reaches another connection.  Events that were queued but not
+ * yet delivered when the handle ended are dropped, and what they carry is released: accepted
+ * fds and lwsockets are closed, channel buffers of buffered reads are given back.
+ *
+ * Versions and ABI.  The library's version is MEGAPIPE_VERSION (header) and mp_version()
+ * (library).  mp_options, mp_stats and mp_event may grow at their end in later versions: the
+ * calls that take them are told the caller's size (the macros below pass sizeof), so a program
+ * built against an older header keeps working with a newer library.
  *
  * Environment.  mp_create(NULL) reads the MP_* variables listed at struct mp_options; with a
  * non-NULL options pointer, fields left at MP_OPT_DEFAULT are still taken from the environment.
@@ -35,9 +60,6 @@
 #ifndef MEGAPIPE_H
 #define MEGAPIPE_H
 
-#ifndef _GNU_SOURCE
-#define _GNU_SOURCE 1
-#endif
 #include <sched.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -49,9 +71,32 @@
 extern "C" {
 #endif
 
+/* The one place the version is defined (CMake and megapipe.pc read it from here). */
 #define MEGAPIPE_VERSION_MAJOR 0
-#define MEGAPIPE_VERSION_MINOR 1
+#define MEGAPIPE_VERSION_MINOR 2
 #define MEGAPIPE_VERSION_PATCH 0
+#define MEGAPIPE_VERSION \
+    (MEGAPIPE_VERSION_MAJOR * 10000 + MEGAPIPE_VERSION_MINOR * 100 + MEGAPIPE_VERSION_PATCH)
+
+/* The version of the library actually linked (MEGAPIPE_VERSION of the header it was built
+ * with), and the same as "major.minor.patch".  Thread-safe. */
+int mp_version(void);
+const char *mp_version_string(void);
+
+/* cpu_set_t is always declared by glibc's <sched.h>, but its CPU_* macros only under
+ * _GNU_SOURCE, which must come before the first system header: when megapipe.h is included
+ * after one without it, the macros are defined here from glibc's own __CPU_*_S helpers, so
+ * the header works in any include order. */
+#if !defined(CPU_SETSIZE) && defined(__CPU_SETSIZE)
+#define CPU_SETSIZE __CPU_SETSIZE
+#endif
+#if !defined(CPU_ZERO) && defined(__CPU_ZERO_S)
+#define CPU_ZERO(set) __CPU_ZERO_S(sizeof(cpu_set_t), set)
+#define CPU_SET(cpu, set) __CPU_SET_S(cpu, sizeof(cpu_set_t), set)
+#define CPU_CLR(cpu, set) __CPU_CLR_S(cpu, sizeof(cpu_set_t), set)
+#define CPU_ISSET(cpu, set) __CPU_ISSET_S(cpu, sizeof(cpu_set_t), set)
+#define CPU_COUNT(set) __CPU_COUNT_S(sizeof(cpu_set_t), set)
+#endif
 
 /* lwsocket ids are MP_LWSOCKET_BASE + slot in the channel's direct-descriptor table; they are
  * never valid file descriptors.  Use mp_is_lwsocket() to tell them from fds. */
@@ -76,6 +121,9 @@ typedef enum mp_engine_kind {
 } mp_engine_kind;
 
 typedef struct mp_options {
+    /* Set by mp_options_init() to the caller's sizeof(mp_options); mp_create() reads only the
+     * fields that fit in it.  Must not be changed. */
+    uint32_t size;
     /* MP_ENGINE=auto|uring|epoll.  Default auto. */
     int engine;
     /* MP_BATCH=<n>: submit as soon as n requests are queued (the paper's threshold).
@@ -113,10 +161,20 @@ typedef struct mp_options {
      * ignored elsewhere).  Light loads never wait.  0 = always wake at the first completion.
      * Default 20. */
     int wait_usec;
+    /* MP_BUF_PER_CONN=<n>: buffered reads: at most this many channel buffers held by one
+     * connection (received and not yet asked for, plus handed out and not yet given back).
+     * Past it the connection's receive pauses (data waits in the socket, TCP flow control
+     * slows the peer) until it gives buffers back, so one stalled connection cannot empty the
+     * pool for all others.  An application that must hold more than this to make progress must
+     * copy data out and release buffers.  Default MP_BUF_COUNT/4, at least 16 (or MP_BUF_COUNT
+     * when smaller). */
+    int buf_per_conn;
 } mp_options;
 
-/* Fill *opt with MP_OPT_DEFAULT everywhere (the environment and built-in defaults apply). */
-void mp_options_init(mp_options *opt);
+/* Fill *opt with MP_OPT_DEFAULT everywhere (the environment and built-in defaults apply) and
+ * record the caller's sizeof(mp_options) in opt->size.  Use the macro. */
+void mp_options_init_sized(mp_options *opt, size_t size);
+#define mp_options_init(opt) mp_options_init_sized((opt), sizeof(mp_options))
 
 /* ---------------------------------------------------------------------------------------- */
 /* Events                                                                                    */
@@ -132,6 +190,8 @@ typedef enum mp_cmd {
                          (flag MP_EVF_LOCAL), -errno = connection failed (e.g. -ECONNRESET) */
     MP_EV_POLL,       /* readiness adapter: result = revents; u.poll */
     MP_EV_WAKE,       /* mp_wake() was called; handle and cookie are NULL */
+    MP_EV_CLOSED,     /* the final event of an ended handle (see "Lifetimes"): the kernel
+                         holds none of its operations; result 0.  The pointer is dead after */
 } mp_cmd;
 
 /* mp_event.flags */
@@ -180,12 +240,31 @@ mp_channel *mp_create(const mp_options *opt);
  * thread may be inside a call on this channel (mp_wake() included). */
 void mp_destroy(mp_channel *ch);
 
-/* Wait for one event.  timeout_ms: -1 = forever, 0 = do not block.  Returns 1 with *ev filled,
- * 0 on timeout, -EBADF (NULL channel), -EINVAL (NULL ev), -EINTR when a signal interrupted the
- * wait, or another -errno from the kernel.  Completions are reaped in batches: a call that
- * finds earlier events still queued returns one at once without a system call; when none are
- * left, queued requests are submitted and completions reaped in the same system call. */
+/* Wait for events and copy up to max of them into evs (an array of max records of ev_size
+ * bytes each: pass sizeof(mp_event), which the macros do).  timeout_ms: -1 = forever, 0 = do
+ * not block.  Returns the number of events copied (1..max), 0 on timeout, -EBADF (bad
+ * channel), -EPERM (not the owning thread or process), -EINVAL (NULL evs, max 0, ev_size
+ * smaller than the first version's mp_event), -EINTR when a signal interrupted the wait, or
+ * another -errno from the kernel.  Completions are reaped in batches: events already queued
+ * are handed out without a system call; when none are left, queued requests are submitted
+ * and completions reaped in one system call, and as many events as that produced (up to max)
+ * are returned. */
+int mp_dispatch_events(mp_channel *ch, mp_event *evs, size_t ev_size, unsigned max,
+                       int timeout_ms);
+/* Up to max events into the array evs (mp_event evs[max]). */
+#define mp_dispatch_batch(ch, evs, max, timeout_ms) \
+    mp_dispatch_events((ch), (evs), sizeof(mp_event), (max), (timeout_ms))
+/* One event into *ev: returns 1, 0 on timeout, or -errno as above. */
 int mp_dispatch(mp_channel *ch, mp_event *ev, int timeout_ms);
+#define mp_dispatch(ch, ev, timeout_ms) \
+    mp_dispatch_events((ch), (ev), sizeof(mp_event), 1, (timeout_ms))
+
+/* Are events waiting?  Returns an upper bound of the events the next mp_dispatch*() can hand
+ * out without blocking (events queued in the channel plus completions the kernel has posted
+ * to the ring), without a system call; 0 when nothing is known to be waiting (the epoll engine
+ * only knows what it already collected).  Some may turn out to be dropped (their handle
+ * ended).  -EBADF for a bad channel.  Callable from any thread (the answer is then a hint). */
+int mp_pending(const mp_channel *ch);
 
 /* Submit every queued request now.  Returns the number submitted, or -errno. */
 int mp_flush(mp_channel *ch);
@@ -203,31 +282,62 @@ const char *mp_engine_name(const mp_channel *ch);
 /* ---------------------------------------------------------------------------------------- */
 
 /* Register fd on ch and return its handle.  fd may be:
- *   - a listening TCP socket: with cpu_mask != NULL and partitioning on (MP_PARTITION), the
- *     channel gets its own SO_REUSEPORT socket on the same address, and connections whose SYN
- *     is handled by a CPU in cpu_mask are accepted by this channel.  The socket must have been
- *     made ready with mp_listen_socket() (SO_REUSEPORT, bound, not yet listening); otherwise
- *     the call fails with EINVAL.  With cpu_mask NULL (or partitioning off) the socket is
- *     shared: it is put in listening state if it is not already, and every channel that
- *     registers it accepts from the one queue.
+ *   - a TCP socket to accept from, with cpu_mask != NULL and partitioning on (MP_PARTITION):
+ *     the channel accepts the connections whose SYN a CPU of cpu_mask handled (a partition).
+ *     Two kinds of socket:
+ *       . bound, not listening, SO_REUSEPORT (what mp_listen_socket() makes): the channel
+ *         makes its own socket in the address's SO_REUSEPORT group, steers it and closes it at
+ *         mp_unregister() (connections still queued in it are reset: tcp_migrate_req is 0 by
+ *         default);
+ *       . already listening with SO_REUSEPORT (adoption: e.g. nginx's per-worker `listen ...
+ *         reuseport` sockets, inherited over fork, or a socket a worker made before it dropped
+ *         privileges): the channel steers and accepts from that very socket; it stays the
+ *         application's (never shut down or closed by the channel, its CPU preference left in
+ *         place, so a worker that comes back and adopts it again gets what waited in it).
+ *     Steering: Linux 6.1+ sets SO_INCOMING_CPU on the socket (works across threads and forked
+ *     processes, no BPF); older kernels attach a classic-BPF program that steers the channels
+ *     of one process.  SO_INCOMING_CPU takes one CPU: a mask of several prefers the lowest CPU
+ *     of the mask the calling thread may run on (its own CPU when pinned), the others reach
+ *     the channel through the kernel's hash.  Channels that prefer the same CPU (more channels
+ *     than CPUs) share its connections by the kernel's hash.  MP_PARTITION_STEER=cpu|cbpf
+ *     forces one mechanism (diagnostics).  Any other socket with a mask fails with EINVAL.
+ *   - a listening socket with cpu_mask NULL (or partitioning off): shared; it is put in
+ *     listening state if it is not already, and every channel that registers it accepts from
+ *     the one queue.
  *   - a connected socket (fd), or an lwsocket id from an ACCEPT event of this channel.
- * The epoll engine sets O_NONBLOCK on listening sockets and on sockets given to mp_connect().  cookie is returned in
- * every event of the handle.  Regular fds stay owned by the caller (close them after
- * mp_unregister()); lwsockets are owned by the channel (mp_unregister() closes them).
- * Errors (NULL, errno): EBADF (bad ch, bad fd, lwsocket id not owned by ch), EINVAL (listener
- * not ready for partitioning, empty cpu_mask), EEXIST (fd or id already registered on ch),
- * ENOMEM, or the errno of socket(), bind(), listen(), setsockopt() for a partition. */
+ * Registering a connection from an ACCEPT event before the next mp_dispatch*() call makes no
+ * system call on io_uring (one epoll_ctl() on epoll); any other fd is probed (getsockopt,
+ * getpeername; counted in mp_stats.probes).  The epoll engine sets O_NONBLOCK on listening
+ * sockets (adopted ones included: the flag is shared by every process holding the socket)
+ * and on sockets given to mp_connect().  cookie is returned in every event of the handle.
+ * Regular fds stay owned by the caller (close them at the handle's MP_EV_CLOSED); lwsockets
+ * are owned by the channel (ending the handle closes them).
+ * Errors (NULL, errno): EBADF (bad ch, bad fd, lwsocket id not owned by ch), EPERM (not the
+ * owning thread or process), EINVAL (socket not fit for partitioning, empty cpu_mask),
+ * EEXIST (fd or id already registered on ch), ENOMEM, or the errno of socket(), bind(),
+ * listen(), setsockopt() for a partition. */
 mp_handle *mp_register(mp_channel *ch, int fd, void *cookie, const cpu_set_t *cpu_mask);
 
-/* Unregister h: cancels its pending operations; after this returns no event of h is
- * delivered, even for operations already completed but not yet dispatched.  lwsockets and
- * partition sockets are closed; memory is released once the kernel has let go of the last
- * operation.  Returns 0, or -EBADF for NULL, unknown or already unregistered handles. */
+/* End h (see "Lifetimes" above): returns at once; cancels its pending operations; after this
+ * returns no event of h is delivered except its one MP_EV_CLOSED, which comes when the kernel
+ * holds none of its operations (on the epoll engine: at once).  lwsockets and partition sockets
+ * are closed; regular fds stay the caller's (close them after the CLOSED event, or at once if
+ * no operation was in flight).  A listener stops taking connections at once (its cancellation
+ * is submitted right away: one system call).  No system call otherwise on io_uring; one
+ * epoll_ctl() on epoll.  Returns 0, -EBADF for NULL, unknown or already ended handles, -EPERM
+ * (not the owning thread). */
 int mp_unregister(mp_handle *h);
 
-/* Change the cpu_mask of a partitioned listener at run time (the paper's footnote 3).  The
- * steering program of the whole group is rebuilt; connections already queued stay queued.
- * Returns 0, -EBADF, -EINVAL (h is not a partitioned listener, or the mask is empty). */
+/* Close a connection from an ACCEPT event that was not registered: an lwsocket id (its
+ * direct-descriptor slot is freed) or a regular fd (close()).  Returns 0, -EBADF (bad channel,
+ * or an lwsocket id that is not an accepted, unregistered one of ch), -EPERM (not the owning
+ * thread). */
+int mp_close_accepted(mp_channel *ch, int id);
+
+/* Change the cpu_mask of a partitioned listener at run time (the paper's footnote 3): its
+ * SO_INCOMING_CPU is set again (older kernels: the group's steering program is rebuilt);
+ * connections already queued stay queued.  Returns 0, -EBADF, -EPERM, -EINVAL (h is not a
+ * partitioned listener, or the mask is empty). */
 int mp_set_cpu_mask(mp_handle *h, const cpu_set_t *cpu_mask);
 
 /* The cookie given to mp_register(), or NULL for a bad handle. */
@@ -255,10 +365,15 @@ int mp_listen_socket(const struct sockaddr *addr, socklen_t addrlen, int backlog
  * Calls add up: two calls with count 1 accept two connections.  flags apply to accepts started
  * from this call on (a count-0 accept already running keeps the kind it was started with).  Each connection is one
  * MP_EV_ACCEPT event whose result is the new fd or lwsocket id; register it with
- * mp_register() to use it.  A failed accept (-EMFILE, -ENFILE when the descriptor table is
- * full, ...) is an ACCEPT event with that error; accepting resumes by itself a little later,
- * so the channel keeps working.  Returns 0, -EBADF (bad handle), -EINVAL (h is not a
- * listener, or unknown flags). */
+ * mp_register() to use it (or close it unregistered with mp_close_accepted()).  A failed
+ * accept (-EMFILE, -ENFILE when the process's descriptor table is full, ...) is an ACCEPT event
+ * with that error; accepting resumes by itself 10 ms later (again and again while the error
+ * lasts: one event per retry, never a busy loop), and the connection stays in the backlog.
+ * When the channel's lwsocket table (MP_MAX_LWSOCKETS) is full, accepting lwsockets pauses
+ * without an event (mp_stats.accept_paused) and the connections stay in the backlog until
+ * the application frees a slot (mp_unregister of an lwsocket, mp_close_accepted()).  Returns
+ * 0, -EBADF (bad handle), -EPERM (not the owning thread), -EINVAL (h is not a listener, or
+ * unknown flags). */
 int mp_accept(mp_handle *h, unsigned count, int flags);
 
 /* Connect h (a socket the caller created; non-blocking is fine) to addr.  Completes with
@@ -321,8 +436,9 @@ mp_handle *mp_poll_add(mp_channel *ch, int fd, uint32_t events, int flags, void 
 /* Change the interest set (and flags) of a watch.  Returns 0, -EBADF, -EINVAL. */
 int mp_poll_mod(mp_handle *h, uint32_t events, int flags);
 
-/* Stop watching: after this returns, no event of this watch is delivered, even if fd is
- * closed and its number reused at once.  Returns 0 or -EBADF. */
+/* Stop watching: after this returns, no readiness event of this watch is delivered, even if
+ * fd is closed and its number reused at once; the watch's one MP_EV_CLOSED follows when the
+ * kernel let go of its poll (see "Lifetimes").  Returns 0, -EBADF or -EPERM. */
 int mp_poll_del(mp_handle *h);
 
 /* ---------------------------------------------------------------------------------------- */
@@ -347,6 +463,7 @@ int mp_poll_del(mp_handle *h);
 #define MP_FALLBACK_EPOLL_ENGINE 0x10000u /* io_uring could not be set up */
 
 typedef struct mp_stats {
+    uint32_t size;             /* bytes of this struct mp_get_stats() filled */
     char engine[8];            /* "uring" or "epoll" */
     uint32_t features;         /* MP_FEAT_* the engine found and uses */
     uint32_t missing;          /* MP_FEAT_* the engine looked for and did not find */
@@ -366,12 +483,20 @@ typedef struct mp_stats {
     uint64_t bufs_peak;        /* ... and at most */
     uint64_t buf_starved;      /* buffered reads that waited for a buffer */
     uint64_t handles;          /* handles registered now */
+    uint64_t probes;           /* system calls mp_register() made to learn what a foreign fd
+                                  is (also counted in syscalls); 0 for connections the channel
+                                  accepted itself */
+    uint64_t accept_paused;    /* times accepting paused because the lwsocket table was full */
+    uint64_t buf_paused;       /* times a connection's buffered receive paused at MP_BUF_PER_CONN */
 } mp_stats;
 
-/* Copy the channel's counters into *st.  Returns 0, -EBADF (NULL ch), -EINVAL (NULL st). */
-int mp_get_stats(const mp_channel *ch, mp_stats *st);
+/* Copy the channel's counters into *st, at most size bytes (the caller's sizeof(mp_stats):
+ * use the macro); st->size says how many were filled.  Returns 0, -EBADF (bad ch), -EINVAL
+ * (NULL st or size smaller than the first version's).  Callable from any thread. */
+int mp_get_stats_sized(const mp_channel *ch, mp_stats *st, size_t size);
+#define mp_get_stats(ch, st) mp_get_stats_sized((ch), (st), sizeof(mp_stats))
 
-/* Print st in a readable form to a stdio FILE* (pass stderr, for example). */
+/* Print st (filled by mp_get_stats) in a readable form to a stdio FILE* (e.g. stderr). */
 void mp_print_stats(const mp_stats *st, void *stdio_file);
 
 #ifdef __cplusplus

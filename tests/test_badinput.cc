@@ -83,9 +83,19 @@ TEST_F(BadInput, UnregisteredHandle) {
     ASSERT_NE(hl, nullptr);
     ASSERT_EQ(mp_accept(hl, 0, 0), 0);
     mp_event ev;
+    // The connection's one final event (no operation was in flight), then nothing.
+    ASSERT_EQ(mp_dispatch(ch, &ev, 0), 1);
+    EXPECT_EQ(ev.cmd, MP_EV_CLOSED);
+    EXPECT_EQ(ev.handle, h);
+    EXPECT_EQ(ev.cookie, cookie_of(1));
     ASSERT_EQ(mp_dispatch(ch, &ev, 0), 0);
     ASSERT_EQ(mp_unregister(hl), 0);
     expect_all_ebadf(hl, "unregistered listener");
+    // The listener's accept was in the kernel: its CLOSED comes once the cancel went through.
+    ASSERT_TRUE(wait_event(ch, MP_EV_CLOSED, hl, &ev, 2000));
+    EXPECT_EQ(ev.cookie, cookie_of(2));
+    expect_all_ebadf(hl, "closed listener");
+    for (const mp_event &e : collect_events(ch, 50)) ADD_FAILURE() << "stray " << describe(e);
 }
 
 TEST_F(BadInput, ChannelCalls) {
@@ -344,8 +354,10 @@ TEST_F(BadInput, AcceptEmfileIsAnEventAndChannelRecovers) {
 }
 
 // lwsockets live in the channel's direct-descriptor table (io_uring only).  With a table of 4,
-// the fifth accept fails with an ACCEPT error event; unregistering one lwsocket frees a slot
-// and the next connection is accepted.  On epoll, MP_LWSOCKET yields regular fds.
+// the fifth connection is not accepted at all (accepting pauses: no ACCEPT event, no error, the
+// connection waits in the backlog instead of being closed by the kernel); unregistering one
+// lwsocket frees a slot and that waiting connection is accepted.  On epoll, MP_LWSOCKET yields
+// regular fds.
 TEST_F(BadInput, LwsocketTableExhaustion) {
     ch.reset(lwsocket_channel(4));
     ASSERT_NE(ch.get(), nullptr) << std::strerror(errno);
@@ -391,26 +403,27 @@ TEST_F(BadInput, LwsocketTableExhaustion) {
         ASSERT_NE(h, nullptr) << std::strerror(errno);
         lws.push_back(h);
     }
-    // The fifth: the table is full.
+    // The fifth: the table is full.  Nothing happens to it: no event, and it stays queued.
     clients.emplace_back(connect_client(port));
     ASSERT_TRUE(clients.back().ok());
-    mp_event ev;
-    ASSERT_TRUE(next_accept(&ev)) << "no ACCEPT event for the fifth connection";
-    EXPECT_LT(ev.result, 0) << "fifth lwsocket accepted with a table of 4: " << describe(ev);
-    EXPECT_EQ(ev.result, -ENFILE);
-    if (ev.result >= 0) return;
+    for (const mp_event &e : collect(ch, 300)) ADD_FAILURE() << "table full, yet " << describe(e);
+    ASSERT_EQ(mp_get_stats(ch, &st), 0);
+    EXPECT_GE(st.accept_paused, 1u);
+    EXPECT_EQ(st.accept_errors, 0u) << "a full table must not cost a connection";
+    char probe;
+    EXPECT_EQ(recv(clients.back().get(), &probe, 1, MSG_DONTWAIT), -1)
+        << "the waiting client was closed or reset";
+    EXPECT_EQ(errno, EAGAIN);
 
-    // Free one slot; the next connection is accepted.
+    // Free one slot; the waiting connection is accepted.
     ASSERT_EQ(mp_unregister(lws[1]), 0);
-    ASSERT_GE(mp_flush(ch), 0);
-    sleep_ms(20);
-    clients.emplace_back(connect_client(port));
-    ASSERT_TRUE(clients.back().ok());
     int lw = -1;
     int errors = 0;
+    mp_event ev;
     dispatch_until(
         ch,
         [&](const mp_event &e) {
+            if (e.cmd == MP_EV_CLOSED && e.handle == lws[1]) return false;
             if (e.cmd != MP_EV_ACCEPT) {
                 ADD_FAILURE() << describe(e);
                 return false;
@@ -427,7 +440,7 @@ TEST_F(BadInput, LwsocketTableExhaustion) {
     EXPECT_TRUE(mp_is_lwsocket(lw));
     mp_handle *h = mp_register(ch, lw, cookie_of(200), nullptr);
     ASSERT_NE(h, nullptr) << std::strerror(errno);
-    // It carries data.
+    // It is the connection that waited, and it carries data.
     char *buf = buffer(16);
     ASSERT_EQ(mp_read(h, buf, 16), 0);
     ASSERT_TRUE(write_all(clients.back().get(), "lw!", 3));
@@ -461,6 +474,7 @@ void churn_connections(mp_channel *ch, int total, int accept_flags, bool expect_
 
     const int BATCH = 100;
     int done = 0, accepted = 0, accept_errors = 0, bad_disconnects = 0, reads = 0, kinds = 0;
+    int closed = 0;
     int64_t deadline = now_ms() + 60000;
     while (done < total && now_ms() < deadline) {
         int n = std::min(BATCH, total - done);
@@ -504,6 +518,7 @@ void churn_connections(mp_channel *ch, int total, int accept_flags, bool expect_
                     return finished == n;
                 }
                 if (e.cmd == MP_EV_READ) reads++;
+                if (e.cmd == MP_EV_CLOSED) closed++;
                 return false;
             },
             10000);
@@ -526,7 +541,11 @@ void churn_connections(mp_channel *ch, int total, int accept_flags, bool expect_
     ASSERT_EQ(mp_unregister(hl), 0);
     ASSERT_EQ(mp_get_stats(ch, &st), 0);
     EXPECT_EQ(st.handles + 1, st0.handles);
-    for (const mp_event &e : collect_events(ch, 50)) ADD_FAILURE() << "stray " << describe(e);
+    for (const mp_event &e : collect_events(ch, 50)) {
+        if (e.cmd == MP_EV_CLOSED) closed++;
+        else ADD_FAILURE() << "stray " << describe(e);
+    }
+    EXPECT_EQ(closed, accepted + 1) << "one CLOSED per ended handle (connections + listener)";
 }
 
 TEST_F(BadInput, TenThousandConnectionsNoFdGrowth) {

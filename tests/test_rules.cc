@@ -502,7 +502,7 @@ TEST_F(Rules, LocalHalfCloseKeepsReading) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// No event after unregister
+// After unregister: only the one CLOSED event, once the kernel let go
 // ---------------------------------------------------------------------------------------------
 
 TEST_F(Rules, NoEventAfterUnregisterWithOperationsInFlight) {
@@ -553,13 +553,20 @@ TEST_F(Rules, NoEventAfterUnregisterWithOperationsInFlight) {
     close_rst(p.client);
 
     bool ctl_seen = false;
+    int closed = 0;
+    EXPECT_EQ(mp_unregister(h), -EBADF) << "double unregister";
     for (const mp_event &ev : collect_events(ch, 250)) {
+        if (ev.handle == h && ev.cmd == MP_EV_CLOSED) {
+            EXPECT_EQ(ev.cookie, ck);
+            closed++;
+            continue;
+        }
         EXPECT_NE(ev.handle, h) << "event after unregister: " << describe(ev);
         EXPECT_NE(ev.cookie, ck) << "event after unregister: " << describe(ev);
         if (ev.handle == hc && ev.cmd == MP_EV_READ) ctl_seen = true;
     }
     EXPECT_TRUE(ctl_seen) << "the control connection's READ did not arrive";
-    EXPECT_EQ(mp_unregister(h), -EBADF) << "double unregister";
+    EXPECT_EQ(closed, 1) << "exactly one CLOSED event once the kernel let go of h";
 }
 
 TEST_F(Rules, CompletedButUndispatchedEventsAreDropped) {
@@ -600,20 +607,29 @@ TEST_F(Rules, CompletedButUndispatchedEventsAreDropped) {
         }
     }
     ASSERT_GE(kept, 0);
-    // New registrations may reuse the freed handle slots (same pointers): the old events must
-    // not surface as theirs either.
+    // Slots are not reused before their CLOSED event: new registrations get other pointers.
     for (int i = 0; i < N - 1; i++) {
         TcpPair &p = pair();
         ASSERT_TRUE(p.server.ok() && p.client.ok());
-        ASSERT_NE(reg(p.server.get(), cookie_of(90 + i)), nullptr);
+        mp_handle *nh = reg(p.server.get(), cookie_of(90 + i));
+        ASSERT_NE(nh, nullptr);
+        for (int j = 0; j < N; j++) EXPECT_NE(nh, hs[j]) << "slot reused before its CLOSED event";
     }
+    // The read events that were completed but not dispatched are dropped; each ended handle
+    // gets its CLOSED event.
+    int closed = 0;
     for (const mp_event &ev : collect_events(ch, 200)) {
+        if (ev.cmd == MP_EV_CLOSED) {
+            closed++;
+            continue;
+        }
         EXPECT_EQ(ev.handle, hs[kept]) << "event of an unregistered handle: " << describe(ev);
         for (int i = 0; i < N; i++)
             if (i != kept) {
                 EXPECT_NE(ev.cookie, cookie_of(80 + i)) << describe(ev);
             }
     }
+    EXPECT_EQ(closed, N - 1);
     // The kept handle still works.
     ASSERT_EQ(mp_read(hs[kept], buffer(64), 64), 0);
     ASSERT_TRUE(write_all(ps[kept]->client.get(), "pong", 4));

@@ -698,6 +698,7 @@ inline const char *cmd_name(int c) {
     case MP_EV_DISCONNECT: return "DISCONNECT";
     case MP_EV_POLL: return "POLL";
     case MP_EV_WAKE: return "WAKE";
+    case MP_EV_CLOSED: return "CLOSED";
     default: return "?";
     }
 }
@@ -806,7 +807,7 @@ class ChannelThread {
     }
 
     void on_event(const mp_event &ev) {
-        if (ev.cmd == MP_EV_WAKE) return;
+        if (ev.cmd == MP_EV_WAKE || ev.cmd == MP_EV_CLOSED) return;
         if (ev.cmd != MP_EV_ACCEPT) {
             odd_events_++;
             return;

@@ -2,7 +2,7 @@
  * megapipe_event.c — libevent 2.1's `megapipe` event method: readiness through a MegaPipe
  * channel (io_uring poll requests) instead of epoll.  Compiled inside libevent's tree (it uses
  * libevent's internal headers, like epoll.c) and linked against libmegapipe; it uses only the
- * public megapipe API (mp_create, mp_poll_add/mod/del, mp_dispatch, mp_get_stats).
+ * public megapipe API (mp_create, mp_poll_add/mod/del, mp_dispatch_batch).
  *
  * Why the method is shaped the way it is:
  *
@@ -23,8 +23,8 @@
  *  - If the base is dispatched from another thread than before, the ring (bound to the old
  *    thread) cannot be used: the channel is rebuilt on the new thread and every watch re-added.
  *  - After fork() the child must not touch the parent's ring (its memory is shared with the
- *    parent): dealloc in another process leaves the channel alone (it is leaked in the child);
- *    event_reinit() then builds a fresh channel (need_reinit).
+ *    parent): the channel refuses calls from the child, dealloc releases only the child's copy,
+ *    and event_reinit() builds a fresh channel (need_reinit).
  */
 #include "event2/event-config.h"
 #include "evconfig-private.h"
@@ -52,7 +52,7 @@
 #include "util-internal.h"
 
 /* Events handed to libevent per dispatch at most; the rest stay queued in the channel. */
-#define MPEV_MAX_EVENTS 4096
+#define MPEV_BATCH 256
 
 /* Per-fd record, stored by libevent next to its evmap entry (zeroed when first used). */
 struct mpev_fd {
@@ -81,6 +81,7 @@ struct mpev {
 	struct mpev_fd live;       /* sentinel of the live list */
 	struct mpev_pending *pend;
 	int npend_cap;
+	mp_event evs[MPEV_BATCH];  /* one dispatch's events */
 };
 
 static void *mpev_init(struct event_base *);
@@ -243,7 +244,7 @@ static int migrate(struct mpev *m) {
 }
 
 static int record(struct mpev *m, int n, const mp_event *ev) {
-	if (ev->cmd != MP_EV_POLL || !ev->cookie) return n;
+	if (ev->cmd != MP_EV_POLL || !ev->cookie) return n; /* CLOSED of deleted watches, WAKE */
 	struct mpev_fd *fi = ev->cookie;
 	if (n == m->npend_cap) {
 		struct mpev_pending *np = mm_realloc(m->pend, 2 * (size_t)m->npend_cap * sizeof *np);
@@ -280,24 +281,11 @@ static int mpev_dispatch(struct event_base *base, struct timeval *tv) {
 	}
 
 	EVBASE_RELEASE_LOCK(base, th_base_lock);
-	mp_event ev;
-	mp_stats st;
-	int n = 0, taken = 0;
-	mp_get_stats(m->ch, &st);
-	uint64_t cqes0 = st.cqes;
-	int r = mp_dispatch(m->ch, &ev, timeout);
-	while (r == 1) {
-		n = record(m, n, &ev);
-		taken++;
-		if (n >= MPEV_MAX_EVENTS) break;
-		/* Drain what the completions reaped so far produced: each gives at most one event,
-		 * so while fewer events than completions were taken, more may be queued.  Stopping
-		 * there saves the system call an empty mp_dispatch(ch, ev, 0) would make; anything
-		 * left is handed out by the next dispatch without one. */
-		mp_get_stats(m->ch, &st);
-		if (st.cqes - cqes0 <= (uint64_t)taken) break;
-		r = mp_dispatch(m->ch, &ev, 0);
-	}
+	/* One call hands out every event the wait produced (up to the array); anything left is
+	 * handed out by the next dispatch without a system call. */
+	int n = 0;
+	int r = mp_dispatch_batch(m->ch, m->evs, MPEV_BATCH, timeout);
+	for (int i = 0; i < r; i++) n = record(m, n, &m->evs[i]);
 	EVBASE_ACQUIRE_LOCK(base, th_base_lock);
 
 	if (r < 0 && r != -EINTR && n == 0) {
@@ -328,8 +316,8 @@ static int mpev_dispatch(struct event_base *base, struct timeval *tv) {
 static void mpev_dealloc(struct event_base *base) {
 	struct mpev *m = base->evbase;
 	evsig_dealloc_(base);
-	/* In a forked child the ring's memory is shared with the parent: leave it alone. */
-	if (m->pid == getpid()) mp_destroy(m->ch);
+	/* In a forked child this only releases the child's copy of the ring (megapipe.h, fork). */
+	mp_destroy(m->ch);
 	mm_free(m->pend);
 	memset(m, 0, sizeof *m);
 	mm_free(m);
