@@ -96,9 +96,11 @@ struct Server {
     }
 };
 
-// Two channels on two threads, partitions of one address.  A (registered first, mask = every
-// CPU) gets every connection from the steering program; B (mask {0}, which A also holds) gets
-// none of its own.  A does not accept at all until told to, so its backlog builds up.
+// Two channels on two threads, partitions of one address.  A (mask {0}) gets every connection,
+// all made from a client thread pinned to CPU 0; B (mask {1}) gets none of its own.  (With
+// SO_INCOMING_CPU steering two partitions preferring one CPU would share it by the kernel's
+// hash, so B's mask must not hold the clients' CPU.)  A does not accept at all until told to,
+// so its backlog builds up.
 // slow_a: A accepts from the start but sleeps between dispatches instead.
 // lw: both accept lwsockets and serve every connection ("hi" -> "ok"), checked by the clients.
 Outcome run_balance(int balance, int n_conns, bool slow_a = false, bool lw = false) {
@@ -127,7 +129,7 @@ Outcome run_balance(int balance, int n_conns, bool slow_a = false, bool lw = fal
             a_state = -1;
             return;
         }
-        cpu_set_t m = all_cpus();
+        cpu_set_t m = one_cpu(0);
         mp_handle *h = mp_register(ch, lfd.get(), (void *)"A", &m);
         if (!h) {
             a_state = -1;
@@ -171,7 +173,7 @@ Outcome run_balance(int balance, int n_conns, bool slow_a = false, bool lw = fal
             b_state = -1;
             return;
         }
-        cpu_set_t m = one_cpu(0);
+        cpu_set_t m = one_cpu(1);
         mp_handle *h = mp_register(ch, lfd.get(), (void *)"B", &m);
         if (!h || mp_accept(h, 0, lw ? MP_LWSOCKET : 0) != 0) {
             b_state = -1;
@@ -195,6 +197,9 @@ Outcome run_balance(int balance, int n_conns, bool slow_a = false, bool lw = fal
     bool ready = wait_for([&] { return b_state != 0; }, 5000) && b_state > 0;
     EXPECT_TRUE(ready) << "channel B failed to register";
     std::vector<int> clients;
+    cpu_set_t saved, c0 = one_cpu(0);
+    pthread_getaffinity_np(pthread_self(), sizeof saved, &saved);
+    EXPECT_EQ(pthread_setaffinity_np(pthread_self(), sizeof c0, &c0), 0); // SYNs on CPU 0
     if (ready) {
         for (int i = 0; i < n_conns; i++) {
             if (slow_a) sleep_ms(2); // a stream of connections spanning A's naps
@@ -227,6 +232,7 @@ Outcome run_balance(int balance, int n_conns, bool slow_a = false, bool lw = fal
             }
         }
     }
+    pthread_setaffinity_np(pthread_self(), sizeof saved, &saved);
     stop = true;
     ta.join();
     tb.join();
