@@ -302,7 +302,7 @@ static void usage(FILE *f) {
             "usage: loadgen -p PORT [-a ADDR] [-m rpc|memcached|http] [-c conns] [-n txns-per-conn]\n"
             "               [-s bytes] [-t threads] [-C cpulist] [-d seconds] [-w warmup]\n"
             "               [-T timeout-ms] [-S server-pid] [-X cpus] [-K keys] [-V value-bytes] [-G get-%%]\n"
-            "               [-f filelist] [-Z mean]\n"
+            "               [-f filelist] [-Z mean] [-h|--help]\n"
             "  -c concurrent connections (default 256); -n transactions per connection\n"
             "     (default 1; 0 = persistent); -s rpc request = response size (default 64)\n"
             "  -t threads (default: one per CPU of -C, or 1); -C CPUs to pin to (e.g. 1)\n"
@@ -313,7 +313,8 @@ static void usage(FILE *f) {
             "  memcached: -K key space (default 10000; keys are 64 B), -V set value size\n"
             "     (default 1024), -G %% of gets (default 90)\n"
             "  http: -f file list (lines: PATH [WEIGHT]; default: GET /), -Z MEAN: requests per\n"
-            "     connection Zipf-like with this mean instead of -n\n");
+            "     connection Zipf-like with this mean instead of -n\n"
+            "  -h, --help  this text\n");
 }
 
 static double rusage_s(void) {
@@ -357,7 +358,8 @@ int main(int argc, char **argv) {
     cfg.timeout_ms = 2000;
     int port = -1, opt;
     const char *cpulist = NULL;
-    while ((opt = getopt(argc, argv, "p:a:m:c:n:s:t:C:d:w:T:S:X:K:V:G:f:Z:h")) != -1) {
+    static const struct option longopts[] = {{"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
+    while ((opt = getopt_long(argc, argv, "p:a:m:c:n:s:t:C:d:w:T:S:X:K:V:G:f:Z:h", longopts, NULL)) != -1) {
         switch (opt) {
         case 'p': port = atoi(optarg); break;
         case 'a':

@@ -1,8 +1,10 @@
 #!/bin/sh
 # quick.sh — the README's first benchmark (under 2 minutes): server on CPU 0, load generator
 # on CPU 1, 64 B messages, 256 connections, 1 / 8 / 128 transactions per connection; baseline
-# vs MegaPipe (P+B+L) interleaved, 3 repetitions, medians, ratios and the issue's targets.
-#   bench/quick.sh [BUILD_DIR]        (default: $BUILD_DIR or <repo>/build)
+# vs MegaPipe (P+B+L) interleaved, 3 repetitions, medians, ratios, and the project's
+# acceptance targets for this benchmark (docs/benchmarks.md).
+#   bench/quick.sh [BUILD_DIR]        (default: $BUILD_DIR, else <repo>/build)
+# scripts/bench.sh builds its own tree, <repo>/build-bench, and passes it here.
 # Extra knobs: REPS, SECS (measured seconds per run), SERVER_CPUS, LOADGEN_CPUS.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)

@@ -36,7 +36,7 @@ static void usage(FILE *f) {
             "usage: mpserver [-e baseline|megapipe] [-P 0|1] [-B 0|1] [-L 0|1] [-R 0|1]\n"
             "                [-E auto|uring|epoll] [-t threads] [-c cpulist] [-p port]\n"
             "                [-d seconds] [-i idle-seconds] [-m rpc|http] [-s bytes] [-b backlog]\n"
-            "                [-a addr]\n"
+            "                [-a addr] [-h|--help]\n"
             "  -e  engine: baseline = shared socket + epoll + BSD calls; megapipe = the library\n"
             "  -P -B -L  megapipe: partitioned listener, batching (32 vs 1), lwsockets (default 1)\n"
             "  -R  megapipe: buffered reads (multishot receive into provided buffers; default 0)\n"
@@ -45,7 +45,9 @@ static void usage(FILE *f) {
             "  -p  port (0 = any free one; default 0); -a IPv4 address (default 127.0.0.1)\n"
             "  -d  stop after this many seconds (default 600); -i stop after this many idle\n"
             "      seconds (default 60, 0 = never)\n"
-            "  -m  protocol (default rpc); -s rpc message size (default 64)\n");
+            "  -m  protocol (default rpc); -s rpc message size (default 64)\n"
+            "  -b  listen backlog (default 4096)\n"
+            "  -h, --help  this text\n");
 }
 
 static int parse01(const char *s) { return atoi(s) ? 1 : 0; }
@@ -59,7 +61,8 @@ int main(int argc, char **argv) {
     cfg.proto.size = 64;
     int port = 0, duration = 600, idle = 60, opt;
     const char *cpulist = NULL, *addr = "127.0.0.1";
-    while ((opt = getopt(argc, argv, "e:P:B:L:R:E:t:c:p:d:i:m:s:b:a:h")) != -1) {
+    static const struct option longopts[] = {{"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
+    while ((opt = getopt_long(argc, argv, "e:P:B:L:R:E:t:c:p:d:i:m:s:b:a:h", longopts, NULL)) != -1) {
         switch (opt) {
         case 'e':
             if (!strcmp(optarg, "baseline")) cfg.megapipe = 0;

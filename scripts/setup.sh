@@ -27,19 +27,18 @@ for p in "${want[@]}"; do
   [ "$st" = "installed" ] || missing+=("$p")
 done
 
-# deb-src for Debian's source packages (libevent, libuv, memcached, nginx are fetched with
-# `apt-get source` by the build). Add it once, next to the existing deb822 sources.
+# deb-src for Debian's source packages (libevent, ... are fetched with `apt-get source` by the
+# build): derived from the archives apt already uses (scripts/deb-src.sh), so it works behind
+# any mirror.  Nothing is written when source entries exist or are already current.
 need_update=0
-srcfile=/etc/apt/sources.list.d/megapipe-deb-src.sources
-if ! grep -rqsE '^(Types:.*deb-src|deb-src )' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-  $SUDO tee "$srcfile" >/dev/null <<'SRC'
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: bookworm bookworm-updates
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
-  need_update=1
+here=$(cd "$(dirname "$0")" && pwd)
+if changed=$($SUDO bash "$here/deb-src.sh" /etc/apt); then
+  if [ -n "$changed" ]; then
+    echo "setup: source package entries written: $changed"
+    need_update=1
+  fi
+else
+  echo "setup: could not enable deb-src (see above); the upstream parts (MP_WITH_*) need it" >&2
 fi
 
 if [ ${#missing[@]} -gt 0 ] || [ $need_update -eq 1 ]; then

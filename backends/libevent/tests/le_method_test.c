@@ -246,7 +246,25 @@ static void block_io_uring(void) {
     }
 }
 
+static void usage(FILE *f) {
+    fprintf(f,
+            "usage: le_method_test [--no-uring] [METHOD]\n"
+            "  Checks libevent's megapipe event method: the method a new event_base gets must be\n"
+            "  METHOD (default megapipe; epoll with EVENT_NOMEGAPIPE=1), then level- and\n"
+            "  edge-triggered events, EV_CLOSED, fd reuse, dispatch from other threads, fork.\n"
+            "  --no-uring  block io_uring_setup with a seccomp filter first (the method must\n"
+            "              decline and libevent fall back to epoll)\n"
+            "  -h, --help  this text\n"
+            "  Exit status: 0 passed, 1 failed, 77 skipped (METHOD megapipe, no io_uring here).\n");
+}
+
 int main(int argc, char **argv) {
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
+            usage(stdout);
+            return 0;
+        }
+    }
     if (argc > 1 && !strcmp(argv[1], "--no-uring")) {
         block_io_uring();
         argc--;
