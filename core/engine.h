@@ -4,7 +4,7 @@
  * An engine turns the core's requests (start this read, this write, arm this accept, watch
  * this fd) into kernel work and feeds the outcomes back through the mp__*_done() callbacks in
  * internal.h.  Everything else — handles, per-handle FIFOs, the event queue, statistics — is
- * engine-independent and lives in the core.  Two engines implement it: engine_uring.c
+ * engine-independent and lives in the core.  Two engines implement it: core/uring/
  * (io_uring, primary) and engine_epoll.c (epoll + non-blocking syscalls, fallback).
  */
 #ifndef MP_ENGINE_H

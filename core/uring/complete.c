@@ -1,0 +1,153 @@
+/*
+ * uring/complete.c — completion demultiplexing: CQEs are copied out of the completion ring in
+ * batches, and each is routed by its user_data (tag, generation or arm sequence, handle slot)
+ * to the core's mp__*_done callbacks; completions of ended handles release what they carry.
+ */
+#include <errno.h>
+#include <poll.h>
+#include <unistd.h>
+
+#include "uring.h"
+
+static void mp__u_complete(mp_channel *ch, uint64_t data, int res, unsigned flags) {
+    uring *u = U(ch);
+    enum tag t = (enum tag)(data >> 56);
+    uint32_t seq = (uint32_t)(data >> 32) & 0xffffff, idx = (uint32_t)data;
+    bool final = !(flags & IORING_CQE_F_MORE);
+    if (t == T_IGNORE || data == LIBURING_UDATA_TIMEOUT) return;
+    if (t == T_WAKE) {
+        if (final) u->wake_armed = false;
+        if (res >= 0 && read(u->efd, &u->efd_val, sizeof u->efd_val) > 0)
+            mp__event_push(ch, NULL, MP_EV_WAKE, 0, 0);
+        ch->st.syscalls++;
+        if (!u->wake_armed) mp__u_arm_wake(ch);
+        return;
+    }
+    mp_handle *h = mp__handle_at(ch, idx);
+    if (!h || h->state == H_FREE) return;
+    if (t != T_POLL && seq != h->gen) return;
+
+    bool acc = t == T_ACCEPT || t == T_STEAL;
+    bool acc_direct = acc && (t == T_ACCEPT ? h->acc.lw_armed : h->acc.lw_steal);
+    /* A one-shot direct accept ended: the slot it reserved is taken (counted in lwmap from
+     * the ACCEPT event on) or was not needed. */
+    if (acc && final && acc_direct && (t == T_STEAL || !h->acc.ms_armed) && u->lw_inflight)
+        u->lw_inflight--;
+
+    if (h->state != H_LIVE) {
+        /* Ended: release what the completion carries, deliver nothing. */
+        if (acc && res >= 0) {
+            if (acc_direct) mp__u_close_direct(ch, (unsigned)res);
+            else close(res);
+        }
+        if (flags & IORING_CQE_F_BUFFER) {
+            unsigned id = flags >> IORING_CQE_BUFFER_SHIFT;
+            mp__u_buf_take(ch, h, id);
+            mp__u_buf_release(ch, id);
+        }
+        if (t == T_READ && final) mp__read_done(h, res, 0, 0, NULL);
+        if (t == T_WRITE) mp__write_done(h, res);
+        if (t == T_EXPORT) {
+            u->export_res = res >= 0 ? (close(res), -EBADF) : res;
+            u->export_done = true;
+        }
+        if (final) mp__handle_settled(h);
+        return;
+    }
+
+    switch (t) {
+    case T_READ:
+        if (h->readbuf) {
+            mp__u_readbuf_done(ch, h, res, flags);
+            return;
+        }
+        h->inflight--;
+        mp__read_done(h, res, 0, 0, NULL);
+        return;
+    case T_WRITE:
+        h->inflight--;
+        mp__write_done(h, res);
+        return;
+    case T_ACCEPT:
+    case T_STEAL:
+        if (final) {
+            h->inflight--;
+            if (t == T_ACCEPT) h->acc.busy = false;
+            else h->acc.steal_busy = false;
+        }
+        if (res == -EINVAL && t == T_ACCEPT && h->acc.ms_armed) {
+            /* multishot accept refused: fall back to one accept at a time */
+            u->ms_accept = false;
+            ch->st.features &= ~MP_FEAT_MULTISHOT_ACCEPT;
+            ch->st.missing |= MP_FEAT_MULTISHOT_ACCEPT;
+            mp__log_once(ch, MP_LOG_NO_MULTISHOT, "multishot accept refused: one at a time");
+            mp__u_arm_accept(ch, h);
+            return;
+        }
+        if (res == -ECANCELED) { /* ours: a steal, or a multishot stopped (errors, headroom) */
+            if (t == T_ACCEPT) mp__u_arm_accept(ch, h); /* nothing while backing off */
+            return;
+        }
+        if (res >= 0 && acc_direct) res += MP_LWSOCKET_BASE;
+        mp__accept_done(h, res, flags & IORING_CQE_F_SOCK_NONEMPTY, t == T_STEAL);
+        if (res < 0 && t == T_ACCEPT) {
+            /* EMFILE, ENFILE (for lwsockets: the table filled under a multishot burst, and
+             * the kernel closed that connection)...: try again a little later. */
+            if (h->acc.busy) mp__u_cancel(ch, data); /* a multishot that goes on: stop it */
+            if (!h->acc.backoff) mp__u_accept_backoff(ch, h);
+            return;
+        }
+        /* A multishot of lwsockets goes one at a time once the table runs low. */
+        if (t == T_ACCEPT && h->acc.busy && acc_direct && mp__u_lw_free(ch) <= LW_MULTISHOT_HEADROOM)
+            mp__u_cancel(ch, data);
+        if (final && t == T_ACCEPT) mp__u_arm_accept(ch, h);
+        return;
+    case T_TIMER:
+        h->inflight--;
+        h->acc.backoff = false;
+        mp__u_arm_accept(ch, h);
+        return;
+    case T_POLL:
+        if (final) h->inflight--;
+        if (seq != h->pw.seq || h->kind != HK_POLL) return; /* an old arm */
+        if (final) h->pw.armed = false;
+        if (res == -ECANCELED) {
+            if (!h->pw.armed) mp__u_poll_arm(ch, h);
+            return;
+        }
+        mp__poll_done(h, res < 0 ? (uint32_t)POLLERR : (uint32_t)res);
+        if (final && !h->pw.armed) {
+            if (h->pw.flags & MP_POLL_ET) mp__u_poll_arm(ch, h); /* multishot ended: re-arm */
+            else mp__rearm_add(h);                               /* level: at next wait */
+        }
+        return;
+    case T_EXPORT:
+        h->inflight--;
+        u->export_res = res;
+        u->export_done = true;
+        return;
+    default:
+        return;
+    }
+}
+
+void mp__u_reap(mp_channel *ch) {
+    uring *u = U(ch);
+    struct { uint64_t data; int res; unsigned flags; } batch[REAP_MAX];
+    for (;;) {
+        unsigned n = 0, head;
+        struct io_uring_cqe *cqe;
+        io_uring_for_each_cqe(&u->ring, head, cqe) {
+            batch[n].data = cqe->user_data;
+            batch[n].res = cqe->res;
+            batch[n].flags = cqe->flags;
+            if (++n == REAP_MAX) break;
+        }
+        if (!n) break;
+        io_uring_cq_advance(&u->ring, n);
+        ch->st.cqes += n;
+        for (unsigned i = 0; i < n; i++) mp__u_complete(ch, batch[i].data, batch[i].res, batch[i].flags);
+        if (n < REAP_MAX) break;
+    }
+    if (io_uring_cq_has_overflow(&u->ring)) ch->st.cq_overflows++;
+}

@@ -1,0 +1,133 @@
+/*
+ * uring/uring.h — what the io_uring engine's files share: its per-channel state, the
+ * user_data layout, and the calls between its jobs (setup.c: the ring and what the kernel
+ * offers; submit.c: batches and waits; requests.c: the core's requests as SQEs; complete.c:
+ * completion demultiplexing; bufring.c: buffered reads).  Nothing here is seen above the seam
+ * (core/engine.h).
+ *
+ * Requests become SQEs written straight into the shared submission ring; the batcher's rules
+ * decide when one io_uring_enter() hands them over.  Completions are read from the CQ ring in
+ * user space and turned into events.  What the engine asks of the kernel, probed at
+ * mp_create(): SINGLE_ISSUER + DEFER_TASKRUN (task work runs only when we wait: fewer
+ * interruptions), a registered ring fd, a sparse direct-descriptor table (lwsockets),
+ * multishot accept, FIXED_FD_INSTALL (mp_export_fd), provided-buffer rings and multishot
+ * receive (buffered reads), multishot poll (the readiness adapter).  Missing features are
+ * fallbacks, logged once and reported in mp_stats.missing.
+ *
+ * user_data = tag << 56 | seq << 32 | handle index.  Handles are never reused while the kernel
+ * holds one of their operations, so the index alone finds the handle; seq is the handle's
+ * generation (for polls: the arm sequence, so a cancelled arm's late completion is told apart
+ * from the current one).
+ */
+#ifndef MP_URING_H
+#define MP_URING_H
+
+#include <liburing.h>
+
+#include "../internal.h"
+#include "compat.h"
+
+enum tag { T_IGNORE = 0, T_READ, T_WRITE, T_ACCEPT, T_STEAL, T_TIMER, T_POLL, T_EXPORT, T_WAKE };
+
+#define BUF_GROUP 0
+#define BACKOFF_NS (10 * 1000 * 1000) /* re-try accepting 10 ms after an error */
+#define BALANCE_POLL_MS 5             /* how often an idle balancing channel looks at siblings */
+#define REAP_MAX 256
+
+typedef struct uring {
+    struct io_uring ring;
+    bool enabled;        /* ring created disabled; enabled by the thread that first submits */
+    bool ring_fd_tried;  /* registered ring fd attempted (on the owning thread) */
+    int efd;             /* mp_wake() eventfd */
+    uint64_t efd_val;
+    bool wake_armed;
+    unsigned nfixed;     /* direct-descriptor table size, 0 = no lwsockets */
+    bool ms_accept, fixed_install, ms_poll;
+    bool cqe_skip;       /* IORING_FEAT_CQE_SKIP: fire-and-forget SQEs post no CQE */
+    bool min_wait;       /* IORING_FEAT_MIN_TIMEOUT and MP_WAIT_USEC > 0 */
+    bool ring_fd_registered;
+    unsigned last_burst; /* CQEs the last wait brought: is gathering worth it? */
+    bool balancing;      /* some listener may steal from siblings */
+    int export_res;
+    bool export_done;
+    /* buffered reads */
+    struct io_uring_buf_ring *br;
+    char *bufs;
+    uint8_t *buf_busy;   /* buffer id -> held by the application */
+    unsigned nbufs, bufsz;
+    bool br_failed;
+    struct buf_owner { uint32_t idx1, gen; } *buf_owner; /* buffer id -> holding handle */
+    unsigned lw_inflight; /* one-shot direct accepts in the kernel: each may take a slot */
+    bool run_task_work;   /* the next flush also runs the ring's task work (see detach) */
+    struct __kernel_timespec backoff_ts;
+} uring;
+
+#define U(ch) ((uring *)(ch)->eng_data)
+
+
+/* A multishot receive may fill 1 + 32 buffers in one pass (the kernel's retry limit) and run
+ * more than one pass before its completions are reaped: it is used only while a connection
+ * holds this many fewer buffers than MP_BUF_PER_CONN, and cancelled when it gets closer. */
+#define RB_MULTISHOT_MARGIN 96
+
+/* lwsockets: a direct accept whose connection finds no free slot in the table is closed by
+ * the kernel after it left the backlog.  So the engine reserves a slot for every accept it
+ * arms: one-shot accepts, at most as many as slots are free, and multishot only while more
+ * slots are free than a full accept queue can hand over at once. */
+#define LW_MULTISHOT_HEADROOM 4608u /* > net.core.somaxconn's default of 4096 */
+
+static inline uint64_t ud(enum tag t, uint32_t seq, uint32_t idx) {
+    return (uint64_t)t << 56 | (uint64_t)(seq & 0xffffff) << 32 | idx;
+}
+
+static inline void set_file(struct io_uring_sqe *sqe, mp_handle *h) {
+    if (h->fixed) sqe->flags |= IOSQE_FIXED_FILE;
+}
+
+/* Buffers h may still take before MP_BUF_PER_CONN (negative past it). */
+static inline int64_t rb_room(const mp_channel *ch, const mp_handle *h) {
+    return (int64_t)ch->cfg.buf_per_conn - (int64_t)h->bufs_held;
+}
+
+/* May h's receive be multishot?  Always when MP_BUF_PER_CONN is the whole pool (then the pool
+ * is the only bound, and running out of it is handled: ENOBUFS, re-armed on release). */
+static inline bool rb_multishot_ok(const mp_channel *ch, const mp_handle *h) {
+    return (unsigned)ch->cfg.buf_per_conn >= U(ch)->nbufs || rb_room(ch, h) > RB_MULTISHOT_MARGIN;
+}
+
+/* setup.c */
+void mp__u_enable(mp_channel *ch);
+/* submit.c */
+int mp__u_flush(mp_channel *ch);
+struct io_uring_sqe *mp__u_sqe(mp_channel *ch);
+void mp__u_batch_check(mp_channel *ch);
+void mp__u_set_ignored(mp_channel *ch, struct io_uring_sqe *sqe);
+void mp__u_cancel(mp_channel *ch, uint64_t target);
+void mp__u_close_direct(mp_channel *ch, unsigned slot);
+unsigned mp__u_ready(const mp_channel *ch);
+void mp__u_arm_wake(mp_channel *ch);
+int mp__u_wake(mp_channel *ch);
+int mp__u_wait(mp_channel *ch, int timeout_ms);
+/* bufring.c */
+int mp__u_bufring_setup(mp_channel *ch);
+void mp__u_buf_take(mp_channel *ch, mp_handle *h, unsigned id);
+int mp__u_buf_release(mp_channel *ch, unsigned id);
+void mp__u_readbuf_done(mp_channel *ch, mp_handle *h, int res, unsigned flags);
+/* requests.c */
+ssize_t mp__u_start_read(mp_channel *ch, mp_handle *h, mp_op *op);
+ssize_t mp__u_start_write(mp_channel *ch, mp_handle *h, mp_op *op);
+bool mp__u_prep_accept(mp_channel *ch, mp_handle *h, struct io_uring_sqe *sqe, int fd,
+                       bool multishot);
+unsigned mp__u_lw_free(const mp_channel *ch);
+void mp__u_accept_pause(mp_channel *ch, mp_handle *h);
+int mp__u_arm_accept(mp_channel *ch, mp_handle *h);
+void mp__u_accept_backoff(mp_channel *ch, mp_handle *h);
+void mp__u_balance(mp_channel *ch);
+int mp__u_poll_arm(mp_channel *ch, mp_handle *h);
+unsigned mp__u_detach(mp_channel *ch, mp_handle *h);
+int mp__u_attach(mp_channel *ch, mp_handle *h);
+int mp__u_export_fd(mp_channel *ch, mp_handle *h);
+/* complete.c */
+void mp__u_reap(mp_channel *ch);
+
+#endif
