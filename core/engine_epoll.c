@@ -20,13 +20,18 @@
 #include "internal.h"
 
 #define WAKE_TAG UINT64_MAX
+#define POLLSET_TAG (UINT64_MAX - 1)
 #define MAX_EVENTS 256
 #define BACKOFF_MS 10
 
+/* Readiness watches live in an epoll set of their own (pepfd), nested in the main one, so a
+ * watch and a completion registration may share an fd (epoll keeps one item per fd and set,
+ * and a watch's level/edge/one-shot flags must not change how the engine waits for its own
+ * operations, which is always edge-triggered).  Made at the first watch. */
 typedef struct epeng {
-    int epfd, efd;
+    int epfd, efd, pepfd;
     int64_t retry_at; /* accept back-off: when to try again (ms, monotonic), 0 = none */
-    struct epoll_event evs[MAX_EVENTS];
+    struct epoll_event evs[MAX_EVENTS], pevs[MAX_EVENTS];
 } epeng;
 
 #define E(ch) ((epeng *)(ch)->eng_data)
@@ -42,14 +47,36 @@ static int set_nonblock(mp_channel *ch, int fd) {
     return fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0 ? -errno : 0;
 }
 
-static int ep_ctl(mp_channel *ch, int op, int fd, uint32_t events, uint64_t data) {
+static int ep_ctl_on(mp_channel *ch, int epfd, int op, int fd, uint32_t events, uint64_t data) {
     struct epoll_event ev = {.events = events, .data.u64 = data};
     ch->st.syscalls++;
-    return epoll_ctl(E(ch)->epfd, op, fd, &ev) < 0 ? -errno : 0;
+    return epoll_ctl(epfd, op, fd, &ev) < 0 ? -errno : 0;
+}
+
+static int ep_ctl(mp_channel *ch, int op, int fd, uint32_t events, uint64_t data) {
+    return ep_ctl_on(ch, E(ch)->epfd, op, fd, events, data);
+}
+
+static int pollset(mp_channel *ch) {
+    epeng *e = E(ch);
+    if (e->pepfd >= 0) return e->pepfd;
+    ch->st.syscalls += 2;
+    int fd = epoll_create1(EPOLL_CLOEXEC);
+    if (fd < 0) return -errno;
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = POLLSET_TAG};
+    if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        int err = -errno;
+        close(fd);
+        return err;
+    }
+    return e->pepfd = fd;
 }
 
 static int ep_attach(mp_channel *ch, mp_handle *h) {
-    if (h->kind == HK_POLL) return 0; /* added by poll_arm */
+    if (h->kind == HK_POLL) { /* added by poll_arm */
+        int r = pollset(ch);
+        return r < 0 ? r : 0;
+    }
     if (h->kind == HK_LISTENER) {
         int r = set_nonblock(ch, h->fd);
         if (r < 0) return r;
@@ -62,11 +89,15 @@ static int ep_attach(mp_channel *ch, mp_handle *h) {
 
 static unsigned ep_detach(mp_channel *ch, mp_handle *h) {
     /* EPOLL_CTL_DEL names the fd *number*.  If the application closed the fd and the number
-     * now belongs to another handle of this channel, deleting would remove the new
-     * registration (libuv #4323); the old one went away with the close. */
-    bool reused = h->kind == HK_POLL ? mp__fdmap_get(ch, h->fd) != 0
-                                     : mp__pollmap_get(ch, h->fd) != 0;
-    if ((h->kind != HK_POLL || h->pw.armed) && !reused) ep_ctl(ch, EPOLL_CTL_DEL, h->fd, 0, 0);
+     * now belongs to another handle of the same set, deleting would remove the new
+     * registration (libuv #4323); the old one went away with the close.  (The maps no longer
+     * name h: mp__handle_end cleared its own entry.) */
+    if (h->kind == HK_POLL) {
+        if (h->pw.armed && !mp__pollmap_get(ch, h->fd))
+            ep_ctl_on(ch, E(ch)->pepfd, EPOLL_CTL_DEL, h->fd, 0, 0);
+    } else if (!mp__fdmap_get(ch, h->fd)) {
+        ep_ctl(ch, EPOLL_CTL_DEL, h->fd, 0, 0);
+    }
     h->pw.armed = false;
     return 0; /* nothing of ours stays in the kernel */
 }
@@ -142,7 +173,8 @@ static int ep_arm_accept(mp_channel *ch, mp_handle *h) {
 
 static int ep_poll_arm(mp_channel *ch, mp_handle *h) {
     uint32_t ev = h->pw.events | ((h->pw.flags & MP_POLL_ET) ? EPOLLET : 0);
-    int r = ep_ctl(ch, h->pw.armed ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, h->fd, ev, tag(h));
+    int r = ep_ctl_on(ch, E(ch)->pepfd, h->pw.armed ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, h->fd, ev,
+                      tag(h));
     if (r == 0) h->pw.armed = true;
     return r;
 }
@@ -196,6 +228,17 @@ static int ep_wait(mp_channel *ch, int timeout_ms) {
     for (int i = 0; i < n; i++) {
         uint64_t d = e->evs[i].data.u64;
         uint32_t rev = e->evs[i].events;
+        if (d == POLLSET_TAG) { /* readiness watches: their own set, read without waiting */
+            ch->st.syscalls++;
+            int k = epoll_wait(e->pepfd, e->pevs, MAX_EVENTS, 0);
+            for (int j = 0; j < k; j++) {
+                mp_handle *w = mp__handle_at(ch, (uint32_t)e->pevs[j].data.u64);
+                if (w && w->state == H_LIVE && w->kind == HK_POLL &&
+                    w->gen == (uint32_t)(e->pevs[j].data.u64 >> 32))
+                    mp__poll_done(w, e->pevs[j].events);
+            }
+            continue;
+        }
         if (d == WAKE_TAG) {
             uint64_t v;
             ch->st.syscalls++;
@@ -207,9 +250,6 @@ static int ep_wait(mp_channel *ch, int timeout_ms) {
         switch (h->kind) {
         case HK_LISTENER:
             ep_arm_accept(ch, h);
-            break;
-        case HK_POLL:
-            mp__poll_done(h, rev);
             break;
         default:
             if ((rev & (EPOLLIN | EPOLLERR | EPOLLHUP | EPOLLRDHUP)) && h->r_busy) retry_read(ch, h);
@@ -240,6 +280,7 @@ static unsigned ep_ready(const mp_channel *ch) {
 static int ep_init(mp_channel *ch) {
     epeng *e = calloc(1, sizeof *e);
     if (!e) return -ENOMEM;
+    e->pepfd = -1;
     e->epfd = epoll_create1(EPOLL_CLOEXEC);
     e->efd = e->epfd < 0 ? -1 : eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     struct epoll_event ev = {.events = EPOLLIN, .data.u64 = WAKE_TAG};
@@ -259,6 +300,7 @@ static void ep_fini(mp_channel *ch) {
     if (!e) return;
     close(e->epfd);
     close(e->efd);
+    if (e->pepfd >= 0) close(e->pepfd);
     free(e);
     ch->eng_data = NULL;
 }

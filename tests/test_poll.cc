@@ -602,3 +602,42 @@ TEST_F(Poll, StaleDelAfterReuseKeepsNewConnection) {
     }
     EXPECT_EQ(mp_unregister(c), 0);
 }
+
+namespace {
+
+// A readiness watch and a completion registration on the same fd, on both engines (the epoll
+// engine keeps watches in a set of their own): each keeps working, and ending one leaves the
+// other alone.
+TEST_F(Poll, WatchAndConnectionShareAnFd) {
+    Pair p;
+    ASSERT_TRUE(tcp_pair(p));
+    mp_handle *c = mp_register(ch, p.a.get(), (void *)0xc1, nullptr);
+    ASSERT_NE(c, nullptr) << strerror(errno);
+    mp_handle *w = mp_poll_add(ch, p.a.get(), EPOLLOUT, 0, (void *)0xa1);
+    ASSERT_NE(w, nullptr) << "a watch on a registered connection's fd: " << strerror(errno);
+    mp_event ev;
+    ASSERT_TRUE(wait_event(ch, MP_EV_POLL, w, &ev));
+    EXPECT_TRUE(ev.u.poll.revents & EPOLLOUT);
+    char buf[16];
+    ASSERT_EQ(mp_read(c, buf, sizeof buf), 0);
+    ASSERT_TRUE(write_all(p.b.get(), "both", 4));
+    ASSERT_TRUE(wait_event(ch, MP_EV_READ, c, &ev));
+    EXPECT_EQ(ev.result, 4);
+    EXPECT_EQ(std::string(buf, 4), "both");
+    // End the watch: the connection goes on.
+    ASSERT_EQ(mp_poll_del(w), 0);
+    ASSERT_EQ(mp_read(c, buf, sizeof buf), 0);
+    ASSERT_TRUE(write_all(p.b.get(), "more", 4));
+    ASSERT_TRUE(wait_event(ch, MP_EV_READ, c, &ev));
+    EXPECT_EQ(std::string(buf, 4), "more");
+    // A new watch, then end the connection: the watch goes on.
+    mp_handle *w2 = mp_poll_add(ch, p.a.get(), EPOLLIN, 0, (void *)0xa2);
+    ASSERT_NE(w2, nullptr) << strerror(errno);
+    ASSERT_EQ(mp_unregister(c), 0);
+    ASSERT_TRUE(write_all(p.b.get(), "x", 1));
+    ASSERT_TRUE(wait_event(ch, MP_EV_POLL, w2, &ev));
+    EXPECT_TRUE(ev.u.poll.revents & EPOLLIN);
+    ASSERT_EQ(mp_poll_del(w2), 0);
+}
+
+} // namespace
