@@ -50,6 +50,7 @@ typedef struct lconn {
     uint32_t gen;         /* bumped at each new socket: stale completions are ignored */
     int timed_out;
     unsigned done;        /* transactions on this connection */
+    uint64_t mdone;       /* transactions of this connection slot in the measured interval */
     unsigned ntx;         /* ... and how many it will do (0 = persistent) */
     size_t sent;
     const char *req;
@@ -198,8 +199,10 @@ static void on_cqe(lthread *t, uint64_t ud, int res) {
         }
         if (c->p.bad) atomic_fetch_add_explicit(&t->proto_errors, 1, memory_order_relaxed);
         atomic_fetch_add_explicit(&t->txns, 1, memory_order_relaxed);
-        if (atomic_load_explicit(&g_measure, memory_order_relaxed))
+        if (atomic_load_explicit(&g_measure, memory_order_relaxed)) {
             hist_add(&t->lat, now_ns() - c->t_send);
+            c->mdone++;
+        }
         c->done++;
         if (c->ntx > 0 && c->done >= c->ntx)
             conn_restart(t, i);
@@ -331,6 +334,11 @@ static uint64_t sum_field(lthread *ts, int n, size_t off) {
     return s;
 }
 #define SUM(ts, n, f) sum_field(ts, n, offsetof(lthread, f))
+
+static int cmp_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
 
 static void sleep_s(double s) {
     uint64_t end = now_ns() + (uint64_t)(s * 1e9);
@@ -505,6 +513,26 @@ int main(int argc, char **argv) {
             if (ts[i].c[k].fd >= 0) close(ts[i].c[k].fd);
     }
 
+    /* Fairness: transactions per connection slot in the measured interval. */
+    uint64_t *per = malloc(sizeof *per * (size_t)cfg.conns);
+    int nper = 0;
+    for (int i = 0; per && i < started; i++)
+        for (int k = 0; k < ts[i].nconns; k++) per[nper++] = ts[i].c[k].mdone;
+    uint64_t pc_min = 0, pc_p1 = 0, pc_med = 0, pc_p99 = 0, pc_max = 0;
+    double pc_zero = 0;
+    if (per && nper) {
+        qsort(per, (size_t)nper, sizeof *per, cmp_u64);
+        pc_min = per[0];
+        pc_p1 = per[nper / 100];
+        pc_med = per[nper / 2];
+        pc_p99 = per[nper - 1 - nper / 100];
+        pc_max = per[nper - 1];
+        int z = 0;
+        for (int i = 0; i < nper; i++) z += per[i] == 0;
+        pc_zero = (double)z / nper;
+    }
+    free(per);
+
     double secs = (double)(t1 - t0) / 1e9, lg_cpu = cpu1 - cpu0;
     double tps = secs > 0 ? (double)tx / secs : 0;
     double srv_cpu = (srv0 >= 0 && srv1 >= 0) ? (double)(srv1 - srv0) / 1e9 : -1;
@@ -521,6 +549,9 @@ int main(int argc, char **argv) {
     printf("  throughput %.0f txn/s (%llu txns, %llu new connections)\n", tps,
            (unsigned long long)tx, (unsigned long long)cn);
     printf("  latency p50 %.1f us  p99 %.1f us  p99.9 %.1f us\n", p50, p99, p999);
+    printf("  per-connection txns: min %llu  p1 %llu  median %llu  p99 %llu  max %llu  zero %.3f\n",
+           (unsigned long long)pc_min, (unsigned long long)pc_p1, (unsigned long long)pc_med,
+           (unsigned long long)pc_p99, (unsigned long long)pc_max, pc_zero);
     printf("  errors %llu  connect errors %llu  timeouts %llu  error responses %llu\n",
            (unsigned long long)er, (unsigned long long)ce, (unsigned long long)to,
            (unsigned long long)pe);
@@ -540,14 +571,17 @@ int main(int argc, char **argv) {
            "tps=%.1f p50_us=%.2f p99_us=%.2f p999_us=%.2f errors=%llu connect_errors=%llu "
            "timeouts=%llu proto_errors=%llu connects=%llu lg_cpu_s=%.4f lg_util=%.3f lg_cpu_us_per_txn=%.3f "
            "server_cpu_s=%.4f server_cpu_us_per_txn=%.3f core_busy_s=%.4f core_us_per_txn=%.3f "
-           "core_softirq_us_per_txn=%.3f others_cpus=%.3f\n",
+           "core_softirq_us_per_txn=%.3f others_cpus=%.3f pc_min=%llu pc_p1=%llu pc_med=%llu "
+           "pc_p99=%llu pc_max=%llu pc_zero=%.4f\n",
            mode, cfg.conns, cfg.txns_per_conn, cfg.proto.zipf_mean, cfg.size, started, secs, (unsigned long long)tx,
            tps, p50, p99, p999, (unsigned long long)er, (unsigned long long)ce,
            (unsigned long long)to, (unsigned long long)pe, (unsigned long long)cn, lg_cpu, secs > 0 ? lg_cpu / (secs * started) : 0,
            tx ? lg_cpu * 1e6 / (double)tx : 0, srv_cpu,
            (tx && srv_cpu >= 0) ? srv_cpu * 1e6 / (double)tx : -1, core_cpu,
            (tx && core_cpu >= 0) ? core_cpu * 1e6 / (double)tx : -1,
-           (tx && core_cpu >= 0) ? core_si * 1e6 / (double)tx : -1, secs > 0 ? others / secs : 0);
+           (tx && core_cpu >= 0) ? core_si * 1e6 / (double)tx : -1, secs > 0 ? others / secs : 0,
+           (unsigned long long)pc_min, (unsigned long long)pc_p1, (unsigned long long)pc_med,
+           (unsigned long long)pc_p99, (unsigned long long)pc_max, pc_zero);
     fflush(stdout);
     for (int i = 0; i < started; i++) {
         free(ts[i].c);

@@ -19,7 +19,7 @@ int mp_accept(mp_handle *h, unsigned count, int flags) {
     else
         h->acc.left = (h->acc.left + count < h->acc.left) ? ~0u : h->acc.left + count;
     ch->st.requests++;
-    if (h->acc.busy || h->acc.backoff) return 0; /* the engine continues by itself */
+    if (h->acc.backoff) return 0; /* the engine goes on by itself after the back-off */
     return ch->eng->arm_accept(ch, h);
 }
 

@@ -88,9 +88,8 @@ struct mp_handle {
         unsigned left;             /* accepts still wanted (count > 0 calls) */
         bool forever;              /* count 0: until unregistered */
         bool lw;                   /* accept as lwsockets (the latest mp_accept's wish) */
-        bool lw_armed, lw_steal;   /* what the accept / stolen accept in the kernel yields */
-        bool ms_armed;             /* the accept in the kernel is multishot */
-        bool busy;                 /* an accept (or multishot) is in the kernel */
+        unsigned nflight;          /* accepts in the kernel (a multishot counts one) */
+        bool ms_armed;             /* the accept in the kernel is one multishot */
         bool backoff;              /* waiting after an accept error */
         bool steal_busy;           /* a balancing accept on a sibling is in the kernel */
         bool lw_full;              /* paused: no free lwsocket slot (re-checked at each wait) */

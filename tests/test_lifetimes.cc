@@ -443,3 +443,46 @@ TEST(Abi, OptionsAndStatsAreSized) {
 }
 
 } // namespace
+
+namespace {
+
+// One-shot accepts (a small lwsocket table keeps the engine off multishot; so do count-limited
+// mp_accept calls) still take a burst of connections in a few waits, not one per wait.
+TEST(AcceptBurst, OneShotAcceptsTakeManyPerWait) {
+    mp_options o = opts();
+    o.max_lwsockets = 256;
+    Channel ch(mp_create(&o));
+    ASSERT_NE(ch.get(), nullptr);
+    Fd lfd(make_listener(256));
+    mp_handle *hl = mp_register(ch, lfd.get(), nullptr, nullptr);
+    ASSERT_NE(hl, nullptr);
+    ASSERT_EQ(mp_accept(hl, 0, MP_LWSOCKET), 0);
+    mp_event evs[64];
+    ASSERT_EQ(mp_dispatch_batch(ch, evs, 64, 0), 0); // armed
+    const int N = 32;
+    std::vector<Fd> clients;
+    for (int i = 0; i < N; i++) clients.emplace_back(connect_client(local_port(lfd.get())));
+    sleep_ms(30);
+    mp_stats s0, s1;
+    ASSERT_EQ(mp_get_stats(ch, &s0), 0);
+    int got = 0, calls = 0;
+    while (got < N && calls < 100) {
+        int n = mp_dispatch_batch(ch, evs, 64, 1000);
+        ASSERT_GE(n, 0);
+        calls++;
+        for (int i = 0; i < n; i++) {
+            ASSERT_EQ(evs[i].cmd, MP_EV_ACCEPT);
+            ASSERT_GE(evs[i].result, 0);
+            ASSERT_EQ(mp_close_accepted(ch, (int)evs[i].result), 0);
+            got++;
+        }
+    }
+    ASSERT_EQ(mp_get_stats(ch, &s1), 0);
+    EXPECT_EQ(got, N);
+    if (is_uring(ch)) { // (the epoll engine makes one accept4 per connection, by design)
+        EXPECT_LE(s1.syscalls - s0.syscalls, (uint64_t)N / 4)
+            << "accepting " << N << " queued connections took a system call each";
+    }
+}
+
+} // namespace

@@ -27,12 +27,21 @@ static void mp__u_complete(mp_channel *ch, uint64_t data, int res, unsigned flag
     if (!h || h->state == H_FREE) return;
     if (t != T_POLL && seq != h->gen) return;
 
-    bool acc = t == T_ACCEPT || t == T_STEAL;
-    bool acc_direct = acc && (t == T_ACCEPT ? h->acc.lw_armed : h->acc.lw_steal);
-    /* A one-shot direct accept ended: the slot it reserved is taken (counted in lwmap from
-     * the ACCEPT event on) or was not needed. */
-    if (acc && final && acc_direct && (t == T_STEAL || !h->acc.ms_armed) && u->lw_inflight)
-        u->lw_inflight--;
+    bool steal = t == T_STEAL || t == T_STEAL_LW;
+    bool acc = steal || t == T_ACCEPT || t == T_ACCEPT_LW;
+    bool acc_direct = t == T_ACCEPT_LW || t == T_STEAL_LW;
+    bool acc_ms = acc && !steal && h->acc.ms_armed;
+    if (acc && final) {
+        /* A one-shot direct accept ended: the slot it reserved is taken (counted in lwmap
+         * from the ACCEPT event on) or was not needed. */
+        if (acc_direct && !acc_ms && u->lw_inflight) u->lw_inflight--;
+        if (steal) {
+            h->acc.steal_busy = false;
+        } else {
+            if (h->acc.nflight) h->acc.nflight--;
+            if (acc_ms) h->acc.ms_armed = false;
+        }
+    }
 
     if (h->state != H_LIVE) {
         /* Ended: release what the completion carries, deliver nothing. */
@@ -69,38 +78,37 @@ static void mp__u_complete(mp_channel *ch, uint64_t data, int res, unsigned flag
         mp__write_done(h, res);
         return;
     case T_ACCEPT:
+    case T_ACCEPT_LW:
     case T_STEAL:
-        if (final) {
-            h->inflight--;
-            if (t == T_ACCEPT) h->acc.busy = false;
-            else h->acc.steal_busy = false;
-        }
-        if (res == -EINVAL && t == T_ACCEPT && h->acc.ms_armed) {
-            /* multishot accept refused: fall back to one accept at a time */
+    case T_STEAL_LW:
+        if (final) h->inflight--;
+        if (res == -EINVAL && acc_ms) {
+            /* multishot accept refused: fall back to one-shot accepts */
             u->ms_accept = false;
             ch->st.features &= ~MP_FEAT_MULTISHOT_ACCEPT;
             ch->st.missing |= MP_FEAT_MULTISHOT_ACCEPT;
-            mp__log_once(ch, MP_LOG_NO_MULTISHOT, "multishot accept refused: one at a time");
+            mp__log_once(ch, MP_LOG_NO_MULTISHOT, "multishot accept refused: one-shot accepts");
             mp__u_arm_accept(ch, h);
             return;
         }
-        if (res == -ECANCELED) { /* ours: a steal, or a multishot stopped (errors, headroom) */
-            if (t == T_ACCEPT) mp__u_arm_accept(ch, h); /* nothing while backing off */
+        if (res == -ECANCELED) { /* ours: a steal, or accepts stopped (errors, headroom) */
+            if (!steal) mp__u_arm_accept(ch, h); /* nothing while backing off */
             return;
         }
         if (res >= 0 && acc_direct) res += MP_LWSOCKET_BASE;
-        mp__accept_done(h, res, flags & IORING_CQE_F_SOCK_NONEMPTY, t == T_STEAL);
-        if (res < 0 && t == T_ACCEPT) {
+        mp__accept_done(h, res, flags & IORING_CQE_F_SOCK_NONEMPTY, steal);
+        if (res < 0 && !steal) {
             /* EMFILE, ENFILE (for lwsockets: the table filled under a multishot burst, and
-             * the kernel closed that connection)...: try again a little later. */
-            if (h->acc.busy) mp__u_cancel(ch, data); /* a multishot that goes on: stop it */
+             * the kernel closed that connection)...: stop every accept of h (one error event
+             * per retry, not one per accept in flight) and try again a little later. */
+            if (h->acc.nflight) mp__u_cancel_accepts(ch, h);
             if (!h->acc.backoff) mp__u_accept_backoff(ch, h);
             return;
         }
-        /* A multishot of lwsockets goes one at a time once the table runs low. */
-        if (t == T_ACCEPT && h->acc.busy && acc_direct && mp__u_lw_free(ch) <= LW_MULTISHOT_HEADROOM)
+        /* A multishot of lwsockets stops once the table runs low: one-shots from then on. */
+        if (acc_ms && !final && acc_direct && mp__u_lw_free(ch) <= LW_MULTISHOT_HEADROOM)
             mp__u_cancel(ch, data);
-        if (final && t == T_ACCEPT) mp__u_arm_accept(ch, h);
+        if (final && !steal) mp__u_arm_accept(ch, h);
         return;
     case T_TIMER:
         h->inflight--;

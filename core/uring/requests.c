@@ -133,26 +133,40 @@ void mp__u_accept_pause(mp_channel *ch, mp_handle *h) {
 
 int mp__u_arm_accept(mp_channel *ch, mp_handle *h) {
     uring *u = U(ch);
-    if (h->acc.busy || h->acc.backoff || !accept_wanted(h)) return 0;
+    if (h->acc.backoff || !accept_wanted(h) || h->acc.ms_armed) return 0;
     bool direct = h->acc.lw && u->nfixed;
-    unsigned slots = direct ? mp__u_lw_free(ch) : 0;
-    if (direct && !slots) {
+    unsigned slots = direct ? mp__u_lw_free(ch) : ~0u;
+    bool ms = h->acc.forever && u->ms_accept && (!direct || slots > LW_MULTISHOT_HEADROOM);
+    if (ms && h->acc.nflight) return 0; /* one-shots still out: multishot when they are back */
+    /* One-shot accepts: as many as are wanted, slots allow (each may take one) and the cap. */
+    unsigned want = ms ? 1 : ACCEPT_ONESHOT_MAX;
+    if (!h->acc.forever && h->acc.left < want) want = h->acc.left;
+    if (!ms && slots < want) want = slots;
+    if (direct && !slots && !h->acc.nflight) {
         mp__u_accept_pause(ch, h);
         return 0;
     }
     h->acc.lw_full = false;
-    struct io_uring_sqe *sqe = mp__u_sqe(ch);
-    if (!sqe) return -EAGAIN;
-    bool ms = h->acc.forever && u->ms_accept && (!direct || slots > LW_MULTISHOT_HEADROOM);
-    h->acc.lw_armed = mp__u_prep_accept(ch, h, sqe, h->fd, ms);
-    h->acc.ms_armed = ms;
-    if (direct && !ms) u->lw_inflight++;
-    io_uring_sqe_set_data64(sqe, ud(T_ACCEPT, h->gen, h->idx));
-    h->acc.busy = true;
-    h->inflight++;
+    while (h->acc.nflight < want) {
+        struct io_uring_sqe *sqe = mp__u_sqe(ch);
+        if (!sqe) return -EAGAIN;
+        bool lw = mp__u_prep_accept(ch, h, sqe, h->fd, ms);
+        if (lw && !ms) u->lw_inflight++;
+        io_uring_sqe_set_data64(sqe, ud(lw ? T_ACCEPT_LW : T_ACCEPT, h->gen, h->idx));
+        h->acc.ms_armed = ms;
+        h->acc.nflight++;
+        h->inflight++;
+        if (ms) break;
+    }
     if (ch->cfg.balance && h->acc.part && h->acc.forever) u->balancing = true;
     mp__u_batch_check(ch);
     return 0;
+}
+
+/* Stop every accept of h in the kernel (both kinds). */
+void mp__u_cancel_accepts(mp_channel *ch, mp_handle *h) {
+    mp__u_cancel_all(ch, ud(T_ACCEPT, h->gen, h->idx));
+    mp__u_cancel_all(ch, ud(T_ACCEPT_LW, h->gen, h->idx));
 }
 
 void mp__u_accept_backoff(mp_channel *ch, mp_handle *h) {
@@ -182,9 +196,9 @@ void mp__u_balance(mp_channel *ch) {
             if (fd < 0) continue;
             struct io_uring_sqe *sqe = mp__u_sqe(ch);
             if (sqe) {
-                h->acc.lw_steal = mp__u_prep_accept(ch, h, sqe, fd, false);
-                if (h->acc.lw_steal) u->lw_inflight++;
-                io_uring_sqe_set_data64(sqe, ud(T_STEAL, h->gen, h->idx));
+                bool lw = mp__u_prep_accept(ch, h, sqe, fd, false);
+                if (lw) u->lw_inflight++;
+                io_uring_sqe_set_data64(sqe, ud(lw ? T_STEAL_LW : T_STEAL, h->gen, h->idx));
                 h->acc.steal_busy = true;
                 h->inflight++;
                 mp__u_flush(ch); /* the kernel takes its own reference to the file here */
@@ -216,22 +230,24 @@ int mp__u_poll_arm(mp_channel *ch, mp_handle *h) {
 }
 
 unsigned mp__u_detach(mp_channel *ch, mp_handle *h) {
-    uring *u = U(ch);
     if (h->r_busy || h->readbuf_armed) mp__u_cancel(ch, ud(T_READ, h->gen, h->idx));
     for (mp_op *s; (s = mp__opq_pop(&h->stash));) {
         if (s->evflags & MP_EVF_BUFFER) mp__u_buf_release(ch, s->buf_id);
         mp__op_free(ch, s);
     }
     if (h->w_busy) mp__u_cancel(ch, ud(T_WRITE, h->gen, h->idx));
-    if (h->acc.busy) mp__u_cancel(ch, ud(T_ACCEPT, h->gen, h->idx));
-    if (h->acc.steal_busy) mp__u_cancel(ch, ud(T_STEAL, h->gen, h->idx));
+    if (h->acc.nflight) mp__u_cancel_accepts(ch, h);
+    if (h->acc.steal_busy) {
+        mp__u_cancel(ch, ud(T_STEAL, h->gen, h->idx));
+        mp__u_cancel(ch, ud(T_STEAL_LW, h->gen, h->idx));
+    }
     if (h->acc.backoff) mp__u_cancel(ch, ud(T_TIMER, h->gen, h->idx));
     if (h->pw.armed) mp__u_cancel(ch, ud(T_POLL, h->pw.seq, h->idx));
     if (h->fixed) mp__u_close_direct(ch, (unsigned)h->fd);
     /* With DEFER_TASKRUN a cancelled accept leaves the socket's wait queue only in task work,
      * which runs when we enter with GETEVENTS: until then it would keep taking the wake-ups
-     * another channel on a shared queue needs.  The core flushes at once for listeners. */
-    if (h->kind == HK_LISTENER) u->run_task_work = true;
+     * another channel on a shared queue needs.  The core flushes at once for listeners, and
+     * every flush runs the task work. */
     return h->inflight;
 }
 

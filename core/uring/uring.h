@@ -27,7 +27,12 @@
 #include "../internal.h"
 #include "compat.h"
 
-enum tag { T_IGNORE = 0, T_READ, T_WRITE, T_ACCEPT, T_STEAL, T_TIMER, T_POLL, T_EXPORT, T_WAKE };
+/* The tag also says what an accept yields: T_ACCEPT_LW and T_STEAL_LW direct descriptors
+ * (lwsockets), T_ACCEPT and T_STEAL fds; several accepts of one listener may be in flight. */
+enum tag {
+    T_IGNORE = 0, T_READ, T_WRITE, T_ACCEPT, T_ACCEPT_LW, T_STEAL, T_STEAL_LW, T_TIMER, T_POLL,
+    T_EXPORT, T_WAKE
+};
 
 #define BUF_GROUP 0
 #define BACKOFF_NS (10 * 1000 * 1000) /* re-try accepting 10 ms after an error */
@@ -58,7 +63,6 @@ typedef struct uring {
     bool br_failed;
     struct buf_owner { uint32_t idx1, gen; } *buf_owner; /* buffer id -> holding handle */
     unsigned lw_inflight; /* one-shot direct accepts in the kernel: each may take a slot */
-    bool run_task_work;   /* the next flush also runs the ring's task work (see detach) */
     struct __kernel_timespec backoff_ts;
 } uring;
 
@@ -75,6 +79,11 @@ typedef struct uring {
  * arms: one-shot accepts, at most as many as slots are free, and multishot only while more
  * slots are free than a full accept queue can hand over at once. */
 #define LW_MULTISHOT_HEADROOM 4608u /* > net.core.somaxconn's default of 4096 */
+
+/* One-shot accepts a listener keeps in the kernel at once (lwsockets near a full table, count-
+ * limited mp_accept calls, kernels without multishot accept): up to this many connections per
+ * wait instead of one. */
+#define ACCEPT_ONESHOT_MAX 32u
 
 static inline uint64_t ud(enum tag t, uint32_t seq, uint32_t idx) {
     return (uint64_t)t << 56 | (uint64_t)(seq & 0xffffff) << 32 | idx;
@@ -103,6 +112,7 @@ struct io_uring_sqe *mp__u_sqe(mp_channel *ch);
 void mp__u_batch_check(mp_channel *ch);
 void mp__u_set_ignored(mp_channel *ch, struct io_uring_sqe *sqe);
 void mp__u_cancel(mp_channel *ch, uint64_t target);
+void mp__u_cancel_all(mp_channel *ch, uint64_t target); /* every request with this user_data */
 void mp__u_close_direct(mp_channel *ch, unsigned slot);
 unsigned mp__u_ready(const mp_channel *ch);
 void mp__u_arm_wake(mp_channel *ch);
@@ -118,6 +128,7 @@ ssize_t mp__u_start_read(mp_channel *ch, mp_handle *h, mp_op *op);
 ssize_t mp__u_start_write(mp_channel *ch, mp_handle *h, mp_op *op);
 bool mp__u_prep_accept(mp_channel *ch, mp_handle *h, struct io_uring_sqe *sqe, int fd,
                        bool multishot);
+void mp__u_cancel_accepts(mp_channel *ch, mp_handle *h);
 unsigned mp__u_lw_free(const mp_channel *ch);
 void mp__u_accept_pause(mp_channel *ch, mp_handle *h);
 int mp__u_arm_accept(mp_channel *ch, mp_handle *h);
