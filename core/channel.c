@@ -175,9 +175,19 @@ int mp_dispatch_events(mp_channel *ch, mp_event *evs, size_t ev_size, unsigned m
     if (e < 0) return e;
     if (!evs || !max || ev_size < MP_EVENT_SIZE_V1 || max > (1u << 24)) return -EINVAL;
     if (ch->naccepted) mp__accepted_forget(ch);
+    /* Fairness: operations that complete at once (the epoll engine's try-first, stashed
+     * buffered data) keep the event queue from running dry, and the engine looks at the
+     * kernel only when it does.  After a good batch of events, look without blocking, so
+     * connections whose completions wait in the kernel get their turn (at the queue's tail). */
+    unsigned fair = 2u * (unsigned)ch->cfg.batch < 64 ? 64 : 2u * (unsigned)ch->cfg.batch;
+    if (ch->since_wait >= fair && mp__event_count(ch)) {
+        ch->since_wait = 0;
+        ch->eng->wait(ch, 0);
+    }
     int64_t deadline = timeout_ms > 0 ? mp__now_ms() + timeout_ms : 0;
     for (bool waited = false;; waited = true) {
         unsigned n = pop_events(ch, evs, ev_size, max);
+        ch->since_wait += n;
         if (n) return (int)n;
         int wait = timeout_ms;
         if (timeout_ms > 0) {
@@ -187,6 +197,7 @@ int mp_dispatch_events(mp_channel *ch, mp_event *evs, size_t ev_size, unsigned m
         } else if (timeout_ms == 0 && waited) {
             return 0;
         }
+        ch->since_wait = 0;
         int r = ch->eng->wait(ch, wait);
         if (r < 0 && r != -ETIME && !mp__event_count(ch)) return r;
     }

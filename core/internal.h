@@ -150,6 +150,8 @@ struct mp_channel {
     size_t evq_cap, evq_head, evq_len;
     /* level-triggered polls / backed-off accepts waiting for the next wait() */
     uint32_t rearm_head;
+    /* events handed out since the engine last looked at the kernel (fairness, channel.c) */
+    unsigned since_wait;
     /* op free list */
     mp_op *op_free;
     unsigned op_free_n;
