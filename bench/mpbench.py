@@ -318,6 +318,11 @@ def run_point(build, variant, srv_cpus, lg_cpus, conns, txn, size, secs, warmup)
     row["core_us_txn"] = res.get("core_us_per_txn", float("nan"))
     row["core_si_us_txn"] = res.get("core_softirq_us_per_txn", float("nan"))
     row["others_cpus"] = res.get("others_cpus", float("nan"))
+    # fairness: transactions per connection in the measured interval (persistent connections)
+    row["pc_min"] = res.get("pc_min", float("nan"))
+    row["pc_med"] = res.get("pc_med", float("nan"))
+    row["pc_max"] = res.get("pc_max", float("nan"))
+    row["pc_zero"] = res.get("pc_zero", float("nan"))
     row["lg_cpu_us_txn"] = res["lg_cpu_us_per_txn"]
     row["lg_util"] = res["lg_util"]
     st = srv.get("transactions", 0)
@@ -333,7 +338,8 @@ def run_point(build, variant, srv_cpus, lg_cpus, conns, txn, size, secs, warmup)
 
 
 NUMERIC = ["tps", "p50_us", "p99_us", "p999_us", "errors", "srv_cpu_us_txn", "srv_util",
-           "lg_cpu_us_txn", "lg_util", "sys_txn", "core_us_txn", "core_si_us_txn", "others_cpus"]
+           "lg_cpu_us_txn", "lg_util", "sys_txn", "core_us_txn", "core_si_us_txn", "others_cpus",
+           "pc_min", "pc_med", "pc_max", "pc_zero"]
 
 
 def sweep(args, name, points, variants):
