@@ -924,3 +924,41 @@ TEST_F(Workers, AdoptRules) {
     mpt::sleep_ms(20);
     EXPECT_EQ(drain_accept(s.get()).size(), 1u);
 }
+
+namespace {
+
+// Channels sharing one unpartitioned accept queue (cpu_mask NULL, the paper's baseline and
+// MP_PARTITION=0) share its connections, about as epoll's workers do, instead of the first
+// channel taking them all (a multishot accept keeps its place at the head of the socket's
+// exclusive wait queue).
+TEST(SharedQueue, TwoChannelsShareOneQueue) {
+    mpt::Fd lfd(mpt::make_listener(4096));
+    ASSERT_TRUE(lfd.ok());
+    const uint16_t port = mpt::local_port(lfd.get());
+    mpt::ChannelThread t0, t1;
+    ASSERT_TRUE(t0.ok() && t1.ok());
+    auto listen = [&](mpt::ChannelThread &t) {
+        return t.run([&](mp_channel *ch) -> int {
+            mp_handle *h = mp_register(ch, lfd.get(), nullptr, nullptr);
+            if (!h) return -errno;
+            return mp_accept(h, 0, 0);
+        });
+    };
+    ASSERT_EQ(listen(t0), 0);
+    ASSERT_EQ(listen(t1), 0);
+    const int N = 400;
+    std::vector<mpt::Fd> clients;
+    for (int i = 0; i < N; i++) {
+        clients.emplace_back(mpt::connect_client(port));
+        ASSERT_TRUE(clients.back().ok());
+        if (i % 20 == 19) mpt::sleep_ms(2); // a stream, not one burst
+    }
+    int64_t until = mpt::now_ms() + 5000;
+    while ((int)(t0.accepted() + t1.accepted()) < N && mpt::now_ms() < until) mpt::sleep_ms(5);
+    size_t a = t0.accepted(), b = t1.accepted();
+    std::printf("[ shared   ] %s: %zu / %zu of %d\n", t0.engine().c_str(), a, b, N);
+    EXPECT_EQ((int)(a + b), N);
+    EXPECT_GE(std::min(a, b), (size_t)N / 10) << "one channel took (almost) every connection";
+}
+
+} // namespace

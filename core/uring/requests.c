@@ -136,10 +136,16 @@ int mp__u_arm_accept(mp_channel *ch, mp_handle *h) {
     if (h->acc.backoff || !accept_wanted(h) || h->acc.ms_armed) return 0;
     bool direct = h->acc.lw && u->nfixed;
     unsigned slots = direct ? mp__u_lw_free(ch) : ~0u;
-    bool ms = h->acc.forever && u->ms_accept && (!direct || slots > LW_MULTISHOT_HEADROOM);
+    /* A socket's accept wake-ups are exclusive, first waiter first: a multishot accept keeps
+     * its place at the head of the queue, so on a queue that other channels share (no
+     * partition of our own) it would take every connection.  One-shot accepts go to the back
+     * of the queue each time they are armed, and the channels take turns. */
+    bool shared = !h->acc.part;
+    bool ms = h->acc.forever && u->ms_accept && !shared &&
+              (!direct || slots > LW_MULTISHOT_HEADROOM);
     if (ms && h->acc.nflight) return 0; /* one-shots still out: multishot when they are back */
     /* One-shot accepts: as many as are wanted, slots allow (each may take one) and the cap. */
-    unsigned want = ms ? 1 : ACCEPT_ONESHOT_MAX;
+    unsigned want = ms ? 1 : shared ? ACCEPT_SHARED_MAX : ACCEPT_ONESHOT_MAX;
     if (!h->acc.forever && h->acc.left < want) want = h->acc.left;
     if (!ms && slots < want) want = slots;
     if (direct && !slots && !h->acc.nflight) {

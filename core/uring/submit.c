@@ -130,10 +130,13 @@ static int enter_batched(mp_channel *ch, int timeout_ms) {
         fd = u->ring.enter_ring_fd;
         flags |= IORING_ENTER_REGISTERED_RING;
     }
-    /* Wait for as many completions as the last wait brought (at most MP_BATCH): asking for
-     * more than are in flight would only sit out the whole min_wait (16 connections, batch
-     * 32: half the throughput). */
-    unsigned want = u->last_burst < (unsigned)ch->cfg.batch ? u->last_burst : (unsigned)ch->cfg.batch;
+    /* Wait for MP_BATCH completions, or fewer when fewer can come: asking for more than are
+     * in flight only sits out the whole min_wait (16 persistent connections, batch 32: half
+     * the throughput).  What can come is estimated from the last wait's burst and the live
+     * handles (about one operation each in flight; half of them, for idle ones). */
+    unsigned want = (unsigned)ch->st.handles / 2;
+    if (want < u->last_burst) want = u->last_burst;
+    if (want > (unsigned)ch->cfg.batch) want = (unsigned)ch->cfg.batch;
     int r = io_uring_enter2((unsigned)fd, to_submit, want ? want : 1, flags, (sigset_t *)&arg,
                             sizeof arg);
     return r;

@@ -84,6 +84,8 @@ typedef struct uring {
  * limited mp_accept calls, kernels without multishot accept): up to this many connections per
  * wait instead of one. */
 #define ACCEPT_ONESHOT_MAX 32u
+/* ... and on a queue shared with other channels: few, so that they take turns. */
+#define ACCEPT_SHARED_MAX 4u
 
 static inline uint64_t ud(enum tag t, uint32_t seq, uint32_t idx) {
     return (uint64_t)t << 56 | (uint64_t)(seq & 0xffffff) << 32 | idx;
