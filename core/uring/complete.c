@@ -95,6 +95,8 @@ static void mp__u_complete(mp_channel *ch, uint64_t data, int res, unsigned flag
             if (!steal) mp__u_arm_accept(ch, h); /* nothing while backing off */
             return;
         }
+        /* The other one-shots of a round that failed fail the same way: one event a retry. */
+        if (res < 0 && !steal && h->acc.backoff) return;
         if (res >= 0 && acc_direct) res += MP_LWSOCKET_BASE;
         mp__accept_done(h, res, flags & IORING_CQE_F_SOCK_NONEMPTY, steal);
         if (res < 0 && !steal) {
