@@ -29,14 +29,7 @@ Phase run_phase(const std::vector<mpt::ChannelThread *> &workers, uint16_t port,
                 const std::vector<int> &cpus, int n = kConns) {
     Phase ph;
     for (auto *w : workers) w->take_ports(); // nothing should be left; start clean
-    std::vector<std::unique_ptr<mpt::ClientBatch>> batches;
-    std::vector<std::thread> threads;
-    for (int cpu : cpus) {
-        batches.emplace_back(new mpt::ClientBatch);
-        mpt::ClientBatch *b = batches.back().get();
-        threads.emplace_back([b, cpu, port, n] { mpt::connect_from_cpu(b, cpu, port, n); });
-    }
-    for (auto &t : threads) t.join();
+    std::vector<std::unique_ptr<mpt::ClientBatch>> batches = mpt::connect_from_cpus(cpus, port, n);
     for (auto &b : batches) {
         ph.connect_failures += b->failures;
         if (!ph.first_errno) ph.first_errno = b->first_errno;

@@ -870,6 +870,21 @@ inline void connect_from_cpu(ClientBatch *b, int cpu, uint16_t port, int n) {
     }
 }
 
+// Clients pinned to each of cpus open n connections each to 127.0.0.1:port, concurrently; the
+// batches come back in the order of cpus (SYNs handled on those CPUs: partition steering).
+inline std::vector<std::unique_ptr<ClientBatch>> connect_from_cpus(const std::vector<int> &cpus,
+                                                                   uint16_t port, int n) {
+    std::vector<std::unique_ptr<ClientBatch>> batches;
+    std::vector<std::thread> threads;
+    for (int cpu : cpus) {
+        batches.emplace_back(new ClientBatch);
+        ClientBatch *b = batches.back().get();
+        threads.emplace_back([b, cpu, port, n] { connect_from_cpu(b, cpu, port, n); });
+    }
+    for (auto &t : threads) t.join();
+    return batches;
+}
+
 // Base fixture: a channel from mp_create(NULL) (MP_ENGINE picks the engine), plus storage
 // for sockets and buffers that outlives the channel: members are destroyed after TearDown()
 // has destroyed the channel, so the kernel never sees a closed fd or a freed buffer of an
