@@ -103,7 +103,6 @@ struct mp_handle {
         uint32_t seq;      /* arm sequence, carried in io_uring user_data */
     } pw;
     /* engine-private */
-    uint32_t ready;       /* epoll: readiness seen and not consumed */
     bool in_rearm_list;
     uint32_t rearm_next;  /* idx+1 of next handle in the channel's re-arm list */
     bool readbuf;         /* buffered-read mode: a multishot receive feeds this handle */

@@ -111,22 +111,7 @@ class Partition : public ::testing::Test {
 
     // Register the listening address on w with mask and accept forever (regular fds).
     mp_handle *listen_on(mpt::ChannelThread *w, const cpu_set_t &mask) {
-        int lfd = lfd_;
-        int *err = &last_err_;
-        return w->run([lfd, mask, err](mp_channel *ch) -> mp_handle * {
-            mp_handle *h = mp_register(ch, lfd, nullptr, &mask);
-            if (!h) {
-                *err = errno;
-                return nullptr;
-            }
-            int r = mp_accept(h, 0, 0);
-            if (r != 0) {
-                *err = -r;
-                mp_unregister(h);
-                return nullptr;
-            }
-            return h;
-        });
+        return mpt::listen_on(w, lfd_, mask, &last_err_);
     }
 
     // Three workers pinned to pin[i], each listening with masks[i].

@@ -845,6 +845,25 @@ class ChannelThread {
     std::atomic<int> accept_errors_{0}, odd_events_{0}, dispatch_errors_{0};
 };
 
+// On t's channel: register the listening fd with mask and accept forever (regular fds).  The
+// handle, or NULL with *err set.
+inline mp_handle *listen_on(ChannelThread *t, int fd, const cpu_set_t &mask, int *err) {
+    return t->run([fd, mask, err](mp_channel *ch) -> mp_handle * {
+        mp_handle *h = mp_register(ch, fd, nullptr, &mask);
+        if (!h) {
+            *err = errno;
+            return nullptr;
+        }
+        int r = mp_accept(h, 0, 0);
+        if (r != 0) {
+            *err = -r;
+            mp_unregister(h);
+            return nullptr;
+        }
+        return h;
+    });
+}
+
 // n blocking connections to 127.0.0.1:port from a thread pinned to cpu.
 struct ClientBatch {
     int cpu = -1;

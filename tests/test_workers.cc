@@ -396,23 +396,6 @@ class Workers : public ::testing::Test {
     int a_ = -1, b_ = -1;
 };
 
-// A channel of this process on its own pinned thread, listening on fd with mask.
-mp_handle *listen_on(mpt::ChannelThread *t, int fd, const cpu_set_t &mask, int *err) {
-    return t->run([fd, mask, err](mp_channel *ch) -> mp_handle * {
-        mp_handle *h = mp_register(ch, fd, nullptr, &mask);
-        if (!h) {
-            *err = errno;
-            return nullptr;
-        }
-        int r = mp_accept(h, 0, 0);
-        if (r != 0) {
-            *err = -r;
-            mp_unregister(h);
-            return nullptr;
-        }
-        return h;
-    });
-}
 
 int incoming_cpu_of(mpt::ChannelThread *t, mp_handle *h) {
     int fd = t->run([h](mp_channel *) { return mp_handle_fd(h); });
@@ -467,9 +450,9 @@ TEST_F(Workers, ThreadsEachGetTheirCpu) {
     mpt::ChannelThread t0(a_), t1(b_);
     if (!t0.ok() || !t1.ok()) GTEST_SKIP() << "mp_create: " << strerror(t0.create_errno());
     int err = 0;
-    mp_handle *h0 = listen_on(&t0, lfd.get(), mpt::cpuset_of({a_}), &err);
+    mp_handle *h0 = mpt::listen_on(&t0, lfd.get(), mpt::cpuset_of({a_}), &err);
     ASSERT_NE(h0, nullptr) << strerror(err);
-    mp_handle *h1 = listen_on(&t1, lfd.get(), mpt::cpuset_of({b_}), &err);
+    mp_handle *h1 = mpt::listen_on(&t1, lfd.get(), mpt::cpuset_of({b_}), &err);
     ASSERT_NE(h1, nullptr) << strerror(err);
     if (steers_by_incoming_cpu()) {
         EXPECT_EQ(incoming_cpu_of(&t0, h0), a_);
@@ -491,9 +474,9 @@ TEST_F(Workers, ThreadsWithCbpfSteering) {
     mpt::ChannelThread t0(a_), t1(b_);
     if (!t0.ok() || !t1.ok()) GTEST_SKIP() << "mp_create: " << strerror(t0.create_errno());
     int err = 0;
-    mp_handle *h0 = listen_on(&t0, lfd.get(), mpt::cpuset_of({a_}), &err);
+    mp_handle *h0 = mpt::listen_on(&t0, lfd.get(), mpt::cpuset_of({a_}), &err);
     ASSERT_NE(h0, nullptr) << strerror(err);
-    mp_handle *h1 = listen_on(&t1, lfd.get(), mpt::cpuset_of({b_}), &err);
+    mp_handle *h1 = mpt::listen_on(&t1, lfd.get(), mpt::cpuset_of({b_}), &err);
     ASSERT_NE(h1, nullptr) << strerror(err);
     EXPECT_EQ(incoming_cpu_of(&t0, h0), -1);
     EXPECT_EQ(incoming_cpu_of(&t1, h1), -1);
@@ -682,7 +665,7 @@ TEST_F(Workers, QueuedConnectionsOfAnUnregisteredPartition) {
     mpt::ChannelThread t0(a_), t1(b_);
     if (!t0.ok() || !t1.ok()) GTEST_SKIP() << "mp_create: " << strerror(t0.create_errno());
     int err = 0;
-    mp_handle *h0 = listen_on(&t0, lfd.get(), mpt::cpuset_of({a_}), &err);
+    mp_handle *h0 = mpt::listen_on(&t0, lfd.get(), mpt::cpuset_of({a_}), &err);
     ASSERT_NE(h0, nullptr) << strerror(err);
     cpu_set_t mb = mpt::cpuset_of({b_});
     int fd = lfd.get();
@@ -723,7 +706,7 @@ TEST_F(Workers, MoreChannelsThanCpus) {
         ts.emplace_back(new mpt::ChannelThread(cpu));
         if (!ts.back()->ok()) GTEST_SKIP() << "mp_create: " << strerror(ts.back()->create_errno());
         int err = 0;
-        ASSERT_NE(listen_on(ts.back().get(), lfd.get(), mpt::cpuset_of({cpu}), &err), nullptr)
+        ASSERT_NE(mpt::listen_on(ts.back().get(), lfd.get(), mpt::cpuset_of({cpu}), &err), nullptr)
             << strerror(err);
         cpu_of.push_back(cpu);
     }
@@ -759,9 +742,9 @@ TEST_F(Workers, SeveralCpusInAMask) {
     mpt::ChannelThread t0(a_), t1(b_), tu(-1);
     if (!t0.ok() || !t1.ok() || !tu.ok()) GTEST_SKIP() << "mp_create failed";
     int err = 0;
-    mp_handle *h0 = listen_on(&t0, lfd.get(), mpt::cpuset_of({a_}), &err);
+    mp_handle *h0 = mpt::listen_on(&t0, lfd.get(), mpt::cpuset_of({a_}), &err);
     ASSERT_NE(h0, nullptr) << strerror(err);
-    mp_handle *h1 = listen_on(&t1, lfd.get(), mpt::cpuset_of({a_, b_}), &err);
+    mp_handle *h1 = mpt::listen_on(&t1, lfd.get(), mpt::cpuset_of({a_, b_}), &err);
     ASSERT_NE(h1, nullptr) << strerror(err);
     if (steers_by_incoming_cpu()) {
         EXPECT_EQ(incoming_cpu_of(&t1, h1), b_) << "pinned to b: prefers b";
