@@ -136,6 +136,7 @@ void mp_destroy(mp_channel *ch) {
         ch->op_free = n;
     }
     mp__events_free(ch);
+    mp__watch_free(ch);
     free(ch->fdmap);
     free(ch->lwmap);
     free(ch->pollmap);
@@ -186,6 +187,7 @@ int mp_dispatch_events(mp_channel *ch, mp_event *evs, size_t ev_size, unsigned m
     }
     int64_t deadline = timeout_ms > 0 ? mp__now_ms() + timeout_ms : 0;
     for (bool waited = false;; waited = true) {
+        mp__watch_apply(ch); /* interest changes other threads made (woken for them) */
         unsigned n = pop_events(ch, evs, ev_size, max);
         ch->since_wait += n;
         if (n) return (int)n;
@@ -217,7 +219,14 @@ int mp_flush(mp_channel *ch) {
 
 int mp_wake(mp_channel *ch) {
     if (!ch || ch->magic != MP_CHANNEL_MAGIC) return -EBADF;
+    atomic_store(&ch->user_wake, 1);
     return ch->eng->wake(ch);
+}
+
+/* The engine's eventfd fired: for mp_wake() an MP_EV_WAKE event; for the readiness set's own
+ * wake-ups (watch.c) nothing: the dispatch loop applies the recorded changes. */
+void mp__wake_seen(mp_channel *ch) {
+    if (atomic_exchange(&ch->user_wake, 0)) mp__event_push(ch, NULL, MP_EV_WAKE, 0, 0);
 }
 
 const char *mp_engine_name(const mp_channel *ch) {

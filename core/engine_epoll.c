@@ -12,6 +12,7 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdio.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <time.h>
@@ -172,10 +173,24 @@ static int ep_arm_accept(mp_channel *ch, mp_handle *h) {
 }
 
 static int ep_poll_arm(mp_channel *ch, mp_handle *h) {
-    uint32_t ev = h->pw.events | ((h->pw.flags & MP_POLL_ET) ? EPOLLET : 0);
-    int r = ep_ctl_on(ch, E(ch)->pepfd, h->pw.armed ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, h->fd, ev,
-                      tag(h));
-    if (r == 0) h->pw.armed = true;
+    epeng *e = E(ch);
+    if (!h->pw.events) { /* paused: out of the set (an entry would still report ERR/HUP) */
+        if (!h->pw.armed) return 0;
+        h->pw.armed = false;
+        ch->st.watch_ops++;
+        ep_ctl_on(ch, e->pepfd, EPOLL_CTL_DEL, h->fd, 0, 0);
+        return 0;
+    }
+    uint32_t ev = h->pw.events | ((h->pw.flags & MP_POLL_ET) ? EPOLLET : 0) |
+                  ((h->pw.flags & MP_POLL_ONESHOT) ? EPOLLONESHOT : 0);
+    int op = h->pw.armed ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
+    ch->st.watch_ops++;
+    int r = ep_ctl_on(ch, e->pepfd, op, h->fd, ev, tag(h));
+    /* The fd was closed (its entry left the set) and its number maybe reused: the interest
+     * is for the file that has the number now. */
+    if (r == -ENOENT && op == EPOLL_CTL_MOD) r = ep_ctl_on(ch, e->pepfd, EPOLL_CTL_ADD, h->fd, ev, tag(h));
+    if (r == -EEXIST && op == EPOLL_CTL_ADD) r = ep_ctl_on(ch, e->pepfd, EPOLL_CTL_MOD, h->fd, ev, tag(h));
+    h->pw.armed = r == 0;
     return r;
 }
 
@@ -242,7 +257,7 @@ static int ep_wait(mp_channel *ch, int timeout_ms) {
         if (d == WAKE_TAG) {
             uint64_t v;
             ch->st.syscalls++;
-            if (read(e->efd, &v, sizeof v) > 0) mp__event_push(ch, NULL, MP_EV_WAKE, 0, 0);
+            if (read(e->efd, &v, sizeof v) > 0) mp__wake_seen(ch);
             continue;
         }
         mp_handle *h = mp__handle_at(ch, (uint32_t)d);
@@ -281,6 +296,7 @@ static int ep_init(mp_channel *ch) {
     epeng *e = calloc(1, sizeof *e);
     if (!e) return -ENOMEM;
     e->pepfd = -1;
+    snprintf(ch->st.readiness, sizeof ch->st.readiness, "epoll");
     e->epfd = epoll_create1(EPOLL_CLOEXEC);
     e->efd = e->epfd < 0 ? -1 : eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     struct epoll_event ev = {.events = EPOLLIN, .data.u64 = WAKE_TAG};

@@ -29,6 +29,7 @@ mp_event *mp__event_push_ref(mp_channel *ch, mp_handle *h, mp_cmd cmd, ssize_t r
     if (ch->evq_len == ch->evq_cap && evq_grow(ch) < 0) return NULL;
     mp_qev *q = &ch->evq[(ch->evq_head + ch->evq_len) % ch->evq_cap];
     ch->evq_len++;
+    ch->evq_pushed++;
     memset(q, 0, sizeof *q);
     q->ev.cmd = cmd;
     q->ev.result = res;
@@ -89,6 +90,7 @@ bool mp__event_pop(mp_channel *ch, mp_event *ev) {
         mp_qev *q = &ch->evq[ch->evq_head];
         ch->evq_head = (ch->evq_head + 1) % ch->evq_cap;
         ch->evq_len--;
+        ch->evq_popped++;
         mp_handle *h = q->ev.handle;
         if (h && h->gen == q->gen && q->ev.cmd == MP_EV_CLOSED && h->state == H_ZOMBIE) {
             *ev = q->ev;
@@ -102,6 +104,8 @@ bool mp__event_pop(mp_channel *ch, mp_event *ev) {
         *ev = q->ev;
         if (ev->cmd == MP_EV_ACCEPT && ev->result >= 0 && !mp_is_lwsocket((int)ev->result))
             accepted_note(ch, (int)ev->result);
+        else if (ev->cmd == MP_EV_POLL && h)
+            mp__poll_popped(h);
         return true;
     }
     return false;
@@ -112,6 +116,7 @@ void mp__events_drain(mp_channel *ch) {
         mp_qev *q = &ch->evq[ch->evq_head];
         ch->evq_head = (ch->evq_head + 1) % ch->evq_cap;
         ch->evq_len--;
+        ch->evq_popped++;
         if (q->ev.cmd != MP_EV_CLOSED) event_release(ch, &q->ev);
     }
 }

@@ -10,6 +10,7 @@
 #endif
 #include <errno.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/socket.h>
@@ -29,6 +30,7 @@
 typedef struct mp_config {
     int engine, batch, partition, lwsocket, stats, ring_entries, max_lwsockets;
     int buf_size, buf_count, balance, balance_threshold, log, wait_usec, buf_per_conn;
+    int readiness;
 } mp_config;
 
 void mp__config_resolve(const mp_options *opt, mp_config *cfg);
@@ -94,13 +96,14 @@ struct mp_handle {
         bool steal_busy;           /* a balancing accept on a sibling is in the kernel */
         bool lw_full;              /* paused: no free lwsocket slot (re-checked at each wait) */
     } acc;
-    /* readiness adapter */
+    /* readiness set (poll.c; engines arm) */
     struct {
         uint32_t events;  /* interest */
-        int flags;        /* MP_POLL_ET */
-        bool armed;       /* a poll is in the kernel */
-        bool rearm;       /* level-triggered: re-arm at the next wait */
-        uint32_t seq;      /* arm sequence, carried in io_uring user_data */
+        int flags;        /* MP_POLL_ET, MP_POLL_ONESHOT */
+        bool armed;       /* the kernel watches: a poll request, or an entry in the epoll set */
+        bool fired;       /* MP_POLL_ONESHOT: reported; quiet until the interest is set again */
+        uint32_t seq;     /* arm sequence, carried in io_uring user_data */
+        uint64_t qseq;    /* push number of this watch's latest event (merging, see poll.c) */
     } pw;
     /* engine-private */
     bool in_rearm_list;
@@ -144,9 +147,15 @@ struct mp_channel {
      * needs no probing (fdmap holds MP_FD_ACCEPTED for them until the next dispatch) */
     int *accepted;
     size_t naccepted, accepted_cap;
-    /* event queue (ring) */
+    /* event queue (ring); pushed/popped count records ever queued and taken out, so that a
+     * record's place can be found from its push number */
     mp_qev *evq;
     size_t evq_cap, evq_head, evq_len;
+    uint64_t evq_pushed, evq_popped;
+    /* readiness set: interest changes made by other threads, applied by the owner (watch.c) */
+    struct mp_wset *ws;
+    atomic_uint ws_pending; /* changes recorded and not yet applied */
+    atomic_uint user_wake;  /* mp_wake() called: the next wake-up is an MP_EV_WAKE event */
     /* level-triggered polls / backed-off accepts waiting for the next wait() */
     uint32_t rearm_head;
     /* events handed out since the engine last looked at the kernel (fairness, channel.c) */
@@ -264,7 +273,25 @@ unsigned mp__partition_backlog(int fd);
 /* A sibling partition of h's group with at least threshold connections waiting, or -1. */
 int mp__partition_busy_sibling(mp_handle *h, unsigned threshold);
 
-/* poll.c */
-void mp__poll_done(mp_handle *h, uint32_t revents);
+/* poll.c: the readiness semantics shared by both engines */
+mp_handle *mp__poll_add(mp_channel *ch, int fd, uint32_t events, int flags, void *cookie,
+                        int *err);
+/* again: tell the kernel even if nothing changed (mp_watch(): the fd's number may name
+ * another file since the last time) */
+int mp__poll_mod(mp_handle *h, uint32_t events, int flags, void *cookie, bool again);
+/* The kernel reported revents for watch h: queue (or merge into its queued) MP_EV_POLL event.
+ * Returns true when an event of h is queued afterwards. */
+bool mp__poll_done(mp_handle *h, uint32_t revents);
+/* h's MP_EV_POLL event was handed out (events.c): a level-triggered poll re-arms. */
+void mp__poll_popped(mp_handle *h);
+/* Is an event of watch h still queued? */
+bool mp__poll_queued(const mp_handle *h);
+
+/* watch.c: fd-keyed set, changes from any thread */
+void mp__watch_apply(mp_channel *ch); /* owner: apply what other threads recorded */
+void mp__watch_free(mp_channel *ch);
+
+/* channel.c: the engine's wake-up eventfd was read; an MP_EV_WAKE event if mp_wake() asked */
+void mp__wake_seen(mp_channel *ch);
 
 #endif

@@ -41,6 +41,7 @@ void mp_options_init_sized(mp_options *opt, size_t size) {
     opt->log = MP_OPT_DEFAULT;
     opt->wait_usec = MP_OPT_DEFAULT;
     if (HAS(opt, size, buf_per_conn)) opt->buf_per_conn = MP_OPT_DEFAULT;
+    if (HAS(opt, size, readiness)) opt->readiness = MP_OPT_DEFAULT;
 }
 
 /* An integer from the environment; def when unset, -2 (invalid) when malformed. */
@@ -59,6 +60,14 @@ static int env_engine(void) {
     if (!s || !*s || !strcasecmp(s, "auto")) return MP_ENGINE_AUTO;
     if (!strcasecmp(s, "uring") || !strcasecmp(s, "io_uring")) return MP_ENGINE_URING;
     if (!strcasecmp(s, "epoll")) return MP_ENGINE_EPOLL;
+    return -2;
+}
+
+static int env_readiness(void) {
+    const char *s = getenv("MP_READINESS");
+    if (!s || !*s || !strcasecmp(s, "auto")) return MP_READINESS_AUTO;
+    if (!strcasecmp(s, "poll")) return MP_READINESS_POLL;
+    if (!strcasecmp(s, "epoll")) return MP_READINESS_EPOLL;
     return -2;
 }
 
@@ -84,6 +93,7 @@ void mp__config_resolve(const mp_options *opt, mp_config *cfg) {
     /* A quarter of the pool, but never fewer than 16 (or the whole of a smaller pool). */
     int per_conn = cfg->buf_count / 4, floor = cfg->buf_count < 16 ? cfg->buf_count : 16;
     PICK(buf_per_conn, env_int("MP_BUF_PER_CONN", per_conn > floor ? per_conn : floor));
+    PICK(readiness, env_readiness());
 }
 
 int mp__config_valid(const mp_config *c) {
@@ -99,5 +109,6 @@ int mp__config_valid(const mp_config *c) {
     if (c->balance_threshold < 1) return 0;
     if (c->wait_usec < 0 || c->wait_usec > 1000000) return 0;
     if (c->buf_per_conn < 1) return 0;
+    if (c->readiness < MP_READINESS_AUTO || c->readiness > MP_READINESS_EPOLL) return 0;
     return 1;
 }

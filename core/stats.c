@@ -31,7 +31,7 @@ static void feat_list(FILE *f, uint32_t bits) {
         {MP_FEAT_FIXED_FD_INSTALL, "fixed_fd_install"}, {MP_FEAT_BUF_RING, "buf_ring"},
         {MP_FEAT_RECV_MULTISHOT, "recv_multishot"}, {MP_FEAT_NODROP, "nodrop"},
         {MP_FEAT_EXT_ARG, "ext_arg"}, {MP_FEAT_POLL_MULTISHOT, "poll_multishot"},
-        {MP_FEAT_MIN_WAIT, "min_wait"},
+        {MP_FEAT_MIN_WAIT, "min_wait"}, {MP_FEAT_EPOLL_WAIT, "epoll_wait"},
         {MP_FALLBACK_EPOLL_ENGINE, "epoll_engine"},
     };
     int any = 0;
@@ -64,6 +64,9 @@ void mp_print_stats(const mp_stats *st, void *stdio_file) {
         fprintf(f, " paused=%llu\n  probes=%llu accept_paused=%llu",
                 (unsigned long long)st->buf_paused, (unsigned long long)st->probes,
                 (unsigned long long)st->accept_paused);
+    if (HAS(st, watch_remote))
+        fprintf(f, "\n  readiness=%s watch_ops=%llu watch_remote=%llu", st->readiness,
+                (unsigned long long)st->watch_ops, (unsigned long long)st->watch_remote);
     fputc('\n', f);
     static const char *lbl[MP_STATS_HIST] = {"1", "2-3", "4-7", "8-15", "16-31", "32-63",
                                              "64-127", "128+"};

@@ -26,7 +26,8 @@
  * that calls a function on the channel after mp_create() (creating it elsewhere is fine).  On
  * both engines a call from any other thread fails with -EPERM (NULL and errno EPERM for the
  * functions returning pointers) and touches nothing.  mp_wake() is the one call that is safe
- * from any thread; mp_get_stats(), mp_pending() and mp_destroy() may be called from another
+ * from any thread, with the readiness set's mp_watch() and mp_unwatch() (see there);
+ * mp_get_stats(), mp_pending() and mp_destroy() may be called from another
  * thread when the owner is not inside a call on the channel.  Different channels are
  * independent and may be used concurrently from different threads.
  *
@@ -169,7 +170,22 @@ typedef struct mp_options {
      * copy data out and release buffers.  Default MP_BUF_COUNT/4, at least 16 (or MP_BUF_COUNT
      * when smaller). */
     int buf_per_conn;
+    /* MP_READINESS=auto|poll|epoll: how the io_uring engine serves readiness watches
+     * (mp_watch(), mp_poll_add()).  poll: one poll request per watched fd, re-armed after each
+     * level-triggered report; epoll: one kernel epoll set per channel, changed through
+     * IORING_OP_EPOLL_CTL requests and waited on with IORING_OP_EPOLL_WAIT (Linux 6.15+; on
+     * older kernels a poll on the set's fd, then epoll_wait() without blocking).  Both keep the
+     * semantics described at mp_watch(); they differ in cost (docs/benchmarks.md, "Readiness")
+     * and in one point: a poll request holds its file open, an epoll set does not (see
+     * mp_watch()).  auto = epoll.  The epoll engine always uses an epoll set. */
+    int readiness;
 } mp_options;
+
+enum {
+    MP_READINESS_AUTO = 0,
+    MP_READINESS_POLL = 1,
+    MP_READINESS_EPOLL = 2,
+};
 
 /* Fill *opt with MP_OPT_DEFAULT everywhere (the environment and built-in defaults apply) and
  * record the caller's sizeof(mp_options) in opt->size.  Use the macro. */
@@ -423,17 +439,54 @@ int mp_export_fd(mp_handle *h);
 /* Readiness adapter (for event libraries that need readiness rather than completions)       */
 /* ---------------------------------------------------------------------------------------- */
 
-/* mp_poll_add() flags */
-#define MP_POLL_ET 0x1 /* edge-triggered (multishot poll); default level-triggered */
+/* Watch flags (mp_watch(), mp_poll_add()) */
+#define MP_POLL_ET 0x1      /* edge-triggered (EPOLLET); default level-triggered */
+#define MP_POLL_ONESHOT 0x2 /* report once, then stay quiet until the interest is set again
+                               (EPOLLONESHOT) */
 
-/* Watch fd for readiness (events: EPOLLIN, EPOLLOUT, EPOLLRDHUP, EPOLLPRI).  Each readiness
- * change is an MP_EV_POLL event with u.poll.fd/revents and the cookie; the handle is the
- * returned one.  Level-triggered watches report again while the condition holds (re-armed
- * at each dispatch); edge-triggered ones report transitions.  The registration is a queued
- * request, not a system call.  Errors (NULL, errno): EBADF, EINVAL, EEXIST, ENOMEM. */
+/* The readiness set: one implementation of epoll's readiness semantics for every front-end
+ * (the libevent method, libuv's non-stream handles, the nginx module, the epoll emulation).
+ *
+ * mp_watch() sets the interest of fd (events: EPOLLIN, EPOLLOUT, EPOLLRDHUP, EPOLLPRI; flags:
+ * MP_POLL_ET, MP_POLL_ONESHOT) and the cookie its events carry, adding the fd to the set or
+ * changing its entry.  events == 0 removes it (as mp_unwatch()).  Readiness is reported as
+ * MP_EV_POLL events: u.poll.fd, u.poll.revents (the interest that is ready, plus EPOLLERR and
+ * EPOLLHUP, always watched), result = revents, the cookie; ev.handle names the set's internal
+ * watch (only useful to mp_poll_mod()/mp_poll_del()).  The semantics are epoll's:
+ *   - level-triggered: an fd is reported while the condition holds, once per mp_dispatch call
+ *     at most: after its event was handed out, the next wait looks again.  While one event of
+ *     an fd waits in the queue, further readiness merges into it (never two events of one fd
+ *     in the queue);
+ *   - MP_POLL_ET: reported when new readiness arrives (a transition), not again for old;
+ *   - MP_POLL_ONESHOT: one report, then nothing until mp_watch() sets the interest again;
+ *   - EPOLLRDHUP: the peer shut down its sending side.
+ * After mp_unwatch() (or mp_watch(.., 0, ..)) no event of the fd's old entry is delivered,
+ * even if the fd is closed and its number reused at once.  Polls and completion operations
+ * (mp_register()) may be on the same fd.
+ * Close before unwatching: with MP_READINESS=poll the kernel's poll request holds the file
+ * open (a socket stays connected) until the watch is removed or changed; with the epoll set
+ * (the default) closing the last descriptor of a file removes it from the set, as with epoll.
+ * Either way, an entry whose fd number is later reused follows the new file at the next
+ * mp_watch() of that number.
+ *
+ * Threads: mp_watch() and mp_unwatch() may be called from any thread of the owning process
+ * (programs call epoll_ctl() and event_add() from threads that do not wait).  Called by the
+ * owner they take effect at once (a queued request, no system call); called by another thread
+ * they are recorded and applied by the owner's mp_dispatch*(), which is woken for it if it
+ * waits (no MP_EV_WAKE event is delivered for such a wake-up).
+ *
+ * Returns 0 or -EBADF (bad channel, or fd not open), -EINVAL (bad events or flags), -ENOENT
+ * (mp_unwatch() of an fd not in the set), -ENOMEM, -EPERM (forked child). */
+int mp_watch(mp_channel *ch, int fd, uint32_t events, int flags, void *cookie);
+int mp_unwatch(mp_channel *ch, int fd);
+
+/* The handle form of the same set, for the owning thread only.  mp_poll_add() adds fd (errors,
+ * NULL and errno: EBADF, EINVAL, EEXIST (fd already in the set), ENOMEM, EPERM) and returns its
+ * watch; the registration is a queued request, not a system call. */
 mp_handle *mp_poll_add(mp_channel *ch, int fd, uint32_t events, int flags, void *cookie);
 
-/* Change the interest set (and flags) of a watch.  Returns 0, -EBADF, -EINVAL. */
+/* Change the interest set (and flags) of a watch; re-enables a MP_POLL_ONESHOT watch that
+ * reported.  Returns 0, -EBADF, -EINVAL, -EPERM. */
 int mp_poll_mod(mp_handle *h, uint32_t events, int flags);
 
 /* Stop watching: after this returns, no readiness event of this watch is delivered, even if
@@ -460,6 +513,7 @@ int mp_poll_del(mp_handle *h);
 #define MP_FEAT_EXT_ARG 0x200u
 #define MP_FEAT_POLL_MULTISHOT 0x400u
 #define MP_FEAT_MIN_WAIT 0x800u
+#define MP_FEAT_EPOLL_WAIT 0x1000u /* IORING_OP_EPOLL_WAIT (readiness set, Linux 6.15+) */
 #define MP_FALLBACK_EPOLL_ENGINE 0x10000u /* io_uring could not be set up */
 
 typedef struct mp_stats {
@@ -488,6 +542,10 @@ typedef struct mp_stats {
                                   accepted itself */
     uint64_t accept_paused;    /* times accepting paused because the lwsocket table was full */
     uint64_t buf_paused;       /* times a connection's buffered receive paused at MP_BUF_PER_CONN */
+    char readiness[8];         /* how readiness watches are served: "poll" or "epoll" */
+    uint64_t watch_ops;        /* readiness-set requests sent to the kernel (poll requests armed,
+                                  epoll_ctl operations) */
+    uint64_t watch_remote;     /* mp_watch()/mp_unwatch() calls from other threads */
 } mp_stats;
 
 /* Copy the channel's counters into *st, at most size bytes (the caller's sizeof(mp_stats):

@@ -15,6 +15,9 @@
 #ifndef IORING_OP_FIXED_FD_INSTALL
 #define IORING_OP_FIXED_FD_INSTALL 54
 #endif
+#ifndef IORING_OP_EPOLL_WAIT
+#define IORING_OP_EPOLL_WAIT 59 /* Linux 6.15 */
+#endif
 #ifndef IORING_CQE_F_SOCK_NONEMPTY
 #define IORING_CQE_F_SOCK_NONEMPTY (1U << 2)
 #endif

@@ -17,10 +17,13 @@ static void mp__u_complete(mp_channel *ch, uint64_t data, int res, unsigned flag
     if (t == T_IGNORE || data == LIBURING_UDATA_TIMEOUT) return;
     if (t == T_WAKE) {
         if (final) u->wake_armed = false;
-        if (res >= 0 && read(u->efd, &u->efd_val, sizeof u->efd_val) > 0)
-            mp__event_push(ch, NULL, MP_EV_WAKE, 0, 0);
+        if (res >= 0 && read(u->efd, &u->efd_val, sizeof u->efd_val) > 0) mp__wake_seen(ch);
         ch->st.syscalls++;
         if (!u->wake_armed) mp__u_arm_wake(ch);
+        return;
+    }
+    if (t == T_EWAIT) {
+        mp__u_eset_complete(ch, t, NULL, res);
         return;
     }
     mp_handle *h = mp__handle_at(ch, idx);
@@ -125,11 +128,19 @@ static void mp__u_complete(mp_channel *ch, uint64_t data, int res, unsigned flag
             if (!h->pw.armed) mp__u_poll_arm(ch, h);
             return;
         }
-        mp__poll_done(h, res < 0 ? (uint32_t)POLLERR : (uint32_t)res);
-        if (final && !h->pw.armed) {
-            if (h->pw.flags & MP_POLL_ET) mp__u_poll_arm(ch, h); /* multishot ended: re-arm */
-            else mp__rearm_add(h);                               /* level: at next wait */
+        bool queued = mp__poll_done(h, res < 0 ? (uint32_t)POLLERR : (uint32_t)res);
+        if (final && !h->pw.armed && !h->pw.fired) {
+            if ((h->pw.flags & (MP_POLL_ET | MP_POLL_ONESHOT)) == MP_POLL_ET)
+                mp__u_poll_arm(ch, h); /* a multishot ended: re-arm */
+            else if (!queued)
+                mp__rearm_add(h); /* level, nothing to report: look again at the next wait */
+            /* else re-armed once its event was handed out (poll.c, mp__poll_popped) */
         }
+        return;
+    case T_ECTL_ADD:
+    case T_ECTL_MOD:
+    case T_ECTL_DEL:
+        mp__u_eset_complete(ch, t, h, res);
         return;
     case T_EXPORT:
         h->inflight--;

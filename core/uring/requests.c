@@ -214,6 +214,7 @@ void mp__u_balance(mp_channel *ch) {
 }
 
 int mp__u_poll_arm(mp_channel *ch, mp_handle *h) {
+    if (U(ch)->eset) return mp__u_eset_arm(ch, h);
     if (h->pw.armed) {
         mp__u_cancel(ch, ud(T_POLL, h->pw.seq, h->idx));
         h->pw.armed = false;
@@ -222,7 +223,7 @@ int mp__u_poll_arm(mp_channel *ch, mp_handle *h) {
     struct io_uring_sqe *sqe = mp__u_sqe(ch);
     if (!sqe) return -EAGAIN;
     unsigned mask = h->pw.events | POLLERR | POLLHUP;
-    bool et = (h->pw.flags & MP_POLL_ET) && U(ch)->ms_poll;
+    bool et = (h->pw.flags & (MP_POLL_ET | MP_POLL_ONESHOT)) == MP_POLL_ET && U(ch)->ms_poll;
     if (et)
         io_uring_prep_poll_multishot(sqe, h->fd, mask);
     else
@@ -232,6 +233,7 @@ int mp__u_poll_arm(mp_channel *ch, mp_handle *h) {
     io_uring_sqe_set_data64(sqe, ud(T_POLL, h->pw.seq, h->idx));
     h->pw.armed = true;
     h->inflight++;
+    ch->st.watch_ops++;
     return 0;
 }
 
@@ -248,7 +250,8 @@ unsigned mp__u_detach(mp_channel *ch, mp_handle *h) {
         mp__u_cancel(ch, ud(T_STEAL_LW, h->gen, h->idx));
     }
     if (h->acc.backoff) mp__u_cancel(ch, ud(T_TIMER, h->gen, h->idx));
-    if (h->pw.armed) mp__u_cancel(ch, ud(T_POLL, h->pw.seq, h->idx));
+    if (h->kind == HK_POLL && U(ch)->eset) mp__u_eset_detach(ch, h);
+    else if (h->pw.armed) mp__u_cancel(ch, ud(T_POLL, h->pw.seq, h->idx));
     if (h->fixed) mp__u_close_direct(ch, (unsigned)h->fd);
     /* With DEFER_TASKRUN a cancelled accept leaves the socket's wait queue only in task work,
      * which runs when we enter with GETEVENTS: until then it would keep taking the wake-ups

@@ -4,6 +4,7 @@
  * table, enabling the ring on the owning thread, teardown, and the engine's vtable.
  */
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -79,12 +80,20 @@ static int ring_init(mp_channel *ch, uring *u) {
 
 static void probe(mp_channel *ch, uring *u) {
     struct io_uring_probe *pr = io_uring_get_probe_ring(&u->ring);
-    bool has_install = false;
+    bool has_install = false, has_ectl = false, has_ewait = false;
     if (pr) {
         has_install = io_uring_opcode_supported(pr, IORING_OP_FIXED_FD_INSTALL);
+        has_ectl = io_uring_opcode_supported(pr, IORING_OP_EPOLL_CTL);
+        has_ewait = io_uring_opcode_supported(pr, IORING_OP_EPOLL_WAIT);
         io_uring_free_probe(pr);
     }
     u->fixed_install = has_install;
+    /* The readiness set: a kernel epoll set unless MP_READINESS=poll (or no EPOLL_CTL op). */
+    u->eset = ch->cfg.readiness != MP_READINESS_POLL && has_ectl;
+    u->epoll_wait_op = has_ewait;
+    if (has_ewait) ch->st.features |= MP_FEAT_EPOLL_WAIT;
+    else ch->st.missing |= MP_FEAT_EPOLL_WAIT;
+    snprintf(ch->st.readiness, sizeof ch->st.readiness, "%s", u->eset ? "epoll" : "poll");
     if (has_install) ch->st.features |= MP_FEAT_FIXED_FD_INSTALL;
     else ch->st.missing |= MP_FEAT_FIXED_FD_INSTALL;
     /* Multishot accept and poll have no opcode of their own: they are tried, and refused
@@ -129,6 +138,15 @@ static int mp__u_init(mp_channel *ch) {
     }
     probe(ch, u);
     u->backoff_ts.tv_nsec = BACKOFF_NS;
+    r = mp__u_eset_init(ch);
+    if (r < 0) {
+        mp__u_eset_fini(ch);
+        close(u->efd);
+        io_uring_queue_exit(&u->ring);
+        free(u);
+        ch->eng_data = NULL;
+        return r;
+    }
     return 0;
 }
 
@@ -142,6 +160,7 @@ static void mp__u_fini(mp_channel *ch) {
     free(u->buf_busy);
     free(u->buf_owner);
     close(u->efd);
+    mp__u_eset_fini(ch);
     free(u);
     ch->eng_data = NULL;
 }

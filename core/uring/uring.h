@@ -23,6 +23,7 @@
 #define MP_URING_H
 
 #include <liburing.h>
+#include <sys/epoll.h>
 
 #include "../internal.h"
 #include "compat.h"
@@ -31,13 +32,16 @@
  * (lwsockets), T_ACCEPT and T_STEAL fds; several accepts of one listener may be in flight. */
 enum tag {
     T_IGNORE = 0, T_READ, T_WRITE, T_ACCEPT, T_ACCEPT_LW, T_STEAL, T_STEAL_LW, T_TIMER, T_POLL,
-    T_EXPORT, T_WAKE
+    T_EXPORT, T_WAKE,
+    /* readiness set as a kernel epoll set (epollset.c) */
+    T_ECTL_ADD, T_ECTL_MOD, T_ECTL_DEL, T_EWAIT
 };
 
 #define BUF_GROUP 0
 #define BACKOFF_NS (10 * 1000 * 1000) /* re-try accepting 10 ms after an error */
 #define BALANCE_POLL_MS 5             /* how often an idle balancing channel looks at siblings */
 #define REAP_MAX 256
+#define EWAIT_MAX 256 /* epoll events one IORING_OP_EPOLL_WAIT may return */
 
 typedef struct uring {
     struct io_uring ring;
@@ -63,6 +67,13 @@ typedef struct uring {
     bool br_failed;
     struct buf_owner { uint32_t idx1, gen; } *buf_owner; /* buffer id -> holding handle */
     unsigned lw_inflight; /* one-shot direct accepts in the kernel: each may take a slot */
+    /* readiness set (epollset.c): a kernel epoll set instead of a poll request per fd */
+    bool eset;            /* MP_READINESS=epoll and IORING_OP_EPOLL_CTL supported */
+    bool epoll_wait_op;   /* IORING_OP_EPOLL_WAIT (else a one-shot poll on epfd) */
+    int epfd;             /* -1 until the first watch */
+    bool ewait_armed;
+    struct epoll_event *ectl_ev; /* per SQ slot: the event an EPOLL_CTL in that slot reads */
+    struct epoll_event *ewait_evs; /* EWAIT_MAX: what IORING_OP_EPOLL_WAIT fills */
     struct __kernel_timespec backoff_ts;
 } uring;
 
@@ -140,6 +151,13 @@ int mp__u_poll_arm(mp_channel *ch, mp_handle *h);
 unsigned mp__u_detach(mp_channel *ch, mp_handle *h);
 int mp__u_attach(mp_channel *ch, mp_handle *h);
 int mp__u_export_fd(mp_channel *ch, mp_handle *h);
+/* epollset.c */
+int mp__u_eset_init(mp_channel *ch);
+void mp__u_eset_fini(mp_channel *ch);
+int mp__u_eset_arm(mp_channel *ch, mp_handle *h);
+void mp__u_eset_detach(mp_channel *ch, mp_handle *h);
+void mp__u_eset_wait_arm(mp_channel *ch);
+void mp__u_eset_complete(mp_channel *ch, enum tag t, mp_handle *h, int res);
 /* complete.c */
 void mp__u_reap(mp_channel *ch);
 
