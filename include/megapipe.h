@@ -476,7 +476,10 @@ int mp_export_fd(mp_handle *h);
  * waits (no MP_EV_WAKE event is delivered for such a wake-up).
  *
  * Returns 0 or -EBADF (bad channel, or fd not open), -EINVAL (bad events or flags), -ENOENT
- * (mp_unwatch() of an fd not in the set), -ENOMEM, -EPERM (forked child). */
+ * (mp_unwatch() of an fd not in the set), -ENOMEM, -EPERM (forked child).  What the kernel
+ * refuses later (with an epoll set: EPERM for a file epoll cannot watch, such as a regular file;
+ * ELOOP) is reported as one MP_EV_POLL event with EPOLLERR | EPOLLHUP, after which the entry
+ * stays quiet until it is set again. */
 int mp_watch(mp_channel *ch, int fd, uint32_t events, int flags, void *cookie);
 int mp_unwatch(mp_channel *ch, int fd);
 

@@ -128,7 +128,8 @@ static void mp__u_complete(mp_channel *ch, uint64_t data, int res, unsigned flag
             if (!h->pw.armed) mp__u_poll_arm(ch, h);
             return;
         }
-        bool queued = mp__poll_done(h, res < 0 ? (uint32_t)POLLERR : (uint32_t)res);
+        bool queued = mp__poll_done(h, res < 0 ? (uint32_t)(POLLERR | POLLHUP) : (uint32_t)res);
+        if (res < 0) h->pw.fired = true; /* refused (EBADF...): quiet until set again */
         if (final && !h->pw.armed && !h->pw.fired) {
             if ((h->pw.flags & (MP_POLL_ET | MP_POLL_ONESHOT)) == MP_POLL_ET)
                 mp__u_poll_arm(ch, h); /* a multishot ended: re-arm */

@@ -122,7 +122,24 @@ void mp__u_eset_complete(mp_channel *ch, enum tag t, mp_handle *h, int res) {
     h->inflight--;
     if (h->state != H_LIVE || h->kind != HK_POLL || res >= 0 || t == T_ECTL_DEL) return;
     if (t == T_ECTL_ADD && res == -EEXIST) {
-        ctl(ch, h, EPOLL_CTL_MOD); /* the file is in the set already (a dup of it was) */
+        /* An entry for this fd number lingers: the fd was closed while a dup of its file stayed
+         * open (epoll keeps the entry; a DEL by number could not reach it), and the number names
+         * that file again.  Take the entry over now, and report what is ready at once, since
+         * the wait that this completion came with may have read the set already. */
+        struct epoll_event ev = {.events = h->pw.events | EPOLLERR | EPOLLHUP |
+                                           ((h->pw.flags & MP_POLL_ET) ? EPOLLET : 0) |
+                                           ((h->pw.flags & MP_POLL_ONESHOT) ? EPOLLONESHOT : 0),
+                                 .data.u64 = (uint64_t)h->gen << 32 | h->idx};
+        struct pollfd p = {.fd = h->fd, .events = (short)h->pw.events};
+        ch->st.syscalls += 2;
+        ch->st.watch_ops++;
+        if (epoll_ctl(u->epfd, EPOLL_CTL_MOD, h->fd, &ev) < 0) {
+            h->pw.armed = false;
+            mp__poll_done(h, EPOLLERR | EPOLLHUP);
+            h->pw.fired = true; /* quiet until set again */
+        } else if (poll(&p, 1, 0) > 0) {
+            mp__poll_done(h, (uint32_t)p.revents);
+        }
     } else if (t == T_ECTL_MOD && res == -ENOENT && h->pw.armed) {
         /* The fd was closed (its entry left the set) and maybe its number reused: the
          * interest was set again, so it is for the file that has the number now. */
@@ -132,5 +149,6 @@ void mp__u_eset_complete(mp_channel *ch, enum tag t, mp_handle *h, int res) {
          * regular file), ELOOP: the watch cannot be served; say so once. */
         h->pw.armed = false;
         mp__poll_done(h, EPOLLERR | EPOLLHUP);
+        h->pw.fired = true; /* quiet until set again */
     }
 }
