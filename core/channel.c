@@ -128,8 +128,10 @@ void mp_destroy(mp_channel *ch) {
             }
         }
         free(ch->chunks[c]);
+        free(ch->privchunks[c]);
     }
     free(ch->chunks);
+    free(ch->privchunks);
     while (ch->op_free) {
         mp_op *n = ch->op_free->next;
         free(ch->op_free);

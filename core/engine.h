@@ -22,6 +22,9 @@ struct mp_op;
 
 typedef struct mp_engine {
     const char *name;
+    /* Bytes of engine-private state per handle, kept by the core beside the handle and zeroed
+     * whenever the slot is (re)allocated (mp__handle_priv()).  0: none. */
+    size_t handle_priv;
     /* Build the engine's kernel objects for ch; 0 or -errno (then the core may fall back). */
     int (*init)(struct mp_channel *ch);
     /* Tear down (handles are already detached). */

@@ -29,9 +29,18 @@ mp_handle *mp__handle_alloc(mp_channel *ch) {
         mp_handle **nc = realloc(ch->chunks, (ch->nchunks + 1) * sizeof *nc);
         if (!nc) return NULL;
         ch->chunks = nc;
+        char **np = realloc(ch->privchunks, (ch->nchunks + 1) * sizeof *np);
+        if (!np) return NULL;
+        ch->privchunks = np;
         mp_handle *chunk = calloc(MP_CHUNK_SIZE, sizeof *chunk);
-        if (!chunk) return NULL;
+        char *priv = ch->eng->handle_priv ? calloc(MP_CHUNK_SIZE, ch->eng->handle_priv) : NULL;
+        if (!chunk || (ch->eng->handle_priv && !priv)) {
+            free(chunk);
+            free(priv);
+            return NULL;
+        }
         ch->chunks[ch->nchunks] = chunk;
+        ch->privchunks[ch->nchunks] = priv;
         uint32_t base = ch->nchunks << MP_CHUNK_SHIFT;
         ch->nchunks++;
         for (uint32_t i = MP_CHUNK_SIZE; i-- > 0;) {
@@ -52,6 +61,7 @@ mp_handle *mp__handle_alloc(mp_channel *ch) {
     h->ch = ch;
     h->state = H_LIVE;
     h->fd = -1;
+    if (ch->eng->handle_priv) memset(mp__handle_priv(h), 0, ch->eng->handle_priv);
     return h;
 }
 

@@ -90,11 +90,7 @@ struct mp_handle {
         unsigned left;             /* accepts still wanted (count > 0 calls) */
         bool forever;              /* count 0: until unregistered */
         bool lw;                   /* accept as lwsockets (the latest mp_accept's wish) */
-        unsigned nflight;          /* accepts in the kernel (a multishot counts one) */
-        bool ms_armed;             /* the accept in the kernel is one multishot */
         bool backoff;              /* waiting after an accept error */
-        bool steal_busy;           /* a balancing accept on a sibling is in the kernel */
-        bool lw_full;              /* paused: no free lwsocket slot (re-checked at each wait) */
     } acc;
     /* readiness set (poll.c; engines arm) */
     struct {
@@ -102,19 +98,16 @@ struct mp_handle {
         int flags;        /* MP_POLL_ET, MP_POLL_ONESHOT */
         bool armed;       /* the kernel watches: a poll request, or an entry in the epoll set */
         bool fired;       /* MP_POLL_ONESHOT: reported; quiet until the interest is set again */
-        uint32_t seq;     /* arm sequence, carried in io_uring user_data */
         uint64_t qseq;    /* push number of this watch's latest event (merging, see poll.c) */
     } pw;
-    /* engine-private */
+    /* re-arm list (events.c) */
     bool in_rearm_list;
     uint32_t rearm_next;  /* idx+1 of next handle in the channel's re-arm list */
-    bool readbuf;         /* buffered-read mode: a multishot receive feeds this handle */
-    bool readbuf_armed;   /* io_uring: the multishot receive is in the kernel */
-    bool rb_capped;       /* receive paused: MP_BUF_PER_CONN buffers held */
-    bool rb_multishot;    /* the receive in the kernel is multishot (else one buffer) */
-    bool rb_cancelling;   /* we cancelled the multishot: its -ECANCELED end is ours */
-    uint32_t bufs_held;   /* channel buffers this connection holds (stashed + handed out) */
+    /* buffered reads */
+    bool readbuf;         /* buffered-read mode: the engine feeds this handle channel buffers */
     mp_opq stash;         /* buffered completions that arrived before a request asked */
+    /* The engine's own per-handle state is not here: it lives in a parallel array the core
+     * allocates with the handles (mp_engine.handle_priv bytes each, mp__handle_priv()). */
 };
 
 /* Internal event record: the generation lets dispatch drop events of unregistered handles. */
@@ -128,8 +121,9 @@ struct mp_channel {
     const mp_engine *eng;
     void *eng_data;
     mp_config cfg;
-    /* handle arena */
+    /* handle arena; privchunks: the engine's per-handle state, chunk for chunk */
     mp_handle **chunks;
+    char **privchunks;
     uint32_t nchunks;
     uint32_t free_head; /* idx+1, 0 = none */
     uint32_t nslots;    /* handles ever allocated */
@@ -194,6 +188,12 @@ static inline int64_t mp__now_ms(void) {
 mp_handle *mp__handle_alloc(mp_channel *ch);
 void mp__handle_free(mp_handle *h);
 mp_handle *mp__handle_at(const mp_channel *ch, uint32_t idx);
+/* The engine's private state of h (mp_engine.handle_priv bytes, zeroed at each allocation). */
+static inline void *mp__handle_priv(const mp_handle *h) {
+    const mp_channel *ch = h->ch;
+    return ch->privchunks[h->idx >> MP_CHUNK_SHIFT] +
+           (size_t)(h->idx & (MP_CHUNK_SIZE - 1)) * ch->eng->handle_priv;
+}
 static inline bool mp__live(const mp_handle *h) {
     return h && h->magic == MP_HANDLE_MAGIC && h->state == H_LIVE;
 }

@@ -66,7 +66,7 @@ void mp__u_buf_take(mp_channel *ch, mp_handle *h, unsigned id) {
     if (++ch->st.bufs_in_use > ch->st.bufs_peak) ch->st.bufs_peak = ch->st.bufs_in_use;
     u->buf_owner[id].idx1 = h->idx + 1;
     u->buf_owner[id].gen = h->gen;
-    h->bufs_held++;
+    UH(h)->bufs_held++;
 }
 
 int mp__u_buf_release(mp_channel *ch, unsigned id) {
@@ -75,12 +75,12 @@ int mp__u_buf_release(mp_channel *ch, unsigned id) {
     u->buf_busy[id] = 0;
     struct buf_owner *o = &u->buf_owner[id];
     mp_handle *h = o->idx1 ? mp__handle_at(ch, o->idx1 - 1) : NULL;
-    if (h && h->gen == o->gen && h->bufs_held) {
-        h->bufs_held--;
+    if (h && h->gen == o->gen && UH(h)->bufs_held) {
+        UH(h)->bufs_held--;
         /* A receive paused at MP_BUF_PER_CONN resumes at the next wait. */
-        if (h->rb_capped && h->bufs_held < (uint32_t)ch->cfg.buf_per_conn && h->state == H_LIVE) {
-            h->rb_capped = false;
-            if (h->r_busy && !h->readbuf_armed) mp__rearm_add(h);
+        if (UH(h)->rb_capped && UH(h)->bufs_held < (uint32_t)ch->cfg.buf_per_conn && h->state == H_LIVE) {
+            UH(h)->rb_capped = false;
+            if (h->r_busy && !UH(h)->readbuf_armed) mp__rearm_add(h);
         }
     }
     o->idx1 = 0;
@@ -97,7 +97,7 @@ void mp__u_readbuf_done(mp_channel *ch, mp_handle *h, int res, unsigned flags) {
     bool final = !(flags & IORING_CQE_F_MORE);
     if (final) {
         h->inflight--;
-        h->readbuf_armed = false;
+        UH(h)->readbuf_armed = false;
     }
     if (res == -ENOBUFS) { /* ring empty: no data lost, it stays in the socket */
         ch->st.buf_starved++;
@@ -107,8 +107,8 @@ void mp__u_readbuf_done(mp_channel *ch, mp_handle *h, int res, unsigned flags) {
         }
         return;
     }
-    if (res == -ECANCELED && h->rb_cancelling) { /* ours: go on one buffer at a time */
-        h->rb_cancelling = false;
+    if (res == -ECANCELED && UH(h)->rb_cancelling) { /* ours: go on one buffer at a time */
+        UH(h)->rb_cancelling = false;
         if (h->r_busy && h->state == H_LIVE) {
             h->r_busy = 0;
             mp__pump_reads(h);
@@ -146,8 +146,8 @@ void mp__u_readbuf_done(mp_channel *ch, mp_handle *h, int res, unsigned flags) {
     /* One connection may not hold the whole pool: near MP_BUF_PER_CONN the multishot stops
      * (the data waits in the socket); requests then take one buffer each, and past the limit
      * the receive pauses until the connection gives buffers back (start_read). */
-    if (!final && h->rb_multishot && !h->rb_cancelling && !rb_multishot_ok(ch, h)) {
-        h->rb_cancelling = true;
+    if (!final && UH(h)->rb_multishot && !UH(h)->rb_cancelling && !rb_multishot_ok(ch, h)) {
+        UH(h)->rb_cancelling = true;
         mp__u_cancel(ch, ud(T_READ, h->gen, h->idx));
     }
     /* Ended although the connection goes on (e.g. CQ overflow): start it again. */

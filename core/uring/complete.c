@@ -33,16 +33,16 @@ static void mp__u_complete(mp_channel *ch, uint64_t data, int res, unsigned flag
     bool steal = t == T_STEAL || t == T_STEAL_LW;
     bool acc = steal || t == T_ACCEPT || t == T_ACCEPT_LW;
     bool acc_direct = t == T_ACCEPT_LW || t == T_STEAL_LW;
-    bool acc_ms = acc && !steal && h->acc.ms_armed;
+    bool acc_ms = acc && !steal && UH(h)->ms_armed;
     if (acc && final) {
         /* A one-shot direct accept ended: the slot it reserved is taken (counted in lwmap
          * from the ACCEPT event on) or was not needed. */
         if (acc_direct && !acc_ms && u->lw_inflight) u->lw_inflight--;
         if (steal) {
-            h->acc.steal_busy = false;
+            UH(h)->steal_busy = false;
         } else {
-            if (h->acc.nflight) h->acc.nflight--;
-            if (acc_ms) h->acc.ms_armed = false;
+            if (UH(h)->nflight) UH(h)->nflight--;
+            if (acc_ms) UH(h)->ms_armed = false;
         }
     }
 
@@ -106,7 +106,7 @@ static void mp__u_complete(mp_channel *ch, uint64_t data, int res, unsigned flag
             /* EMFILE, ENFILE (for lwsockets: the table filled under a multishot burst, and
              * the kernel closed that connection)...: stop every accept of h (one error event
              * per retry, not one per accept in flight) and try again a little later. */
-            if (h->acc.nflight) mp__u_cancel_accepts(ch, h);
+            if (UH(h)->nflight) mp__u_cancel_accepts(ch, h);
             if (!h->acc.backoff) mp__u_accept_backoff(ch, h);
             return;
         }
@@ -122,7 +122,7 @@ static void mp__u_complete(mp_channel *ch, uint64_t data, int res, unsigned flag
         return;
     case T_POLL:
         if (final) h->inflight--;
-        if (seq != h->pw.seq || h->kind != HK_POLL) return; /* an old arm */
+        if (seq != UH(h)->poll_seq || h->kind != HK_POLL) return; /* an old arm */
         if (final) h->pw.armed = false;
         if (res == -ECANCELED) {
             if (!h->pw.armed) mp__u_poll_arm(ch, h);

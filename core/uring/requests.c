@@ -25,15 +25,15 @@ ssize_t mp__u_start_read(mp_channel *ch, mp_handle *h, mp_op *op) {
             mp__op_free(ch, s);
             return res;
         }
-        if (h->readbuf_armed) return MP_INPROGRESS;
+        if (UH(h)->readbuf_armed) return MP_INPROGRESS;
         if (u->nbufs && ch->st.bufs_in_use >= u->nbufs) { /* starved: re-armed at next wait */
             ch->st.buf_starved++;
             mp__rearm_add(h);
             return MP_INPROGRESS;
         }
         if (rb_room(ch, h) <= 0) { /* resumed by a release of one of its buffers */
-            if (!h->rb_capped) ch->st.buf_paused++;
-            h->rb_capped = true;
+            if (!UH(h)->rb_capped) ch->st.buf_paused++;
+            UH(h)->rb_capped = true;
             return MP_INPROGRESS;
         }
         /* The kernel picks a buffer only when data arrives: an idle connection holds none.
@@ -41,12 +41,12 @@ ssize_t mp__u_start_read(mp_channel *ch, mp_handle *h, mp_op *op) {
          * into the stash); near it, one receive of one buffer per request, so that a
          * connection whose application stops reading holds at most one buffer more. */
         if (!(sqe = mp__u_sqe(ch))) return -EAGAIN;
-        h->rb_multishot = rb_multishot_ok(ch, h);
-        if (h->rb_multishot) io_uring_prep_recv_multishot(sqe, h->fd, NULL, 0, 0);
+        UH(h)->rb_multishot = rb_multishot_ok(ch, h);
+        if (UH(h)->rb_multishot) io_uring_prep_recv_multishot(sqe, h->fd, NULL, 0, 0);
         else io_uring_prep_recv(sqe, h->fd, NULL, 0, 0);
         sqe->flags |= IOSQE_BUFFER_SELECT;
         sqe->buf_group = BUF_GROUP;
-        h->readbuf_armed = true;
+        UH(h)->readbuf_armed = true;
     } else {
         if (!(sqe = mp__u_sqe(ch))) return -EAGAIN;
         io_uring_prep_recv(sqe, h->fd, op->buf, op->len, 0);
@@ -122,18 +122,18 @@ unsigned mp__u_lw_free(const mp_channel *ch) {
 /* No slot for an lwsocket: accepting pauses (the connections stay in the backlog) and is
  * looked at again at each wait, after the application had the chance to free slots. */
 void mp__u_accept_pause(mp_channel *ch, mp_handle *h) {
-    if (!h->acc.lw_full) {
+    if (!UH(h)->lw_full) {
         ch->st.accept_paused++;
         mp__log_once(ch, MP_LOG_LW_FULL, "lwsocket table full (%u slots, MP_MAX_LWSOCKETS): "
                      "accepting pauses until a slot is freed", U(ch)->nfixed);
     }
-    h->acc.lw_full = true;
+    UH(h)->lw_full = true;
     mp__rearm_add(h);
 }
 
 int mp__u_arm_accept(mp_channel *ch, mp_handle *h) {
     uring *u = U(ch);
-    if (h->acc.backoff || !accept_wanted(h) || h->acc.ms_armed) return 0;
+    if (h->acc.backoff || !accept_wanted(h) || UH(h)->ms_armed) return 0;
     bool direct = h->acc.lw && u->nfixed;
     unsigned slots = direct ? mp__u_lw_free(ch) : ~0u;
     /* A socket's accept wake-ups are exclusive, first waiter first: a multishot accept keeps
@@ -143,24 +143,24 @@ int mp__u_arm_accept(mp_channel *ch, mp_handle *h) {
     bool shared = !h->acc.part;
     bool ms = h->acc.forever && u->ms_accept && !shared &&
               (!direct || slots > LW_MULTISHOT_HEADROOM);
-    if (ms && h->acc.nflight) return 0; /* one-shots still out: multishot when they are back */
+    if (ms && UH(h)->nflight) return 0; /* one-shots still out: multishot when they are back */
     /* One-shot accepts: as many as are wanted, slots allow (each may take one) and the cap. */
     unsigned want = ms ? 1 : shared ? ACCEPT_SHARED_MAX : ACCEPT_ONESHOT_MAX;
     if (!h->acc.forever && h->acc.left < want) want = h->acc.left;
     if (!ms && slots < want) want = slots;
-    if (direct && !slots && !h->acc.nflight) {
+    if (direct && !slots && !UH(h)->nflight) {
         mp__u_accept_pause(ch, h);
         return 0;
     }
-    h->acc.lw_full = false;
-    while (h->acc.nflight < want) {
+    UH(h)->lw_full = false;
+    while (UH(h)->nflight < want) {
         struct io_uring_sqe *sqe = mp__u_sqe(ch);
         if (!sqe) return -EAGAIN;
         bool lw = mp__u_prep_accept(ch, h, sqe, h->fd, ms);
         if (lw && !ms) u->lw_inflight++;
         io_uring_sqe_set_data64(sqe, ud(lw ? T_ACCEPT_LW : T_ACCEPT, h->gen, h->idx));
-        h->acc.ms_armed = ms;
-        h->acc.nflight++;
+        UH(h)->ms_armed = ms;
+        UH(h)->nflight++;
         h->inflight++;
         if (ms) break;
     }
@@ -195,7 +195,7 @@ void mp__u_balance(mp_channel *ch) {
             if (h->state != H_LIVE || h->kind != HK_LISTENER || !h->acc.part || !h->acc.forever)
                 continue;
             u->balancing = true;
-            if (h->acc.steal_busy || mp__partition_backlog(h->fd) > 0) continue;
+            if (UH(h)->steal_busy || mp__partition_backlog(h->fd) > 0) continue;
             if (h->acc.lw && u->nfixed && !mp__u_lw_free(ch)) continue;
             int fd = mp__partition_busy_sibling(h, (unsigned)ch->cfg.balance_threshold);
             ch->st.syscalls += 2;
@@ -205,7 +205,7 @@ void mp__u_balance(mp_channel *ch) {
                 bool lw = mp__u_prep_accept(ch, h, sqe, fd, false);
                 if (lw) u->lw_inflight++;
                 io_uring_sqe_set_data64(sqe, ud(lw ? T_STEAL_LW : T_STEAL, h->gen, h->idx));
-                h->acc.steal_busy = true;
+                UH(h)->steal_busy = true;
                 h->inflight++;
                 mp__u_flush(ch); /* the kernel takes its own reference to the file here */
             }
@@ -216,7 +216,7 @@ void mp__u_balance(mp_channel *ch) {
 int mp__u_poll_arm(mp_channel *ch, mp_handle *h) {
     if (U(ch)->eset) return mp__u_eset_arm(ch, h);
     if (h->pw.armed) {
-        mp__u_cancel(ch, ud(T_POLL, h->pw.seq, h->idx));
+        mp__u_cancel(ch, ud(T_POLL, UH(h)->poll_seq, h->idx));
         h->pw.armed = false;
     }
     if (h->state != H_LIVE || !h->pw.events) return 0;
@@ -229,8 +229,8 @@ int mp__u_poll_arm(mp_channel *ch, mp_handle *h) {
     else
         io_uring_prep_poll_add(sqe, h->fd, mask);
     /* seq doubles as the arm sequence carried in user_data */
-    h->pw.seq = (h->pw.seq + 1) & 0xffffff;
-    io_uring_sqe_set_data64(sqe, ud(T_POLL, h->pw.seq, h->idx));
+    UH(h)->poll_seq = (UH(h)->poll_seq + 1) & 0xffffff;
+    io_uring_sqe_set_data64(sqe, ud(T_POLL, UH(h)->poll_seq, h->idx));
     h->pw.armed = true;
     h->inflight++;
     ch->st.watch_ops++;
@@ -238,20 +238,20 @@ int mp__u_poll_arm(mp_channel *ch, mp_handle *h) {
 }
 
 unsigned mp__u_detach(mp_channel *ch, mp_handle *h) {
-    if (h->r_busy || h->readbuf_armed) mp__u_cancel(ch, ud(T_READ, h->gen, h->idx));
+    if (h->r_busy || UH(h)->readbuf_armed) mp__u_cancel(ch, ud(T_READ, h->gen, h->idx));
     for (mp_op *s; (s = mp__opq_pop(&h->stash));) {
         if (s->evflags & MP_EVF_BUFFER) mp__u_buf_release(ch, s->buf_id);
         mp__op_free(ch, s);
     }
     if (h->w_busy) mp__u_cancel(ch, ud(T_WRITE, h->gen, h->idx));
-    if (h->acc.nflight) mp__u_cancel_accepts(ch, h);
-    if (h->acc.steal_busy) {
+    if (UH(h)->nflight) mp__u_cancel_accepts(ch, h);
+    if (UH(h)->steal_busy) {
         mp__u_cancel(ch, ud(T_STEAL, h->gen, h->idx));
         mp__u_cancel(ch, ud(T_STEAL_LW, h->gen, h->idx));
     }
     if (h->acc.backoff) mp__u_cancel(ch, ud(T_TIMER, h->gen, h->idx));
     if (h->kind == HK_POLL && U(ch)->eset) mp__u_eset_detach(ch, h);
-    else if (h->pw.armed) mp__u_cancel(ch, ud(T_POLL, h->pw.seq, h->idx));
+    else if (h->pw.armed) mp__u_cancel(ch, ud(T_POLL, UH(h)->poll_seq, h->idx));
     if (h->fixed) mp__u_close_direct(ch, (unsigned)h->fd);
     /* With DEFER_TASKRUN a cancelled accept leaves the socket's wait queue only in task work,
      * which runs when we enter with GETEVENTS: until then it would keep taking the wake-ups

@@ -167,6 +167,7 @@ static void mp__u_fini(mp_channel *ch) {
 
 const mp_engine mp__engine_uring = {
     .name = "uring",
+    .handle_priv = sizeof(uhandle),
     .init = mp__u_init,
     .fini = mp__u_fini,
     .attach = mp__u_attach,

@@ -155,9 +155,9 @@ int mp__u_wait(mp_channel *ch, int timeout_ms) {
         if (h->kind == HK_POLL) {
             if (!h->pw.armed) mp__u_poll_arm(ch, h);
         } else if (h->kind == HK_LISTENER) {
-            if (h->acc.lw_full) mp__u_arm_accept(ch, h);
+            if (UH(h)->lw_full) mp__u_arm_accept(ch, h);
         } else if (h->kind == HK_CONN) {
-            if (!h->readbuf_armed) h->r_busy = 0;
+            if (!UH(h)->readbuf_armed) h->r_busy = 0;
             mp__pump_reads(h);
         }
     }

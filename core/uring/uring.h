@@ -79,6 +79,26 @@ typedef struct uring {
 
 #define U(ch) ((uring *)(ch)->eng_data)
 
+/* The engine's own state of one handle (mp__handle_priv: beside the handle, zeroed when the
+ * slot is allocated). */
+typedef struct uhandle {
+    /* listeners */
+    unsigned nflight;   /* accepts in the kernel (a multishot counts one) */
+    bool ms_armed;      /* the accept in the kernel is one multishot */
+    bool steal_busy;    /* a balancing accept on a sibling is in the kernel */
+    bool lw_full;       /* paused: no free lwsocket slot (re-checked at each wait) */
+    /* buffered reads */
+    bool readbuf_armed; /* the receive is in the kernel */
+    bool rb_capped;     /* receive paused: MP_BUF_PER_CONN buffers held */
+    bool rb_multishot;  /* the receive in the kernel is multishot (else one buffer) */
+    bool rb_cancelling; /* we cancelled the multishot: its -ECANCELED end is ours */
+    uint32_t bufs_held; /* channel buffers this connection holds (stashed + handed out) */
+    /* readiness watches in poll-request form */
+    uint32_t poll_seq;  /* arm sequence, carried in user_data */
+} uhandle;
+
+static inline uhandle *UH(const mp_handle *h) { return (uhandle *)mp__handle_priv(h); }
+
 
 /* A multishot receive may fill 1 + 32 buffers in one pass (the kernel's retry limit) and run
  * more than one pass before its completions are reaped: it is used only while a connection
@@ -108,7 +128,7 @@ static inline void set_file(struct io_uring_sqe *sqe, mp_handle *h) {
 
 /* Buffers h may still take before MP_BUF_PER_CONN (negative past it). */
 static inline int64_t rb_room(const mp_channel *ch, const mp_handle *h) {
-    return (int64_t)ch->cfg.buf_per_conn - (int64_t)h->bufs_held;
+    return (int64_t)ch->cfg.buf_per_conn - (int64_t)UH(h)->bufs_held;
 }
 
 /* May h's receive be multishot?  Always when MP_BUF_PER_CONN is the whole pool (then the pool
