@@ -541,10 +541,14 @@ def exp_cores(args):
 
 def exp_latency(args):
     srv, lg = split_cpus(1)
-    pts = [dict(conns=c, txn=0, size=64, srv_cpus=srv, lg_cpus=lg)
-           for c in (1, 4, 16, 64, 256, 1024, 4096)]
-    med = sweep(args, "fig6_latency", pts, ["baseline", "megapipe"])
-    plot(args, "fig6_latency", "Fig. 6: latency vs persistent connections",
+    conns = [int(c) for c in args.latency_conns.split(",")] if args.latency_conns else \
+        [1, 4, 16, 64, 256, 1024, 4096]
+    # A subset of the points (more runs where single runs scatter) goes to a file of its own.
+    name = "fig6_latency" if not args.latency_conns else \
+        "fig6_latency_" + "_".join(str(c) for c in conns)
+    pts = [dict(conns=c, txn=0, size=64, srv_cpus=srv, lg_cpus=lg) for c in conns]
+    med = sweep(args, name, pts, ["baseline", "megapipe"])
+    plot(args, name, "Fig. 6: latency vs persistent connections",
          "persistent connections", "conns", ["baseline", "megapipe"], logx=True, latency=True)
     return med
 
@@ -663,6 +667,9 @@ def main():
     ap.add_argument("--warmup", type=float, default=float(os.environ.get("WARMUP", 0.5)))
     ap.add_argument("--conns", type=int, default=256, help="connections (per server core)")
     ap.add_argument("--txns", default="1,8,128", help="quick: transactions per connection")
+    ap.add_argument("--latency-conns", default="",
+                    help="latency: only these connection counts (e.g. 1024,4096), to "
+                         "fig6_latency_<counts>.csv")
     ap.add_argument("--variants", default="",
                     help="quick: comma-separated variants (default baseline,megapipe; also +P, "
                          "+P+B, megapipe+R, mp-epoll)")

@@ -10,6 +10,11 @@ the server during the measured window), load generator CPU per request.  Medians
 
   bench_memcached.py --loadgen BUILD/bench/loadgen --lelib BUILD/libevent/lib [--reps 3]
                      [--secs 3] [--conns 64] [--csv out.csv]
+
+With --client memcaslap the load is libmemcached-tools' memcaslap instead (its defaults: 64 B
+keys, 1 KiB values, 9:1 get:set; -T 1 -c CONNS, persistent connections only): throughput is
+memcaslap's TPS, server CPU per request the server's utime+stime over the run divided by its
+operations.
 """
 import argparse
 import os
@@ -36,6 +41,7 @@ ap.add_argument("--loadgen-cpu", default="1")
 ap.add_argument("--csv", default=None)
 ap.add_argument("--plot", default=None, help="PNG: medians plotted with gnuplot")
 ap.add_argument("--from-csv", default=None, help="no runs: summarize/plot this CSV")
+ap.add_argument("--client", choices=["loadgen", "memcaslap"], default="loadgen")
 a = ap.parse_args()
 
 perf = shutil.which("perf")
@@ -60,6 +66,34 @@ def wait_port(port, t=5.0):
     return False
 
 
+def proc_cpu(pid):
+    """utime + stime of every thread of pid, in seconds."""
+    with open("/proc/%d/stat" % pid) as f:
+        v = f.read().rsplit(")", 1)[1].split()
+    return (int(v[11]) + int(v[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_memcaslap(port, srv):
+    mc = shutil.which("memcaslap")
+    if not mc:
+        raise RuntimeError("memcaslap not found (Debian: libmemcached-tools)")
+    # warm-up run fills the cache, so that gets hit in the measured one
+    subprocess.run(["taskset", "-c", a.loadgen_cpu, mc, "-s", "127.0.0.1:%d" % port, "-T", "1",
+                    "-c", str(a.conns), "-t", "%ds" % max(1, int(a.warmup))],
+                   capture_output=True, text=True, timeout=a.warmup + 60)
+    c0 = proc_cpu(srv.pid)
+    out = subprocess.run(["taskset", "-c", a.loadgen_cpu, mc, "-s", "127.0.0.1:%d" % port, "-T",
+                          "1", "-c", str(a.conns), "-t", "%ds" % int(a.secs)],
+                         capture_output=True, text=True, timeout=a.secs + 60)
+    c1 = proc_cpu(srv.pid)
+    m = re.search(r"Run time:\s*([\d.]+)s\s+Ops:\s*(\d+)\s+TPS:\s*(\d+)", out.stdout)
+    if not m:
+        raise RuntimeError("memcaslap: " + out.stdout[-2000:] + out.stderr[-2000:])
+    ops, tps = int(m.group(2)), float(m.group(3))
+    return {"tps": tps, "srv_us": (c1 - c0) * 1e6 / max(1, ops), "lg_us": float("nan"),
+            "errors": 0, "sys": float("nan")}
+
+
 def run_point(variant, txns):
     port = free_port()
     env = dict(os.environ)
@@ -72,6 +106,8 @@ def run_point(variant, txns):
     try:
         if not wait_port(port):
             raise RuntimeError("memcached did not come up")
+        if a.client == "memcaslap":
+            return run_memcaslap(port, srv)
         pst = None
         if perf:
             # counts the server's system calls from the start of the warmup; scaled below to the
@@ -107,7 +143,7 @@ def run_point(variant, txns):
             srv.wait()
 
 
-txns_list = [int(x) for x in a.txns.split(",")]
+txns_list = [int(x) for x in a.txns.split(",")] if a.client == "loadgen" else [0]
 rows = []
 if a.from_csv:
     import csv
