@@ -52,8 +52,16 @@ def main():
     ap.add_argument("--cli-cpu", type=int, default=1)
     ap.add_argument("--results", default=os.path.join(HERE, "results"))
     ap.add_argument("--img", default=os.path.join(HERE, "..", "docs", "img"))
+    ap.add_argument("--replot", action="store_true",
+                    help="no runs: redraw the plot from the results directory's readiness.csv")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
+    if args.replot:
+        with open(os.path.join(args.results, "readiness.csv")) as f:
+            rows = [dict(r, n=int(r["n"]), **{k: float(r[k]) for k in FIELDS})
+                    for r in csv.DictReader(f)]
+        plot(args, rows, sizes)
+        return
     points = [(n, m) for n in sizes for m in MODES]
     runs = {p: [] for p in points}
     for rep in range(args.reps):
@@ -108,7 +116,7 @@ def plot(args, rows, sizes):
               "set multiplot layout 1,2 title 'Serving readiness: a tenth of the watched fds active'",
               "set style data histograms", "set style histogram clustered gap 1",
               "set style fill solid 0.8 border -1", "set grid ytics", "set yrange [0:*]",
-              "set key top left",
+              "set termoption noenhanced", "set key below horizontal",
               "set ylabel 'server thread CPU per event (us)'",
               "plot " + ", ".join("'%s' using %d:xtic(1) title '%s'" % (datp, i + 2, LABEL[m])
                                   for i, m in enumerate(MODES)),

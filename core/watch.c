@@ -1,8 +1,8 @@
 /*
  * watch.c — the readiness set's fd-keyed form, mp_watch()/mp_unwatch(), callable from any
  * thread.  The owner applies a change at once (poll.c, a queued request to its engine).
- * Another thread records it under the set's lock and wakes the owner if this is the first
- * change waiting; the owner applies the record at the top of each mp_dispatch*() round (and
+ * Another thread (or any thread before the channel has an owner) records it under the set's
+ * lock and wakes the owner if this is the first change waiting; the owner applies the record at the top of each mp_dispatch*() round (and
  * before any mp_poll_add), in the order the calls were made.  The set keeps, under the same
  * lock, which fds are in it as the callers see them, so that mp_unwatch() of an unknown fd
  * answers -ENOENT from any thread.
@@ -121,8 +121,11 @@ static int watch(mp_channel *ch, int fd, uint32_t events, int flags, void *cooki
     struct mp_wset *ws = wset(ch);
     if (!ws) return -ENOMEM;
     struct wchange c = {fd, events, flags, cookie};
-    /* The first caller becomes the owner (mp__ch_enter); others record. */
-    bool owner = ch->owned ? pthread_equal(ch->owner, pthread_self()) : mp__ch_enter(ch) == 0;
+    /* Only the owner applies; everyone else records, and so does every thread while the
+     * channel has no owner yet: the thread that dispatches first becomes the owner and applies
+     * what was recorded (event libraries set watches up on one thread and dispatch on another:
+     * memcached's workers get their libevent bases from the main thread). */
+    bool owner = ch->owned && pthread_equal(ch->owner, pthread_self());
     pthread_mutex_lock(&ws->lock);
     int r = 0;
     if (events && !is_in(ws, fd) && fcntl(fd, F_GETFD) < 0) {

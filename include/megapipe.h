@@ -473,7 +473,10 @@ int mp_export_fd(mp_handle *h);
  * (programs call epoll_ctl() and event_add() from threads that do not wait).  Called by the
  * owner they take effect at once (a queued request, no system call); called by another thread
  * they are recorded and applied by the owner's mp_dispatch*(), which is woken for it if it
- * waits (no MP_EV_WAKE event is delivered for such a wake-up).
+ * waits (no MP_EV_WAKE event is delivered for such a wake-up).  They do not make the caller
+ * the owner: before any other call has, they are recorded, and the thread that first
+ * dispatches (or makes any other call) becomes the owner and applies them, so a set prepared
+ * on one thread can be dispatched on another.
  *
  * Returns 0 or -EBADF (bad channel, or fd not open), -EINVAL (bad events or flags), -ENOENT
  * (mp_unwatch() of an fd not in the set), -ENOMEM, -EPERM (forked child).  What the kernel

@@ -342,3 +342,23 @@ TEST_F(Watch, QueueHoldsOneEventPerFd) {
     EXPECT_EQ((int)count.size(), N);
     for (auto &kv : count) EXPECT_GE(kv.second, 2) << "fd of cookie " << kv.first << " starved";
 }
+
+// memcached's pattern: a set prepared on one thread (before anyone dispatched) and dispatched
+// on another: the dispatching thread becomes the owner and applies what was recorded.
+TEST_F(Watch, PreparedOnOneThreadDispatchedOnAnother) {
+    Pair p;
+    ASSERT_TRUE(tcp_pair(p));
+    ASSERT_TRUE(write_all(p.b.get(), "x", 1));
+    ASSERT_EQ(mp_watch(ch, p.a.get(), EPOLLIN, 0, (void *)3), 0); // no owner yet: recorded
+    int got = -1;
+    std::thread worker([&] {
+        mp_event ev;
+        int n = mp_dispatch(ch, &ev, 2000);
+        got = n == 1 && ev.cmd == MP_EV_POLL ? cookie_of(ev) : -n;
+        EXPECT_EQ(mp_watch(ch, p.a.get(), EPOLLIN | EPOLLOUT, 0, (void *)4), 0); // the owner now
+    });
+    worker.join();
+    EXPECT_EQ(got, 3);
+    mp_event ev;
+    EXPECT_EQ(mp_dispatch(ch, &ev, 0), -EPERM); // this thread is not the owner
+}

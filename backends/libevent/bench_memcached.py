@@ -42,6 +42,9 @@ ap.add_argument("--csv", default=None)
 ap.add_argument("--plot", default=None, help="PNG: medians plotted with gnuplot")
 ap.add_argument("--from-csv", default=None, help="no runs: summarize/plot this CSV")
 ap.add_argument("--client", choices=["loadgen", "memcaslap"], default="loadgen")
+ap.add_argument("--poll-too", action="store_true",
+                help="a third variant: the megapipe method with MP_READINESS=poll (one poll "
+                     "request per fd instead of the epoll set)")
 a = ap.parse_args()
 
 perf = shutil.which("perf")
@@ -98,7 +101,9 @@ def run_point(variant, txns):
     port = free_port()
     env = dict(os.environ)
     env.pop("LD_LIBRARY_PATH", None)
-    if variant == "megapipe":
+    if variant == "megapipe-poll":
+        env["MP_READINESS"] = "poll"
+    if variant.startswith("megapipe"):
         env["LD_LIBRARY_PATH"] = a.lelib
     srv = subprocess.Popen(["taskset", "-c", a.server_cpu, a.memcached, "-u", "root", "-l",
                             "127.0.0.1", "-p", str(port), "-U", "0", "-t", "1", "-c", "4096",
@@ -155,7 +160,9 @@ if a.from_csv:
     a.reps = 0
 for rep in range(a.reps):
     for txns in txns_list:
-        for variant in (("stock", "megapipe") if rep % 2 == 0 else ("megapipe", "stock")):
+        order = ["stock", "megapipe"] + (["megapipe-poll"] if a.poll_too else [])
+        k = rep % len(order)
+        for variant in order[k:] + order[:k]:  # rotated: no variant always first
             res = run_point(variant, txns)
             res.update(variant=variant, txns=txns, rep=rep)
             rows.append(res)
@@ -177,11 +184,18 @@ print("| requests/conn | variant | req/s | server CPU us/req | syscalls/req | lo
 print("|---|---|---|---|---|---|")
 for txns in txns_list:
     med = {}
-    for v in ("stock", "megapipe"):
+    for v in ["stock", "megapipe"] + (["megapipe-poll"] if a.poll_too else []):
         sel = [r for r in rows if r["variant"] == v and r["txns"] == txns]
         med[v] = {k: statistics.median(r[k] for r in sel) for k in ("tps", "srv_us", "sys", "lg_us")}
         print(f"| {txns or 'persistent'} | {v} | {med[v]['tps']:.0f} | {med[v]['srv_us']:.2f} | "
               f"{med[v]['sys']:.2f} | {med[v]['lg_us']:.2f} |")
+    for v in [v for v in med if v != "stock"]:
+        pr = [(m["tps"] / s["tps"], m["srv_us"] / s["srv_us"]) for s, m in (
+            (next(r for r in rows if r["variant"] == "stock" and r["txns"] == txns and r["rep"] == i),
+             next(r for r in rows if r["variant"] == v and r["txns"] == txns and r["rep"] == i))
+            for i in sorted({r["rep"] for r in rows}))]
+        print(f"| {txns or 'persistent'} | {v} / stock, paired medians | "
+              f"{statistics.median(x[0] for x in pr):.3f}x | {statistics.median(x[1] for x in pr):.3f}x | | |")
     s, m = med["stock"], med["megapipe"]
     print(f"| {txns or 'persistent'} | ratio | {m['tps'] / s['tps']:.2f}x | "
           f"{m['srv_us'] / s['srv_us']:.2f}x | {m['sys'] / s['sys'] if s['sys'] else float('nan'):.2f}x | "
