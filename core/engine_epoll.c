@@ -28,7 +28,7 @@
 /* Readiness watches live in an epoll set of their own (pepfd), nested in the main one, so a
  * watch and a completion registration may share an fd (epoll keeps one item per fd and set,
  * and a watch's level/edge/one-shot flags must not change how the engine waits for its own
- * operations, which is always edge-triggered).  Made at the first watch. */
+ * operations, which is always edge-triggered).  Made with the channel (ep_init). */
 typedef struct epeng {
     int epfd, efd, pepfd;
     int64_t retry_at; /* accept back-off: when to try again (ms, monotonic), 0 = none */
@@ -308,6 +308,16 @@ static int ep_init(mp_channel *ch) {
         return err;
     }
     ch->eng_data = e;
+    /* The readiness set's own epoll set is made with the channel, not at the first watch: a
+     * program that runs out of descriptors later must still be able to watch. */
+    int r = pollset(ch);
+    if (r < 0) {
+        close(e->epfd);
+        close(e->efd);
+        free(e);
+        ch->eng_data = NULL;
+        return r;
+    }
     return 0;
 }
 

@@ -362,3 +362,29 @@ TEST_F(Watch, PreparedOnOneThreadDispatchedOnAnother) {
     mp_event ev;
     EXPECT_EQ(mp_dispatch(ch, &ev, 0), -EPERM); // this thread is not the owner
 }
+
+// A program that runs out of descriptors can still watch what it has (libuv's emfile test):
+// the set's kernel objects are made with the channel, not at the first watch.
+TEST_F(Watch, WatchWithNoDescriptorLeft) {
+    Pair p;
+    ASSERT_TRUE(tcp_pair(p));
+    ASSERT_TRUE(write_all(p.b.get(), "x", 1));
+    struct rlimit old;
+    ASSERT_EQ(getrlimit(RLIMIT_NOFILE, &old), 0);
+    std::vector<int> fill;
+    struct rlimit low = old;
+    low.rlim_cur = (rlim_t)count_open_fds() + 16;
+    ASSERT_EQ(setrlimit(RLIMIT_NOFILE, &low), 0);
+    for (int fd; (fd = dup(0)) >= 0;) fill.push_back(fd);
+    int err = errno;
+    int r = mp_watch(ch, p.a.get(), EPOLLIN, 0, (void *)1);
+    mp_event ev;
+    int n = r == 0 ? mp_dispatch(ch, &ev, 2000) : r;
+    for (int fd : fill) close(fd);
+    setrlimit(RLIMIT_NOFILE, &old);
+    EXPECT_EQ(err, EMFILE);
+    EXPECT_EQ(r, 0) << strerror(-r);
+    ASSERT_EQ(n, 1) << strerror(-n);
+    EXPECT_EQ(ev.cmd, MP_EV_POLL);
+    EXPECT_EQ(cookie_of(ev), 1);
+}

@@ -19,10 +19,15 @@
 int mp__u_eset_init(mp_channel *ch) {
     uring *u = U(ch);
     u->epfd = -1;
+    if (!u->eset) return 0;
     u->ectl_ev = calloc(u->ring.sq.ring_entries, sizeof *u->ectl_ev);
     u->ewait_evs = calloc(EWAIT_MAX, sizeof *u->ewait_evs);
     if (!u->ectl_ev || !u->ewait_evs) return -ENOMEM;
-    return 0;
+    /* Made with the channel, not at the first watch: a program that runs out of descriptors
+     * later (libuv's emfile test) must still be able to watch. */
+    ch->st.syscalls++;
+    u->epfd = epoll_create1(EPOLL_CLOEXEC);
+    return u->epfd < 0 ? -errno : 0;
 }
 
 void mp__u_eset_fini(mp_channel *ch) {
@@ -30,14 +35,6 @@ void mp__u_eset_fini(mp_channel *ch) {
     if (u->epfd >= 0) close(u->epfd);
     free(u->ectl_ev);
     free(u->ewait_evs);
-}
-
-static int set_fd(mp_channel *ch) {
-    uring *u = U(ch);
-    if (u->epfd >= 0) return u->epfd;
-    ch->st.syscalls++;
-    u->epfd = epoll_create1(EPOLL_CLOEXEC);
-    return u->epfd < 0 ? -errno : u->epfd;
 }
 
 /* Queue one EPOLL_CTL for watch h.  The kernel reads the epoll_event when it takes the SQE
@@ -59,8 +56,7 @@ static int ctl(mp_channel *ch, mp_handle *h, int op) {
 }
 
 int mp__u_eset_arm(mp_channel *ch, mp_handle *h) {
-    int r = set_fd(ch);
-    if (r < 0) return r;
+    int r;
     if (h->state != H_LIVE) return 0;
     if (!h->pw.events) { /* paused: out of the set (an entry would still report ERR/HUP) */
         if (!h->pw.armed) return 0;
