@@ -158,11 +158,14 @@ def functional_checks(mp_port, stock_port, files):
         check(a[0] == b[0] and a[2] == b[2], f"{method} {path}: {a[0]} vs stock {b[0]}")
         check(a[0] >= 400, f"{method} {path}: expected an error, got {a[0]}")
     # a malformed request: 400 like stock
-    for port, out in ((mp_port, []), (stock_port, [])):
+    got = []
+    for port in (mp_port, stock_port):
         s = socket.create_connection(("127.0.0.1", port), timeout=10)
         s.sendall(b"GARBAGE\r\n\r\n")
-        out.append(read_response(s.makefile("rb")))
+        got.append(read_response(s.makefile("rb")))
         s.close()
+    check(got[0][0] == 400 and got[0][0] == got[1][0] and got[0][2] == got[1][2],
+          f"malformed request: {got[0][0]} vs stock {got[1][0]}")
     # request bodies: read through the channel, proxied on (small and 2 MiB, chunked too)
     for size in (10, 70000, 2 * 1024 * 1024):
         st, h, body = http_get(mp_port, "/body", method="POST", body=os.urandom(size))

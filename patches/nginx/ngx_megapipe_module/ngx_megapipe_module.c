@@ -1053,7 +1053,15 @@ ngx_mp_del_connection(ngx_connection_t *c, ngx_uint_t flags)
     }
     if (m->kind == NGX_MP_STREAM) {
         /* nginx closes c->fd right after this: the handle ends now (its reads and a write
-         * still in flight are cancelled), the buffers live until MP_EV_CLOSED. */
+         * still in flight are cancelled), the buffers live until MP_EV_CLOSED.  HTTP does not
+         * get here with bytes still to write: NGX_MP_BUFFERED holds the request until then;
+         * only errors, timeouts and aborts do, and they drop the rest as stock nginx would.
+         * CORE-GAP: a handle names its socket by fd number, so it cannot outlive nginx's
+         * close(c->fd) (the number is reused at the next accept).  Proposed: mp_register()
+         * flag MP_REG_OWN_REF (the channel keeps its own reference, e.g. a registered-file
+         * slot, and closes it at MP_EV_CLOSED) plus mp_close_after_writes(h) (end the handle
+         * once its queued writes completed).  Then write-behind would not hold nginx's
+         * request, its file descriptor and pool until the write completes. */
         *slot = NULL;
         m->c = NULL;
         mp_unregister(m->h);
