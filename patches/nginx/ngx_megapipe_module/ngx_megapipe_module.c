@@ -437,6 +437,7 @@ ngx_mp_wspace(ngx_mp_conn_t *m)
     if (m->wbuf[m->wfill] == NULL) {
         m->wbuf[m->wfill] = ngx_mp_wbuf_get();
         if (m->wbuf[m->wfill] == NULL) {
+            m->werr = NGX_ENOMEM; /* fails this and the next send: no wait without a wakeup */
             return 0;
         }
     }
@@ -460,6 +461,10 @@ ngx_mp_send(ngx_connection_t *c, u_char *buf, size_t size)
     }
 
     n = ngx_min(size, ngx_mp_wspace(m));
+    if (m->werr) {
+        wev->error = 1;
+        return NGX_ERROR;
+    }
     if (n == 0 && size) {
         wev->ready = 0;
         m->wblocked = 1;
@@ -509,6 +514,10 @@ ngx_mp_send_chain(ngx_connection_t *c, ngx_chain_t *in, off_t limit)
             continue;
         }
         space = ngx_mp_wspace(m);
+        if (m->werr) {
+            wev->error = 1;
+            return NGX_CHAIN_ERROR;
+        }
         if (space == 0) {
             break;
         }
