@@ -93,6 +93,8 @@ static ssize_t ngx_mp_recv_chain(ngx_connection_t *c, ngx_chain_t *in, off_t lim
 static ssize_t ngx_mp_send(ngx_connection_t *c, u_char *buf, size_t size);
 static ngx_chain_t *ngx_mp_send_chain(ngx_connection_t *c, ngx_chain_t *in, off_t limit);
 
+static void ngx_mp_exit_process(ngx_cycle_t *cycle);
+
 static ngx_str_t megapipe_name = ngx_string("megapipe");
 
 static ngx_event_module_t ngx_megapipe_module_ctx = {
@@ -123,7 +125,7 @@ ngx_module_t ngx_megapipe_module = {
     NULL,                     /* init process */
     NULL,                     /* init thread */
     NULL,                     /* exit thread */
-    NULL,                     /* exit process */
+    ngx_mp_exit_process,      /* exit process */
     NULL,                     /* exit master */
     NGX_MODULE_V1_PADDING
 };
@@ -290,6 +292,17 @@ ngx_mp_done(ngx_cycle_t *cycle)
     ngx_mp_npend = ngx_mp_pend_cap = 0;
     while (ngx_mp_nwcache) {
         ngx_free(ngx_mp_wcache[--ngx_mp_nwcache]);
+    }
+}
+
+
+/* nginx 1.22 never calls actions.done: the worker's exit hook destroys the channel (and
+ * prints its statistics with MP_STATS=1, into the error log: the worker's stderr). */
+static void
+ngx_mp_exit_process(ngx_cycle_t *cycle)
+{
+    if (ngx_mp_ch) {
+        ngx_mp_done(cycle);
     }
 }
 
