@@ -39,7 +39,8 @@ MIXES = {
     "keepalive": ("specweb", ["-n", "0"]),
 }
 KEYS = ["tps", "p50_us", "p99_us", "server_cpu_us_per_txn", "core_us_per_txn",
-        "core_softirq_us_per_txn", "errors", "timeouts", "txns", "others_cpus"]
+        "core_softirq_us_per_txn", "errors", "timeouts", "txns", "others_cpus", "core_busy",
+        "lg_util"]
 
 
 def server(args, engine, port, docroot, workers=1, affinity="01", reuseport=False,
@@ -70,7 +71,9 @@ def loadgen(args, port, listfile, extra, pid=None, cpus="1", seconds=None, threa
     if not m:
         raise RuntimeError("loadgen: " + out.stdout + out.stderr)
     r = dict(kv.split("=", 1) for kv in m.group(1).split())
-    return {k: float(v) for k, v in r.items() if k != "mode"}, " ".join(cmd)
+    r = {k: float(v) for k, v in r.items() if k != "mode"}
+    r["core_busy"] = r["core_busy_s"] / r["seconds"] if r["seconds"] else 0  # CPU 0, 0..1
+    return r, " ".join(cmd)
 
 
 def one_run(args, engine, mix):
@@ -238,13 +241,15 @@ def main():
     gnuplot(args.out, rows, mixes)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write("| mix | engine | req/s | server CPU us/req (process) | CPU 0 busy us/req "
-                "(softirq) | p50 us | p99 us |\n|---|---|---|---|---|---|---|\n")
+                "(softirq) | CPU 0 busy | loadgen CPU 1 | p50 us | p99 us | errors |\n"
+                "|---|---|---|---|---|---|---|---|---|---|\n")
         for mix in mixes:
             for e in ("epoll", "megapipe"):
                 r = rows[mix][e]
                 f.write(f"| {mix} | {e} | {r['tps']:.0f} | {r['server_cpu_us_per_txn']:.2f} | "
                         f"{r['core_us_per_txn']:.2f} ({r['core_softirq_us_per_txn']:.2f}) | "
-                        f"{r['p50_us']:.0f} | {r['p99_us']:.0f} |\n")
+                        f"{r['core_busy']:.0%} | {r['lg_util']:.0%} | "
+                        f"{r['p50_us']:.0f} | {r['p99_us']:.0f} | {r['errors']:.0f} |\n")
         f.write("\n| mix | throughput megapipe/stock | server CPU/req megapipe/stock | "
                 "core busy/req megapipe/stock |\n|---|---|---|---|\n")
         for mix in mixes:
