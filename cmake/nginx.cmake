@@ -29,7 +29,8 @@ if(MP_BUILD_TESTS)
   find_package(Python3 COMPONENTS Interpreter REQUIRED)
   # Stock /usr/sbin/nginx with the module loaded, each test in its own temp prefix on
   # 127.0.0.1 with free ports.  backends/nginx/tests/ngxtest.py is the harness.
-  set(_ngx_tests load functional big_file https proxy many_connections reload partition epoll_engine)
+  set(_ngx_tests load functional big_file https proxy many_connections reload partition epoll_engine
+                timers)
   foreach(t ${_ngx_tests})
     add_test(NAME nginx.${t}
       COMMAND ${Python3_EXECUTABLE} ${MP_NGX_DIR}/tests/ngxtest.py ${t}

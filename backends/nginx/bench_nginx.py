@@ -158,7 +158,7 @@ def count_pids(n):
 def gnuplot(out, rows, mixes):
     dat = os.path.join(out, "medians.dat")
     with open(dat, "w") as f:
-        f.write("mix stock_tps mp_tps stock_cpu mp_cpu stock_core mp_core stock_p99 mp_p99\n")
+        f.write("# mix stock_tps mp_tps stock_cpu mp_cpu stock_core mp_core stock_p99 mp_p99\n")
         for mix in mixes:
             s, m = rows[mix]["epoll"], rows[mix]["megapipe"]
             f.write(f"{mix} {s['tps']:.0f} {m['tps']:.0f} {s['server_cpu_us_per_txn']:.2f} "
@@ -166,7 +166,7 @@ def gnuplot(out, rows, mixes):
                     f"{m['core_us_per_txn']:.2f} {s['p99_us']:.0f} {m['p99_us']:.0f}\n")
     common = ('set terminal pngcairo size 900,450 font ",10"\nset style data histograms\n'
               'set style histogram clustered gap 1\nset style fill solid 0.8 border -1\n'
-              'set key top left\nset grid ytics\nset yrange [0:*]\n')
+              'set key outside right top\nset grid ytics\nset yrange [0:*]\n')
     plots = {
         "nginx_throughput.png": ("requests/s (1 worker, CPU 0)", "2:xtic(1) t 'stock epoll', '' u 3 t 'megapipe'"),
         "nginx_cpu.png": ("server CPU per request, us (worker process time; hatched: CPU 0 busy incl. softirq)",
@@ -189,7 +189,18 @@ def main():
     ap.add_argument("--conns", type=int, default=64)
     ap.add_argument("--mixes", default="specweb,yahoo,yahoo2,keepalive")
     ap.add_argument("--no-census", action="store_true")
+    ap.add_argument("--replot", action="store_true",
+                    help="only redraw the plots from OUT/runs.csv (no measurement)")
     args = ap.parse_args()
+    if args.replot:
+        per = {}
+        with open(os.path.join(args.out, "runs.csv")) as f:
+            for r in csv.DictReader(f):
+                per.setdefault(r["mix"], {}).setdefault(r["engine"], []).append(r)
+        rows = {m: {e: {k: statistics.median(float(x[k]) for x in v) for k in KEYS if k in v[0]}
+                    for e, v in d.items()} for m, d in per.items()}
+        gnuplot(os.path.abspath(args.out), rows, [m for m in MIXES if m in rows])
+        return
     args.module = os.path.abspath(os.path.join(args.build, "nginx", "ngx_megapipe_module.so"))
     args.loadgen = os.path.abspath(os.path.join(args.build, "bench", "loadgen"))
     args.out = os.path.abspath(args.out)

@@ -21,6 +21,8 @@ Tests:
   partition         2 workers, worker_cpu_affinity 01 10, listen reuseport: connections made
                     on CPU 0 go to the worker on CPU 0, those made on CPU 1 to the other
   epoll_engine      the functional checks with the channel on the core's epoll engine
+  timers            keepalive_timeout, client_header_timeout, send_timeout (a client that
+                    stops reading: the connection ends with writes in flight)
 """
 import argparse
 import hashlib
@@ -460,6 +462,74 @@ def t_many_connections():
         n.cleanup()
 
 
+def t_timers():
+    port = free_port()
+    n = Nginx(ARGS.module)
+    big = os.urandom(8 * 1024 * 1024)
+    write_file(n.docroot + "/big.bin", big)
+    write_file(n.docroot + "/i.txt", b"ok\n")
+    n.conf = n.conf.replace("  access_log off;", f"""  access_log off;
+  server {{ listen 127.0.0.1:{port}; root {n.docroot};
+           keepalive_timeout 1s; client_header_timeout 1s; send_timeout 1s;
+           reset_timedout_connection on; }}""", 1)
+    n.start()
+    try:
+        n.wait_workers(1)
+
+        def closed_within(s, secs):
+            s.settimeout(secs)
+            t0 = time.time()
+            try:
+                while s.recv(65536):
+                    pass
+            except ConnectionResetError:
+                pass
+            except socket.timeout:
+                return None
+            return time.time() - t0
+        # keepalive_timeout: an idle keep-alive connection is closed after about 1 s
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(b"GET /i.txt HTTP/1.1\r\nHost: x\r\n\r\n")
+        check(read_response(s.makefile("rb"))[0] == 200, "first request")
+        t = closed_within(s, 5)
+        check(t is not None and 0.5 < t < 3, f"keepalive_timeout: closed after {t}")
+        s.close()
+        # client_header_timeout: half a request line, then silence
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(b"GET /i.txt HT")
+        t = closed_within(s, 5)
+        check(t is not None and 0.5 < t < 3, f"client_header_timeout: closed after {t}")
+        s.close()
+        # send_timeout: a client that stops reading an 8 MiB response; nginx gives up with
+        # writes still queued (the handle ends with a write in flight), resets the connection
+        # (reset_timedout_connection: SO_LINGER 0, effective when the channel let go of the
+        # socket) and stays healthy
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(b"GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(2.5)
+        check("timed out" in n.log().split("while reading client request headers")[-1],
+              "send_timeout not logged")
+        got, reset = 0, False
+        s.settimeout(5)
+        try:
+            while True:
+                d = s.recv(1 << 20)
+                if not d:
+                    break
+                got += len(d)
+        except ConnectionResetError:
+            reset = True
+        s.close()
+        check(reset and got < len(big), f"send_timeout: reset {reset}, {got} B arrived")
+        st, h, body = http_get(port, "/big.bin")
+        check(st == 200 and body == big, "a request after the timeouts")
+        check(not n.problems(), "\n".join(n.problems()))
+        check(n.stop(), "nginx did not stop on QUIT")
+    finally:
+        n.cleanup()
+
+
 def loadgen(port, seconds, conns=32, txns=1, extra=()):
     return subprocess.Popen([ARGS.loadgen, "-p", str(port), "-m", "http", "-c", str(conns),
                              "-n", str(txns), "-d", str(seconds), "-w", "0", "-T", "5000", *extra],
@@ -579,7 +649,7 @@ def t_partition():
 
 TESTS = {"load": t_load, "functional": t_functional, "big_file": t_big_file, "https": t_https,
          "proxy": t_proxy, "many_connections": t_many_connections, "reload": t_reload,
-         "partition": t_partition, "epoll_engine": t_epoll_engine}
+         "partition": t_partition, "epoll_engine": t_epoll_engine, "timers": t_timers}
 
 
 def main():
