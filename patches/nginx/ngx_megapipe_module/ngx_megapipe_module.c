@@ -139,6 +139,9 @@ static mp_event *ngx_mp_evs;
  * by the next process_events. */
 static mp_event *ngx_mp_pend;
 static ngx_uint_t ngx_mp_npend, ngx_mp_pend_cap;
+/* A timer while events are pending: an exiting worker (reload, QUIT) leaves its loop as soon
+ * as no timer is left, which would drop connections accepted before its listeners stopped. */
+static ngx_event_t ngx_mp_pend_ev;
 static u_char *ngx_mp_wcache[NGX_MP_WBUF_CACHE];
 static ngx_uint_t ngx_mp_nwcache;
 static ngx_event_handler_pt ngx_mp_notify_handler;
@@ -702,6 +705,12 @@ ngx_mp_listen_start(ngx_event_t *rev)
  * the kernel posted before the cancellation are still delivered; a later mp_unregister()
  * ends the handle without dropping connections. */
 static void
+ngx_mp_pend_timer(ngx_event_t *ev)
+{
+    (void) ev; /* the pending events are handled at the start of the next process_events */
+}
+
+static void
 ngx_mp_reap(void)
 {
     int n;
@@ -723,9 +732,15 @@ ngx_mp_reap(void)
         }
         n = mp_dispatch_batch(ngx_mp_ch, ngx_mp_pend + ngx_mp_npend, 64, 0);
         if (n <= 0) {
-            return;
+            break;
         }
         ngx_mp_npend += (ngx_uint_t) n;
+    }
+    if (ngx_mp_npend && !ngx_mp_pend_ev.timer_set) {
+        ngx_mp_pend_ev.handler = ngx_mp_pend_timer;
+        ngx_mp_pend_ev.log = ngx_mp_log;
+        ngx_mp_pend_ev.cancelable = 0;
+        ngx_add_timer(&ngx_mp_pend_ev, 1);
     }
 }
 
