@@ -17,6 +17,7 @@ core_pkgs=(build-essential cmake pkg-config liburing-dev libgtest-dev googletest
            iproute2 util-linux procps strace gnuplot-nox python3 dpkg-dev)
 full_pkgs=(autoconf automake libtool libssl-dev zlib1g-dev libpcre2-dev libsasl2-dev
            libseccomp-dev perl memcached libevent-dev libmemcached-tools)
+full_pkgs+=(nginx) # MP_WITH_NGINX: Debian's stock binary that loads ngx_megapipe_module
 
 want=("${core_pkgs[@]}")
 [ $full -eq 1 ] && want+=("${full_pkgs[@]}")
