@@ -34,3 +34,17 @@ if(MP_BUILD_TESTS)
             ${MP_LIBUV_SRC} ${MP_UV_DIR}/uv-tests-exclude.txt)
   set_tests_properties(libuv.run_tests PROPERTIES TIMEOUT 600 ENVIRONMENT "UV_USE_MEGAPIPE=1")
 endif()
+
+# Our checks of the switch, the fallback and the traps io_uring brought upstream libuv.
+add_executable(uv_megapipe_test ${MP_UV_DIR}/tests/uv_megapipe_test.c)
+add_dependencies(uv_megapipe_test libuv_megapipe)
+target_include_directories(uv_megapipe_test PRIVATE ${MP_LIBUV_SRC}/include)
+target_link_libraries(uv_megapipe_test PRIVATE ${MP_LIBUV_LIBDIR}/libuv.so.1 Threads::Threads)
+set_target_properties(uv_megapipe_test PROPERTIES BUILD_RPATH ${MP_LIBUV_LIBDIR})
+
+if(MP_BUILD_TESTS)
+  foreach(c switch fork setuid fd_reuse cq_overflow seccomp)
+    add_test(NAME libuv.${c} COMMAND uv_megapipe_test ${c})
+    set_tests_properties(libuv.${c} PROPERTIES TIMEOUT 120 SKIP_RETURN_CODE 77)
+  endforeach()
+endif()
