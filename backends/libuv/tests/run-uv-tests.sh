@@ -10,7 +10,8 @@ set -eu
 runner=$(readlink -f "$1") src=$(readlink -f "$2") excl=$(readlink -f "$3")
 here=$(cd "$(dirname "$0")" && pwd)
 jobs=${MP_UV_JOBS:-$(( $(nproc) * 2 ))}
-work=$(mktemp -d /tmp/uv-tests.XXXXXX)
+# Outside /tmp: each test gets a /tmp of its own, which would hide this directory.
+work=$(mktemp -d /var/tmp/uv-tests.XXXXXX)
 trap 'rm -rf "$work"' EXIT INT TERM
 chmod 755 "$work"
 sed -e 's/#.*//' -e '/^[[:space:]]*$/d' -e 's/[[:space:]]//g' "$excl" | sort -u >"$work/excluded"
