@@ -48,3 +48,20 @@ if(MP_BUILD_TESTS)
     set_tests_properties(libuv.${c} PROPERTIES TIMEOUT 120 SKIP_RETURN_CODE 77)
   endforeach()
 endif()
+
+# The benchmark's server (backends/libuv/bench/bench-libuv.sh runs it against bench/'s loadgen).
+if(MP_BUILD_BENCH)
+  add_executable(uv_bench_server ${MP_UV_DIR}/bench/uv_bench_server.c)
+  add_dependencies(uv_bench_server libuv_megapipe)
+  target_include_directories(uv_bench_server PRIVATE ${MP_LIBUV_SRC}/include)
+  target_link_libraries(uv_bench_server PRIVATE ${MP_LIBUV_LIBDIR}/libuv.so.1)
+  set_target_properties(uv_bench_server PROPERTIES BUILD_RPATH ${MP_LIBUV_LIBDIR})
+endif()
+
+if(MP_BUILD_TESTS)
+  # An unmodified Debian program that links libuv.so.1 dynamically (hddemux, installed by
+  # scripts/setup.sh --full) on our library with UV_USE_MEGAPIPE=1, real HTTP and DNS traffic.
+  add_test(NAME libuv.hddemux
+    COMMAND python3 ${MP_UV_DIR}/tests/run-hddemux.py ${MP_LIBUV_LIBDIR})
+  set_tests_properties(libuv.hddemux PROPERTIES TIMEOUT 120 SKIP_RETURN_CODE 77)
+endif()

@@ -16,7 +16,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 core_pkgs=(build-essential cmake pkg-config liburing-dev libgtest-dev googletest
            iproute2 util-linux procps strace gnuplot-nox python3 dpkg-dev)
 full_pkgs=(autoconf automake libtool libssl-dev zlib1g-dev libpcre2-dev libsasl2-dev
-           libseccomp-dev perl memcached libevent-dev)
+           libseccomp-dev perl memcached libevent-dev hddemux)
 
 want=("${core_pkgs[@]}")
 [ $full -eq 1 ] && want+=("${full_pkgs[@]}")
