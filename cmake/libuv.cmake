@@ -19,6 +19,7 @@ add_custom_command(
   COMMAND ${MP_UV_DIR}/build-libuv.sh ${MP_LIBUV_WORK} ${CMAKE_SOURCE_DIR}
           ${CMAKE_SOURCE_DIR}/include $<TARGET_FILE_DIR:megapipe> ${MP_LIBUV_LIBDIR}
   DEPENDS megapipe ${MP_UV_DIR}/uv-megapipe.c ${MP_UV_DIR}/uv-megapipe.h
+          ${MP_UV_DIR}/uv-megapipe-tcp.c ${MP_UV_DIR}/uv-megapipe-int.h
           ${MP_UV_DIR}/build-libuv.sh ${MP_LIBUV_PATCHES}
   COMMENT "libuv (Debian source) with the MegaPipe poller"
   USES_TERMINAL VERBATIM)

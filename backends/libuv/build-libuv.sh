@@ -47,7 +47,7 @@ if [ ! -f build/CMakeCache.txt ]; then
   echo "libuv: configure"
   cmake -S src -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DBUILD_TESTING=ON \
       -DLIBUV_BUILD_TESTS=ON -DLIBUV_BUILD_BENCH=OFF \
-      "-DMEGAPIPE_UV_SOURCES=$ours/uv-megapipe.c" \
+      "-DMEGAPIPE_UV_SOURCES=$ours/uv-megapipe.c;$ours/uv-megapipe-tcp.c" \
       "-DMEGAPIPE_UV_INCLUDE=$ours;$mpinc" \
       "-DMEGAPIPE_UV_LIBS=-L$mplib;-lmegapipe;-Wl,-rpath,$mplib" \
       >configure.log 2>&1 || { tail -n 40 configure.log >&2; exit 1; }

@@ -50,26 +50,10 @@
 #include <megapipe.h>
 
 #include "uv-megapipe.h"
+#include "uv-megapipe-int.h"
 
-/* Events taken from the channel per wait at most (stock libuv: 1024 epoll events). */
-#define UVMP_BATCH 1024
 /* Interest bits libuv uses; the same values as EPOLLIN/OUT/RDHUP/PRI. */
 #define UVMP_EVENTS (POLLIN | POLLOUT | UV__POLLRDHUP | UV__POLLPRI)
-
-struct uvmp_fd {
-  mp_handle* h;     /* the watch on this fd number, or NULL */
-  uint32_t events;  /* its interest set */
-};
-
-struct uvmp {
-  mp_channel* ch;
-  pthread_t owner;           /* thread that runs the loop (valid when bound) */
-  int bound;
-  unsigned long forkgen;     /* uvmp_forkgen when the channel was made */
-  struct uvmp_fd* fds;       /* indexed by fd */
-  unsigned int nfds;
-  mp_event evs[UVMP_BATCH];
-};
 
 static atomic_ulong uvmp_forkgen;
 static pthread_once_t uvmp_once = PTHREAD_ONCE_INIT;
@@ -83,7 +67,7 @@ static void uvmp_init_once(void) {
   pthread_atfork(NULL, NULL, uvmp_child);
 }
 
-static struct uvmp* uvmp_of(const uv_loop_t* loop) {
+struct uvmp* uv__mp_of(const uv_loop_t* loop) {
   const uv__loop_internal_fields_t* lf = loop->internal_fields;
   return lf == NULL ? NULL : (struct uvmp*) lf->megapipe;
 }
@@ -117,8 +101,15 @@ static int uvmp_wanted(void) {
   return v != NULL && strcmp(v, "1") == 0;
 }
 
+/* UV_MEGAPIPE_TCP=0|1: TCP streams through completions (1) or through readiness watches like
+ * every other handle (0). */
+static int uvmp_tcp_wanted(void) {
+  const char* v = getenv("UV_MEGAPIPE_TCP");
+  return v != NULL && strcmp(v, "1") == 0;
+}
+
 int uv__mp_active(const uv_loop_t* loop) {
-  return uvmp_of(loop) != NULL;
+  return uv__mp_of(loop) != NULL;
 }
 
 void uv__mp_loop_init(uv_loop_t* loop) {
@@ -139,14 +130,16 @@ void uv__mp_loop_init(uv_loop_t* loop) {
     return;
   }
   m->forkgen = atomic_load(&uvmp_forkgen);
+  m->tcp = uvmp_tcp_wanted();
   uvmp_set(loop, m);
 }
 
 void uv__mp_loop_delete(uv_loop_t* loop) {
-  struct uvmp* m = uvmp_of(loop);
+  struct uvmp* m = uv__mp_of(loop);
 
   if (m == NULL)
     return;
+  uv__mp_conns_orphan(loop, m);
   /* In a forked child this releases only the child's copy; from another thread than the
    * owner it is allowed because the owner is not inside a call (the loop is not running). */
   mp_destroy(m->ch);
@@ -173,6 +166,7 @@ static void uvmp_requeue_all(uv_loop_t* loop) {
 /* The channel cannot be used here (other thread, forked child): make a new one.  Returns 0, or
  * -1 when the loop fell back to stock. */
 static int uvmp_rebuild(uv_loop_t* loop, struct uvmp* m) {
+  uv__mp_conns_orphan(loop, m);
   mp_destroy(m->ch);
   memset(m->fds, 0, m->nfds * sizeof(*m->fds));
   m->bound = 0;
@@ -213,7 +207,7 @@ static void uvmp_del(struct uvmp_fd* f) {
 }
 
 void uv__mp_invalidate_fd(uv_loop_t* loop, int fd) {
-  struct uvmp* m = uvmp_of(loop);
+  struct uvmp* m = uv__mp_of(loop);
   struct uvmp_fd* f;
 
   if (m == NULL || fd < 0 || (unsigned int) fd >= m->nfds)
@@ -271,7 +265,7 @@ static void uvmp_apply(uv_loop_t* loop, struct uvmp* m) {
 }
 
 int uv__mp_io_poll(uv_loop_t* loop, int timeout) {
-  struct uvmp* m = uvmp_of(loop);
+  struct uvmp* m = uv__mp_of(loop);
   struct uvmp_fd* f;
   mp_event* ev;
   sigset_t sigset;
@@ -300,7 +294,7 @@ int uv__mp_io_poll(uv_loop_t* loop, int timeout) {
     m->bound = 1;
   }
 
-  if (loop->nfds == 0) {
+  if (loop->nfds == 0 && m->conns == NULL) {
     assert(QUEUE_EMPTY(&loop->watcher_queue));
     return 0;
   }
@@ -371,6 +365,13 @@ int uv__mp_io_poll(uv_loop_t* loop, int timeout) {
 
     for (i = 0; i < n; i++) {
       ev = &m->evs[i];
+      if (ev->cookie != NULL) {
+        /* A TCP stream's completion (readiness watches have no cookie). */
+        uv__metrics_update_idle_time(loop);
+        uv__mp_conn_event(loop, m, ev);
+        nevents++;
+        continue;
+      }
       if (ev->cmd != MP_EV_POLL)
         continue; /* MP_EV_CLOSED of removed watches */
       fd = ev->u.poll.fd;

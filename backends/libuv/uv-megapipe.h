@@ -22,4 +22,18 @@ int uv__mp_io_poll(uv_loop_t* loop, int timeout);
 /* uv__platform_invalidate_fd: the fd is being closed; drop its watch and its pending events. */
 void uv__mp_invalidate_fd(uv_loop_t* loop, int fd);
 
+
+/* TCP streams through completions (uv-megapipe-tcp.c; UV_MEGAPIPE_TCP=1).  Each returns 1 when
+ * the stream is handled on the channel (the caller's stock path is skipped), 0 for stock. */
+/* uv__read_start: after read_cb/alloc_cb and the flags are set. */
+int uv__mp_stream_read_start(uv_stream_t* stream);
+/* uv_write2: after the request joined write_queue. */
+int uv__mp_stream_write(uv_stream_t* stream);
+/* uv__stream_io (pending phase, or readiness while connecting). */
+int uv__mp_stream_io(uv_stream_t* stream);
+/* uv__stream_close: first thing. */
+void uv__mp_stream_close(uv_stream_t* stream);
+/* uv_close: 1 = uv__make_close_pending() comes later, at the handle's MP_EV_CLOSED. */
+int uv__mp_close_deferred(uv_handle_t* handle);
+
 #endif
