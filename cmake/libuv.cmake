@@ -34,6 +34,12 @@ if(MP_BUILD_TESTS)
     COMMAND ${MP_UV_DIR}/tests/run-uv-tests.sh ${MP_LIBUV_WORK}/build/uv_run_tests
             ${MP_LIBUV_SRC} ${MP_UV_DIR}/uv-tests-exclude.txt)
   set_tests_properties(libuv.run_tests PROPERTIES TIMEOUT 600 ENVIRONMENT "UV_USE_MEGAPIPE=1")
+  # ... and with TCP on readiness watches too (UV_MEGAPIPE_TCP=0), the other half of the switch.
+  add_test(NAME libuv.run_tests_readiness
+    COMMAND ${MP_UV_DIR}/tests/run-uv-tests.sh ${MP_LIBUV_WORK}/build/uv_run_tests
+            ${MP_LIBUV_SRC} ${MP_UV_DIR}/uv-tests-exclude.txt)
+  set_tests_properties(libuv.run_tests_readiness PROPERTIES TIMEOUT 600
+    ENVIRONMENT "UV_USE_MEGAPIPE=1;UV_MEGAPIPE_TCP=0")
 endif()
 
 # Our checks of the switch, the fallback and the traps io_uring brought upstream libuv.
@@ -44,7 +50,7 @@ target_link_libraries(uv_megapipe_test PRIVATE ${MP_LIBUV_LIBDIR}/libuv.so.1 Thr
 set_target_properties(uv_megapipe_test PROPERTIES BUILD_RPATH ${MP_LIBUV_LIBDIR})
 
 if(MP_BUILD_TESTS)
-  foreach(c switch fork setuid fd_reuse cq_overflow seccomp)
+  foreach(c switch fork setuid fd_reuse cq_overflow seccomp tcp tcp_readiness)
     add_test(NAME libuv.${c} COMMAND uv_megapipe_test ${c})
     set_tests_properties(libuv.${c} PROPERTIES TIMEOUT 120 SKIP_RETURN_CODE 77)
   endforeach()

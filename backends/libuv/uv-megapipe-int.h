@@ -15,12 +15,14 @@
 /* Events taken from the channel per wait at most (stock libuv: 1024 epoll events). */
 #define UVMP_BATCH 1024
 
+struct uvmp_conn;
+
 struct uvmp_fd {
   mp_handle* h;     /* the readiness watch on this fd number, or NULL */
   uint32_t events;  /* its interest set */
+  struct uvmp_conn* pre;  /* a connection accepted on the channel, registered at once, not
+                             yet taken by uv_accept() + a read/write */
 };
-
-struct uvmp_conn;
 
 struct uvmp {
   mp_channel* ch;
@@ -35,6 +37,11 @@ struct uvmp {
 };
 
 struct uvmp* uv__mp_of(const uv_loop_t* loop);
+/* The readiness record of fd (grown as needed), or NULL (no memory). */
+struct uvmp_fd* uv__mp_slot(struct uvmp* m, int fd);
+/* The io callback of a listening TCP stream that accepts on the channel: never registered
+ * for readiness. */
+void uv__mp_server_io(uv_loop_t* loop, uv__io_t* w, unsigned int events);
 /* One completion event of a TCP stream (cookie = its uvmp_conn). */
 void uv__mp_conn_event(uv_loop_t* loop, struct uvmp* m, const mp_event* ev);
 /* The channel is going away (rebuild, fork): streams go back to stock readiness. */

@@ -1,7 +1,8 @@
 /*
- * uv-megapipe-tcp.c — libuv TCP streams through MegaPipe completions (UV_MEGAPIPE_TCP=1 on a
- * MegaPipe loop).  A connected TCP stream becomes a channel handle (mp_register) the first
- * time it is read, written or shut down; from then on:
+ * uv-megapipe-tcp.c — libuv TCP streams through MegaPipe completions (on a MegaPipe loop, unless
+ * UV_MEGAPIPE_TCP=0).  A connected TCP stream becomes a channel handle (mp_register) when it
+ * is accepted on the channel, or else the first time it is read, written or shut down; from
+ * then on:
  *
  *  - reads are buffered reads (mp_read_buffered: the kernel picks one of the channel's
  *    provided buffers when data arrives), one outstanding while the application reads; each
@@ -18,13 +19,25 @@
  *    with UV_ECANCELED, then the close callback) runs only at the handle's MP_EV_CLOSED, when
  *    the kernel holds none of its buffers.  The loop stays alive meanwhile.
  *
- * Connecting (uv_tcp_connect) and listening stay libuv's own system calls on readiness.
+ *  - uv_listen registers the listening socket and accepts on the channel (mp_accept, count 0:
+ *    one multishot accept); a socket with SO_REUSEPORT is registered with the calling
+ *    thread's CPUs, so loops on several threads listening on one address are partitioned.
+ *    Each connection is registered on the channel at its ACCEPT event (no system call) and
+ *    handed to connection_cb through server->accepted_fd (more wait in server->queued_fds, as
+ *    uv_accept expects).  EMFILE/ENFILE run stock libuv's emfile trick.  The accepted fds are
+ *    blocking (the core accepts with SOCK_CLOEXEC only: CORE-GAP, MP_ACCEPT_NONBLOCK in
+ *    docs/libuv.md), so uv_try_write on a stream of the channel uses MSG_DONTWAIT.
+ *
+ * Connecting (uv_tcp_connect) stays libuv's own non-blocking connect() on readiness.
  */
 #include "uv.h"
 #include "unix/internal.h" /* libuv's src/ is on the include path */
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
+#include <sched.h>
+#include <sys/socket.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
@@ -54,6 +67,9 @@ struct uvmp_conn {
   int rd_done;          /* EOF or a receive error came: no more reads */
   int shut_posted;      /* mp_disconnect() issued for stream->shutdown_req */
   int closing;          /* handle ended, close callback waits for MP_EV_CLOSED */
+  int listener;         /* a listening stream accepting on the channel */
+  int pre;              /* accepted, registered, not yet adopted by a stream (fd below) */
+  int fd;
   /* writes handed to the channel: the first `posted` requests of write_queue; parts[i] is
    * how many mp_writev calls request i took (0: completes when it reaches the head) */
   unsigned int posted;
@@ -121,10 +137,19 @@ static struct uvmp_conn* conn_get(uv_stream_t* s) {
   m = eligible(s);
   if (m == NULL)
     return NULL;
+  fd = uv__stream_fd(s);
+  if ((unsigned int) fd < m->nfds && m->fds[fd].pre != NULL) {
+    /* accepted on the channel: registered already */
+    c = m->fds[fd].pre;
+    m->fds[fd].pre = NULL;
+    c->pre = 0;
+    c->stream = s;
+    conn_set(s, c);
+    return c;
+  }
   c = uv__calloc(1, sizeof(*c));
   if (c == NULL)
     return NULL;
-  fd = uv__stream_fd(s);
   c->h = mp_register(m->ch, fd, c, NULL);
   if (c->h == NULL) {
     uv__free(c);
@@ -414,6 +439,191 @@ static void shutdown_done(uv_stream_t* s, int err) {
     req->cb(req, err);
 }
 
+/* ---- listening ------------------------------------------------------------------- */
+
+void uv__mp_server_io(uv_loop_t* loop, uv__io_t* w, unsigned int events) {
+  /* Never called: the poller does not watch listeners that accept on the channel (their
+   * connections come as MP_EV_ACCEPT).  Present so the watcher has a callback of its own. */
+  (void) loop;
+  (void) w;
+  (void) events;
+}
+
+int uv__mp_tcp_listen(uv_tcp_t* tcp) {
+  struct uvmp* m = uv__mp_of(tcp->loop);
+  struct uvmp_conn* c;
+  cpu_set_t cpus;
+  socklen_t len;
+  int reuseport = 0;
+  int fd = tcp->io_watcher.fd;
+
+  if (m == NULL || !m->tcp || fd < 0)
+    return 0;
+  if (m->bound && !pthread_equal(m->owner, pthread_self()))
+    return 0;
+  c = uv__calloc(1, sizeof(*c));
+  if (c == NULL)
+    return 0;
+  len = sizeof(reuseport);
+  if (getsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &reuseport, &len) != 0)
+    reuseport = 0;
+  c->h = NULL;
+  /* SO_REUSEPORT: a partition of its group steered to this thread's CPUs. */
+  if (reuseport && sched_getaffinity(0, sizeof(cpus), &cpus) == 0)
+    c->h = mp_register(m->ch, fd, c, &cpus);
+  if (c->h == NULL)
+    c->h = mp_register(m->ch, fd, c, NULL);
+  if (c->h == NULL) {
+    uv__free(c);
+    return 0;
+  }
+  if (!m->bound) {
+    /* The channel now belongs to this thread; another one running the loop rebuilds it. */
+    m->owner = pthread_self();
+    m->bound = 1;
+  }
+  if (mp_accept(c->h, 0, 0) < 0)
+    abort(); /* a registered listener always accepts */
+  c->listener = 1;
+  c->stream = (uv_stream_t*) tcp;
+  c->fd = fd;
+  conn_set((uv_stream_t*) tcp, c);
+  conn_link(m, c);
+  /* libuv's bookkeeping as for a watched listener (uv_accept restarts it); the poller skips
+   * watchers with this callback. */
+  tcp->io_watcher.cb = uv__mp_server_io;
+  uv__io_start(tcp->loop, &tcp->io_watcher, POLLIN);
+  return 1;
+}
+
+/* As stock uv__stream_queue_fd: one more accepted fd waiting for uv_accept. */
+static int queue_fd(uv_stream_t* s, int fd) {
+  uv__stream_queued_fds_t* q = s->queued_fds;
+  unsigned int size;
+
+  if (q == NULL) {
+    size = 8;
+    q = uv__malloc((size - 1) * sizeof(*q->fds) + sizeof(*q));
+    if (q == NULL)
+      return UV_ENOMEM;
+    q->size = size;
+    q->offset = 0;
+    s->queued_fds = q;
+  } else if (q->size == q->offset) {
+    size = q->size + 8;
+    q = uv__realloc(q, (size - 1) * sizeof(*q->fds) + sizeof(*q));
+    if (q == NULL)
+      return UV_ENOMEM;
+    q->size = size;
+    s->queued_fds = q;
+  }
+  q->fds[q->offset++] = fd;
+  return 0;
+}
+
+/* As stock uv__emfile_trick: give the spare fd back, accept and close what waits (the
+ * clients see their connection closed, not a hang), take the spare again. */
+static int emfile_trick(uv_loop_t* loop, int accept_fd) {
+  int err;
+  int spare;
+
+  if (loop->emfile_fd == -1)
+    return UV_EMFILE;
+  uv__close(loop->emfile_fd);
+  loop->emfile_fd = -1;
+  do {
+    err = uv__accept(accept_fd);
+    if (err >= 0)
+      uv__close(err);
+  } while (err >= 0 || err == UV_EINTR);
+  spare = uv__open_cloexec("/", O_RDONLY);
+  if (spare >= 0)
+    loop->emfile_fd = spare;
+  return err;
+}
+
+static void accept_event(struct uvmp* m, struct uvmp_conn* c, const mp_event* ev) {
+  uv_stream_t* s = c->stream;
+  struct uvmp_conn* pc;
+  struct uvmp_fd* f;
+  int err, fd;
+
+  if (ev->result < 0) {
+    err = (int) ev->result;
+    if (err == UV_ECONNABORTED)
+      return;
+    if (err == UV_EMFILE || err == UV_ENFILE) {
+      err = emfile_trick(s->loop, uv__stream_fd(s));
+      if (err == UV_EAGAIN || err == UV__ERR(EWOULDBLOCK))
+        return;
+    }
+    s->connection_cb(s, err);
+    return;
+  }
+  fd = (int) ev->result;
+  /* Registered now, before the next dispatch: the core needs no system call for it. */
+  pc = uv__calloc(1, sizeof(*pc));
+  f = uv__mp_slot(m, fd);
+  if (pc != NULL && f != NULL) {
+    pc->h = mp_register(m->ch, fd, pc, NULL);
+    if (pc->h != NULL) {
+      pc->pre = 1;
+      pc->fd = fd;
+      conn_link(m, pc);
+      f->pre = pc;
+    } else {
+      uv__free(pc);
+    }
+  } else {
+    uv__free(pc);
+  }
+  if (s->accepted_fd == -1) {
+    s->accepted_fd = fd;
+  } else if (queue_fd(s, fd) < 0) {
+    uv__close(fd); /* as stock libuv when it cannot queue: the client sees a reset */
+    return;
+  }
+  s->connection_cb(s, 0);
+}
+
+/* An accepted connection no stream took is closed: its registration goes too. */
+static void pre_drop(struct uvmp* m, int fd) {
+  struct uvmp_conn* pc;
+  if (fd < 0 || (unsigned int) fd >= m->nfds || (pc = m->fds[fd].pre) == NULL)
+    return;
+  m->fds[fd].pre = NULL;
+  pc->pre = 0;
+  pc->closing = 1; /* freed at its MP_EV_CLOSED; nothing waits for it */
+  mp_unregister(pc->h);
+}
+
+/* ---- uv_try_write ------------------------------------------------------------------ */
+
+int uv__mp_try_write(uv_stream_t* s, const uv_buf_t bufs[], unsigned int nbufs, int* result) {
+  struct uvmp* m;
+  struct msghdr msg;
+  ssize_t n;
+  int fd = uv__stream_fd(s);
+
+  if (s->type != UV_TCP || fd < 0 || (m = uv__mp_of(s->loop)) == NULL)
+    return 0;
+  if (conn_of(s) == NULL && ((unsigned int) fd >= m->nfds || m->fds[fd].pre == NULL))
+    return 0;
+  memset(&msg, 0, sizeof(msg));
+  msg.msg_iov = (struct iovec*) bufs;
+  msg.msg_iovlen = nbufs > (unsigned int) uv__getiovmax() ? (size_t) uv__getiovmax() : nbufs;
+  do
+    n = sendmsg(fd, &msg, MSG_DONTWAIT);
+  while (n == -1 && errno == EINTR);
+  if (n >= 0)
+    *result = (int) n;
+  else if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS)
+    *result = UV_EAGAIN;
+  else
+    *result = UV__ERR(errno);
+  return 1;
+}
+
 /* ---- events ------------------------------------------------------------------------ */
 
 void uv__mp_conn_event(uv_loop_t* loop, struct uvmp* m, const mp_event* ev) {
@@ -423,7 +633,7 @@ void uv__mp_conn_event(uv_loop_t* loop, struct uvmp* m, const mp_event* ev) {
 
   if (ev->cmd == MP_EV_CLOSED) {
     conn_unlink(m, c);
-    if (s == NULL) {
+    if (c->stream_closed != NULL) {
       /* uv_close() waited for this: the kernel holds none of the stream's buffers now. */
       uv_handle_t* hd = (uv_handle_t*) c->stream_closed;
       loop->active_reqs.count--;
@@ -436,6 +646,11 @@ void uv__mp_conn_event(uv_loop_t* loop, struct uvmp* m, const mp_event* ev) {
   }
   if (s == NULL)
     return;
+  if (c->listener) {
+    if (ev->cmd == MP_EV_ACCEPT)
+      accept_event(m, c, ev);
+    return;
+  }
   memset(&e, 0, sizeof(e));
   switch (ev->cmd) {
   case MP_EV_READ:
@@ -491,9 +706,28 @@ void uv__mp_conn_event(uv_loop_t* loop, struct uvmp* m, const mp_event* ev) {
 void uv__mp_stream_close(uv_stream_t* s) {
   struct uvmp_conn* c = conn_of(s);
   struct uvmp* m = uv__mp_of(s->loop);
+  unsigned int i;
+  int fd;
 
-  if (c == NULL || m == NULL)
+  if (m == NULL || s->type != UV_TCP)
     return;
+  fd = uv__stream_fd(s);
+  if (c == NULL && fd >= 0 && (unsigned int) fd < m->nfds && m->fds[fd].pre != NULL) {
+    /* accepted on the channel, closed before any read or write */
+    c = m->fds[fd].pre;
+    m->fds[fd].pre = NULL;
+    c->pre = 0;
+    c->stream = s;
+  }
+  if (c == NULL)
+    return;
+  if (c->listener) {
+    /* connections accepted and not taken: stock libuv closes their fds next */
+    pre_drop(m, s->accepted_fd);
+    if (s->queued_fds != NULL)
+      for (i = 0; i < ((uv__stream_queued_fds_t*) s->queued_fds)->offset; i++)
+        pre_drop(m, ((uv__stream_queued_fds_t*) s->queued_fds)->fds[i]);
+  }
   stash_release(m, c);
   mp_unregister(c->h);
   /* Let the kernel drop its references to the socket now, before libuv closes the fd. */
@@ -534,11 +768,24 @@ void uv__mp_conns_orphan(uv_loop_t* loop, struct uvmp* m) {
   while ((c = m->conns) != NULL) {
     conn_unlink(m, c);
     s = c->stream;
-    if (s == NULL) {
+    if (c->pre) {
+      /* accepted, not taken: the fd stays with the listener's queue; stock reads need it
+       * non-blocking */
+      if ((unsigned int) c->fd < m->nfds)
+        m->fds[c->fd].pre = NULL;
+      uv__nonblock(c->fd, 1);
+    } else if (s == NULL) {
       /* a close waiting for MP_EV_CLOSED: the channel's end is that moment */
-      loop->active_reqs.count--;
-      uv__make_close_pending((uv_handle_t*) c->stream_closed);
+      if (c->stream_closed != NULL) {
+        loop->active_reqs.count--;
+        uv__make_close_pending((uv_handle_t*) c->stream_closed);
+      }
+    } else if (c->listener) {
+      conn_set(s, NULL);
+      s->io_watcher.cb = uv__server_io;
+      uv__io_start(loop, &s->io_watcher, POLLIN);
     } else {
+      uv__nonblock(uv__stream_fd(s), 1);
       /* Back to stock readiness.  Writes the old channel held are reported cancelled (whether
        * their bytes went out is unknown); received data not yet read is lost with the
        * channel's buffers. */

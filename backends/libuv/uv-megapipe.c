@@ -5,9 +5,11 @@
  * mod / del, mp_dispatch_batch, mp_flush, mp_destroy).
  *
  * A loop created with UV_USE_MEGAPIPE=1 in the environment gets a channel (io_uring only);
- * every uv__io_t watcher (pipes, UDP, TTYs, uv_poll, the signal pipe, async/threadpool
- * eventfd, TCP streams) becomes a level-triggered readiness watch on it, and the loop's wait
- * is the channel's one io_uring_enter (mp_dispatch_batch).  Without the variable, or where
+ * TCP streams go through completions (uv-megapipe-tcp.c; UV_MEGAPIPE_TCP=0 puts them on
+ * readiness too), every other uv__io_t watcher (pipes, UDP, TTYs, uv_poll, the signal pipe,
+ * async/threadpool eventfd, a TCP stream while it connects) becomes a level-triggered
+ * readiness watch on it, and the loop's wait is the channel's one io_uring_enter
+ * (mp_dispatch_batch).  Without the variable, or where
  * io_uring cannot be set up, the loop is stock (its epoll fd is made as always; the fallback
  * is logged once per process).
  *
@@ -28,10 +30,11 @@
  *  - The channel belongs to one thread and one process.  If the loop is run by another thread
  *    than before, or in a forked child without uv_loop_fork(), the channel is rebuilt there
  *    and every watcher registered again; if that fails the loop goes on stock (epoll).
- *  - Credentials: the only operations in the kernel are polls, which check no credentials;
- *    every operation that does (connect, open, bind) is still made by libuv itself, at the
- *    moment it is asked for, with the caller's current credentials (CVE-2024-22017 cannot
- *    arise; backends/libuv/tests prove it).
+ *  - Credentials: the operations in the kernel are polls, accepts, receives, sends and
+ *    shutdowns on sockets that are already open, which check no credentials; every operation
+ *    that does (connect, open, bind) is still made by libuv itself, at the moment it is asked
+ *    for, with the caller's current credentials (CVE-2024-22017 cannot arise;
+ *    backends/libuv/tests prove it).
  */
 #include "uv.h"
 #include "unix/internal.h" /* libuv's src/ is on the include path */
@@ -101,11 +104,11 @@ static int uvmp_wanted(void) {
   return v != NULL && strcmp(v, "1") == 0;
 }
 
-/* UV_MEGAPIPE_TCP=0|1: TCP streams through completions (1) or through readiness watches like
- * every other handle (0). */
+/* UV_MEGAPIPE_TCP=0|1: TCP streams through completions (1, the default) or through readiness
+ * watches like every other handle (0: for comparison and diagnosis). */
 static int uvmp_tcp_wanted(void) {
   const char* v = getenv("UV_MEGAPIPE_TCP");
-  return v != NULL && strcmp(v, "1") == 0;
+  return v == NULL || strcmp(v, "0") != 0;
 }
 
 int uv__mp_active(const uv_loop_t* loop) {
@@ -182,7 +185,7 @@ static int uvmp_rebuild(uv_loop_t* loop, struct uvmp* m) {
   return -1;
 }
 
-static struct uvmp_fd* uvmp_slot(struct uvmp* m, int fd) {
+struct uvmp_fd* uv__mp_slot(struct uvmp* m, int fd) {
   struct uvmp_fd* n;
   unsigned int cap;
 
@@ -244,8 +247,13 @@ static void uvmp_apply(uv_loop_t* loop, struct uvmp* m) {
     assert(w->pevents != 0);
     assert(w->fd >= 0);
     assert(w->fd < (int) loop->nwatchers);
+    if (w->cb == uv__mp_server_io) {
+      /* A listener accepting on the channel: uv_accept() "restarts" it; nothing to watch. */
+      w->events = w->pevents;
+      continue;
+    }
 
-    f = uvmp_slot(m, w->fd);
+    f = uv__mp_slot(m, w->fd);
     if (f == NULL)
       abort(); /* stock libuv aborts when epoll_ctl fails */
     want = w->pevents & UVMP_EVENTS;

@@ -31,6 +31,10 @@ int uv__mp_stream_read_start(uv_stream_t* stream);
 int uv__mp_stream_write(uv_stream_t* stream);
 /* uv__stream_io (pending phase, or readiness while connecting). */
 int uv__mp_stream_io(uv_stream_t* stream);
+/* uv__tcp_listen: after listen() succeeded, before the readiness watch starts. */
+int uv__mp_tcp_listen(uv_tcp_t* tcp);
+/* uv_try_write2: a non-blocking write for streams on the channel (their fds may be blocking). */
+int uv__mp_try_write(uv_stream_t* stream, const uv_buf_t bufs[], unsigned int nbufs, int* result);
 /* uv__stream_close: first thing. */
 void uv__mp_stream_close(uv_stream_t* stream);
 /* uv_close: 1 = uv__make_close_pending() comes later, at the handle's MP_EV_CLOSED. */

@@ -19,6 +19,11 @@
  *                               entries): the CQ overflows and no event is lost (libuv #4598)
  *   uv_megapipe_test seccomp    io_uring denied by a seccomp filter: the loop falls back to
  *                               stock, logged once, and works
+ *   uv_megapipe_test tcp        TCP through completions: accept, 4 MiB in 64 ordered writes,
+ *                               uv_try_write (at once, then EAGAIN behind queued writes), read
+ *                               stop/start, shutdown both ways, EOF, uv_fileno, close; the
+ *                               channel's buffered-read counter proves the path
+ *   uv_megapipe_test tcp_readiness  the same with UV_MEGAPIPE_TCP=0 (TCP on readiness watches)
  *
  * Exit status: 0 pass, 1 fail (with a message), 77 skip.  Servers listen on 127.0.0.1, port 0.
  */
@@ -703,6 +708,247 @@ static int case_cq_overflow(void) {
     return 0;
 }
 
+
+/* ---- tcp: streams through completions ---------------------------------------------- */
+
+#define TCP_CHUNK 65536
+#define TCP_CHUNKS 64 /* 4 MiB */
+
+struct tside {
+    uv_tcp_t tcp;
+    uv_shutdown_t sreq;
+    char rbuf[1000]; /* small: one channel buffer spans several read_cb calls */
+    size_t got;
+    int eof, shut, closed, paused;
+};
+static struct tside t_srv, t_cli;
+static uv_tcp_t t_listener;
+static uv_write_t t_wreq[TCP_CHUNKS], t_reply_req;
+static char *t_data;
+static int t_wdone[TCP_CHUNKS], t_worder, t_bad_order, t_listener_closed;
+static uv_timer_t t_timer;
+static char t_reply[100];
+
+static char t_byte(size_t i) {
+    return (char)('A' + (i * 31 + i / 7) % 53);
+}
+static void t_alloc(uv_handle_t *h, size_t sz, uv_buf_t *b) {
+    struct tside *t = h->data;
+    (void)sz;
+    *b = uv_buf_init(t->rbuf, sizeof t->rbuf);
+}
+static void t_closed(uv_handle_t *h) {
+    struct tside *t = h->data;
+    if (t) t->closed++;
+    else t_listener_closed++;
+}
+static void t_written(uv_write_t *w, int status) {
+    int i = (int)(w - t_wreq);
+    CHECK_UV(status);
+    if (i != t_worder) t_bad_order++;
+    t_worder++;
+    t_wdone[i] = 1;
+}
+static void t_srv_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b);
+static void t_resume(uv_timer_t *tm) {
+    (void)tm;
+    t_srv.paused = 2;
+    CHECK_UV(uv_read_start((uv_stream_t *)&t_srv.tcp, t_alloc, t_srv_read));
+}
+static void t_reply_written(uv_write_t *w, int status) {
+    (void)w;
+    CHECK_UV(status);
+}
+static void t_srv_shut(uv_shutdown_t *r, int status) {
+    (void)r;
+    CHECK_UV(status);
+    t_srv.shut = 1;
+}
+static void t_srv_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b) {
+    if (n == UV_EOF) {
+        t_srv.eof = 1;
+        uv_buf_t rb = uv_buf_init(t_reply, sizeof t_reply);
+        CHECK_UV(uv_write(&t_reply_req, s, &rb, 1, t_reply_written));
+        CHECK_UV(uv_shutdown(&t_srv.sreq, s, t_srv_shut));
+        return;
+    }
+    CHECK(n > 0);
+    for (ssize_t i = 0; i < n; i++)
+        if (b->base[i] != t_byte(t_srv.got + (size_t)i)) {
+            fprintf(stderr, "tcp: byte %zu differs\n", t_srv.got + (size_t)i);
+            exit(1);
+        }
+    t_srv.got += (size_t)n;
+    if (t_srv.paused == 0 && t_srv.got >= TCP_CHUNK * 8) {
+        /* stop reading for 20 ms in the middle of the stream */
+        t_srv.paused = 1;
+        CHECK_UV(uv_read_stop(s));
+        CHECK_UV(uv_timer_start(&t_timer, t_resume, 20, 0));
+    }
+}
+static void t_on_conn(uv_stream_t *l, int status) {
+    CHECK_UV(status);
+    CHECK_UV(uv_tcp_init(l->loop, &t_srv.tcp));
+    t_srv.tcp.data = &t_srv;
+    CHECK_UV(uv_accept(l, (uv_stream_t *)&t_srv.tcp));
+    CHECK_UV(uv_read_start((uv_stream_t *)&t_srv.tcp, t_alloc, t_srv_read));
+}
+static void t_cli_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b) {
+    (void)s;
+    if (n == UV_EOF) {
+        t_cli.eof = 1;
+        return;
+    }
+    CHECK(n > 0);
+    CHECK(t_cli.got + (size_t)n <= sizeof t_reply);
+    CHECK(memcmp(b->base, t_reply + t_cli.got, (size_t)n) == 0);
+    t_cli.got += (size_t)n;
+}
+static void t_cli_shut(uv_shutdown_t *r, int status) {
+    (void)r;
+    CHECK_UV(status);
+    t_cli.shut = 1;
+}
+static uv_connect_t t_creq;
+static int t_cancel_seen;
+static void t_written_any(uv_write_t *w, int status) {
+    int i = (int)(w - t_wreq);
+    CHECK(status == 0 || status == UV_ECANCELED);
+    if (status == UV_ECANCELED) t_cancel_seen++;
+    if (i != t_worder) t_bad_order++;
+    t_worder++;
+}
+static void t_closed_after_writes(uv_handle_t *h) {
+    CHECK(t_worder == TCP_CHUNKS); /* every write callback came first */
+    t_closed(h);
+}
+static void t_connected_noread(uv_connect_t *r, int status) {
+    CHECK_UV(status);
+    for (int i = 0; i < TCP_CHUNKS; i++) {
+        uv_buf_t b = uv_buf_init(t_data + (size_t)i * TCP_CHUNK, TCP_CHUNK);
+        CHECK_UV(uv_write(&t_wreq[i], r->handle, &b, 1, t_written_any));
+    }
+}
+static void t_connected(uv_connect_t *r, int status) {
+    uv_stream_t *s = r->handle;
+    CHECK_UV(status);
+    /* uv_try_write while nothing is queued: written at once */
+    uv_buf_t first = uv_buf_init(t_data, 10);
+    int n = uv_try_write(s, &first, 1);
+    CHECK(n == 10);
+    for (int i = 0; i < TCP_CHUNKS; i++) {
+        size_t off = 10 + (size_t)i * TCP_CHUNK;
+        size_t len = i == TCP_CHUNKS - 1 ? TCP_CHUNK - 10 : TCP_CHUNK;
+        uv_buf_t b[2] = {uv_buf_init(t_data + off, (unsigned)(len / 2)),
+                         uv_buf_init(t_data + off + len / 2, (unsigned)(len - len / 2))};
+        CHECK_UV(uv_write(&t_wreq[i], s, b, 2, t_written));
+    }
+    /* with writes queued, uv_try_write must not jump the queue */
+    CHECK(uv_try_write(s, &first, 1) == UV_EAGAIN);
+    CHECK(s->write_queue_size > 0);
+    CHECK_UV(uv_shutdown(&t_cli.sreq, s, t_cli_shut));
+    CHECK_UV(uv_read_start(s, t_alloc, t_cli_read));
+}
+
+/* the channel's counters, printed by MP_STATS=1 when the loop closes */
+static unsigned long long close_loop_stat(uv_loop_t *loop, const char *key) {
+    int errpipe[2], saved;
+    char out[8192];
+    size_t len = 0;
+    ssize_t n;
+    CHECK(pipe(errpipe) == 0);
+    fflush(stderr);
+    saved = dup(2);
+    CHECK(dup2(errpipe[1], 2) == 2);
+    CHECK_UV(uv_loop_close(loop));
+    fflush(stderr);
+    CHECK(dup2(saved, 2) == 2);
+    close(saved);
+    close(errpipe[1]);
+    while ((n = read(errpipe[0], out + len, sizeof out - 1 - len)) > 0) len += (size_t)n;
+    out[len] = 0;
+    close(errpipe[0]);
+    const char *p = strstr(out, key);
+    CHECK(p != NULL);
+    return strtoull(p + strlen(key), NULL, 10);
+}
+
+static int case_tcp(int completions) {
+    struct sockaddr_in addr;
+    int namelen = sizeof addr;
+    uv_loop_t loop;
+
+    setenv("UV_USE_MEGAPIPE", "1", 1);
+    setenv("UV_MEGAPIPE_TCP", completions ? "1" : "0", 1);
+    setenv("MP_STATS", "1", 1);
+    t_data = malloc((size_t)TCP_CHUNKS * TCP_CHUNK);
+    CHECK(t_data != NULL);
+    for (size_t i = 0; i < (size_t)TCP_CHUNKS * TCP_CHUNK; i++) t_data[i] = t_byte(i);
+    for (size_t i = 0; i < sizeof t_reply; i++) t_reply[i] = (char)('a' + i % 26);
+    CHECK_UV(uv_loop_init(&loop));
+    CHECK(count_uring_fds() == 1);
+    CHECK_UV(uv_timer_init(&loop, &t_timer));
+    CHECK_UV(uv_tcp_init(&loop, &t_listener));
+    CHECK_UV(uv_ip4_addr("127.0.0.1", 0, &addr));
+    CHECK_UV(uv_tcp_bind(&t_listener, (struct sockaddr *)&addr, 0));
+    CHECK_UV(uv_tcp_getsockname(&t_listener, (struct sockaddr *)&addr, &namelen));
+    CHECK_UV(uv_listen((uv_stream_t *)&t_listener, 16, t_on_conn));
+    CHECK_UV(uv_tcp_init(&loop, &t_cli.tcp));
+    t_cli.tcp.data = &t_cli;
+    CHECK_UV(uv_tcp_connect(&t_creq, &t_cli.tcp, (struct sockaddr *)&addr, t_connected));
+    for (int i = 0; i < 200000 && !(t_cli.eof && t_srv.shut && t_cli.shut); i++)
+        uv_run(&loop, UV_RUN_ONCE);
+    CHECK(t_cli.eof && t_srv.shut && t_cli.shut && t_srv.eof);
+    CHECK(t_srv.got == (size_t)TCP_CHUNKS * TCP_CHUNK);
+    CHECK(t_srv.paused == 2);
+    CHECK(t_cli.got == sizeof t_reply);
+    CHECK(t_worder == TCP_CHUNKS && t_bad_order == 0);
+    CHECK(t_cli.tcp.write_queue_size == 0);
+    /* uv_fileno works on a stream of the channel */
+    uv_os_fd_t fd;
+    CHECK_UV(uv_fileno((uv_handle_t *)&t_srv.tcp, &fd));
+    CHECK(fd >= 0);
+
+    uv_close((uv_handle_t *)&t_srv.tcp, t_closed);
+    uv_close((uv_handle_t *)&t_cli.tcp, t_closed);
+    for (int i = 0; i < 1000 && !(t_srv.closed && t_cli.closed); i++) uv_run(&loop, UV_RUN_ONCE);
+    CHECK(t_srv.closed == 1 && t_cli.closed == 1);
+
+    /* Close with writes in flight (a peer that does not read): every write callback runs (done
+     * or UV_ECANCELED), in order, and only then the close callback. */
+    memset(&t_srv, 0, sizeof t_srv);
+    memset(&t_cli, 0, sizeof t_cli);
+    t_worder = 0;
+    CHECK_UV(uv_tcp_init(&loop, &t_cli.tcp));
+    t_cli.tcp.data = &t_cli;
+    CHECK_UV(uv_tcp_connect(&t_creq, &t_cli.tcp, (struct sockaddr *)&addr, t_connected_noread));
+    for (int i = 0; i < 100000 && !t_srv.tcp.data; i++) uv_run(&loop, UV_RUN_ONCE);
+    CHECK(t_srv.tcp.data == &t_srv);
+    CHECK(uv_read_stop((uv_stream_t *)&t_srv.tcp) == 0); /* the server never reads */
+    for (int i = 0; i < 20; i++) uv_run(&loop, UV_RUN_NOWAIT);
+    CHECK(t_worder < TCP_CHUNKS); /* the socket buffers are full: writes are in flight */
+    t_cancel_seen = 0;
+    uv_close((uv_handle_t *)&t_cli.tcp, t_closed_after_writes);
+    for (int i = 0; i < 1000 && !t_cli.closed; i++) uv_run(&loop, UV_RUN_ONCE);
+    CHECK(t_cli.closed == 1 && t_worder == TCP_CHUNKS && t_bad_order == 0 && t_cancel_seen > 0);
+    uv_close((uv_handle_t *)&t_srv.tcp, t_closed);
+    uv_close((uv_handle_t *)&t_listener, t_closed);
+    uv_close((uv_handle_t *)&t_timer, NULL);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    CHECK(t_srv.closed == 1 && t_cli.closed == 1 && t_listener_closed == 1);
+    unsigned long long peak = close_loop_stat(&loop, "peak=");
+    free(t_data);
+    /* Completions: the data came through the channel's buffers; readiness: never. */
+    if (completions ? peak == 0 : peak != 0) {
+        fprintf(stderr, "tcp: buffered-read peak %llu with UV_MEGAPIPE_TCP=%d\n", peak, completions);
+        return 1;
+    }
+    printf("tcp: ok (%s: 4 MiB in 64 ordered writes, try_write, read stop/start, shutdown both "
+           "ways, close; channel buffers peak %llu)\n",
+           completions ? "completions" : "readiness", peak);
+    return 0;
+}
+
 /* ---- seccomp ------------------------------------------------------------------------- */
 
 static void deny_io_uring(void) {
@@ -764,7 +1010,7 @@ static int case_seccomp(void) {
 
 int main(int argc, char **argv) {
     if (argc != 2) {
-        fprintf(stderr, "usage: %s switch|fork|setuid|fd_reuse|cq_overflow|seccomp\n", argv[0]);
+        fprintf(stderr, "usage: %s switch|fork|setuid|fd_reuse|cq_overflow|seccomp|tcp|tcp_readiness\n", argv[0]);
         return 2;
     }
     signal(SIGPIPE, SIG_IGN);
@@ -774,6 +1020,8 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "fd_reuse")) return case_fd_reuse();
     if (!strcmp(argv[1], "cq_overflow")) return case_cq_overflow();
     if (!strcmp(argv[1], "seccomp")) return case_seccomp();
+    if (!strcmp(argv[1], "tcp")) return case_tcp(1);
+    if (!strcmp(argv[1], "tcp_readiness")) return case_tcp(0);
     fprintf(stderr, "unknown case %s\n", argv[1]);
     return 2;
 }
