@@ -27,7 +27,9 @@ import tempfile
 import time
 
 WORKLOADS = [("rpc", 0), ("rpc", 1), ("http", 0), ("http", 1)]
-VARIANTS = ["stock", "megapipe"]
+# stock: no variable; megapipe: UV_USE_MEGAPIPE=1 (TCP through completions);
+# megapipe-readiness: UV_USE_MEGAPIPE=1 UV_MEGAPIPE_TCP=0 (TCP on the channel's readiness watches)
+VARIANTS = ["stock", "megapipe", "megapipe-readiness"]
 
 
 def kv(line):
@@ -45,8 +47,11 @@ def kv(line):
 def run_point(a, proto, txn, variant):
     env = dict(os.environ)
     env.pop("UV_USE_MEGAPIPE", None)
-    if variant == "megapipe":
+    env.pop("UV_MEGAPIPE_TCP", None)
+    if variant.startswith("megapipe"):
         env["UV_USE_MEGAPIPE"] = "1"
+    if variant == "megapipe-readiness":
+        env["UV_MEGAPIPE_TCP"] = "0"
     srv = subprocess.Popen(["taskset", "-c", str(a.srv_cpu),
                             os.path.join(a.build, "uv_bench_server"), "-m", proto, "-s", "64"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -112,13 +117,13 @@ def main():
 
     rows = []
     for rnd in range(a.rounds):
-        order = VARIANTS if rnd % 2 == 0 else list(reversed(VARIANTS))
+        order = VARIANTS[rnd % len(VARIANTS):] + VARIANTS[:rnd % len(VARIANTS)]
         for proto, txn in WORKLOADS:
             for v in order:
                 r = run_point(a, proto, txn, v)
                 r["round"] = rnd
                 rows.append(r)
-                print("round %d %-4s %-10s %-8s tps=%9.0f cpu=%6.2fus/txn sys=%5.2f/txn "
+                print("round %d %-4s %-10s %-18s tps=%9.0f cpu=%6.2fus/txn sys=%5.2f/txn "
                       "p50=%7.1fus p99=%7.1fus errors=%d" % (
                           rnd, proto, "persistent" if txn == 0 else "1/conn", v, r["tps"],
                           r["srv_cpu_us_txn"], r["sys_txn"], r["p50_us"], r["p99_us"],
@@ -150,7 +155,7 @@ def main():
                                                                           "srv_cpu_us_txn")
         p99_ratio = med(proto, txn, "megapipe", "p99_us") / med(proto, txn, "stock", "p99_us")
         summary.append((name, txn, cpu_ratio, p99_ratio))
-    print("\nratios megapipe/stock (targets: CPU/req <= 0.8 at 1 req/conn, <= 0.9 persistent; "
+    print("\nratios megapipe (TCP completions)/stock (targets: CPU/req <= 0.8 at 1 req/conn, <= 0.9 persistent; "
           "p99 <= 1.0):")
     for name, txn, c, p in summary:
         target = 0.8 if txn == 1 else 0.9
@@ -162,8 +167,8 @@ def main():
         for proto, txn in WORKLOADS:
             name = "%s/%s" % ("echo" if proto == "rpc" else "http",
                               "persistent" if txn == 0 else "1-per-conn")
-            dat.write('"%s" %f %f\n' % (name, med(proto, txn, "stock", "srv_cpu_us_txn"),
-                                        med(proto, txn, "megapipe", "srv_cpu_us_txn")))
+            dat.write('"%s" %s\n' % (name, " ".join(
+                "%f" % med(proto, txn, v, "srv_cpu_us_txn") for v in VARIANTS)))
         dat.close()
         gp = """set terminal png size 800,450
 set output '%s'
@@ -174,7 +179,7 @@ set style histogram clustered gap 1
 set style fill solid 0.8 border -1
 set yrange [0:*]
 set key top left
-plot '%s' using 2:xtic(1) title 'stock libuv 1.44.2', '' using 3 title 'UV\\_USE\\_MEGAPIPE=1'
+plot '%s' using 2:xtic(1) title 'stock libuv 1.44.2', '' using 3 title 'UV\\_USE\\_MEGAPIPE=1', '' using 4 title 'UV\\_USE\\_MEGAPIPE=1 UV\\_MEGAPIPE\\_TCP=0'
 """ % (a.png, a.rounds, dat.name)
         subprocess.run(["gnuplot"], input=gp, text=True, check=False)
         os.unlink(dat.name)
