@@ -24,6 +24,9 @@
  *                               stop/start, shutdown both ways, EOF, uv_fileno, close; the
  *                               channel's buffered-read counter proves the path
  *   uv_megapipe_test tcp_readiness  the same with UV_MEGAPIPE_TCP=0 (TCP on readiness watches)
+ *   uv_megapipe_test reuseport  loops on two threads (pinned to CPUs 0 and 1) listening on one
+ *                               address (SO_REUSEPORT): partitioned accept, each loop takes
+ *                               the connections of clients on its CPU
  *
  * Exit status: 0 pass, 1 fail (with a message), 77 skip.  Servers listen on 127.0.0.1, port 0.
  */
@@ -36,6 +39,7 @@
 #include <linux/audit.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
+#include <arpa/inet.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
@@ -949,6 +953,174 @@ static int case_tcp(int completions) {
     return 0;
 }
 
+
+/* ---- reuseport: loops on several threads listening on one address ------------------- */
+
+#define RP_PER_CPU 50
+
+struct rp_loop {
+    uv_loop_t loop;
+    uv_tcp_t listener;
+    uv_async_t stop;
+    int cpu, fd, accepted, echoed;
+    uv_barrier_t *ready;
+};
+struct rp_conn {
+    uv_tcp_t tcp;
+    uv_write_t w;
+    char buf[8];
+    struct rp_loop *owner;
+};
+static uint16_t rp_port;
+
+static void rp_alloc(uv_handle_t *h, size_t sz, uv_buf_t *b) {
+    struct rp_conn *c = h->data;
+    (void)sz;
+    *b = uv_buf_init(c->buf, sizeof c->buf);
+}
+static void rp_free(uv_handle_t *h) {
+    free(h->data);
+}
+static void rp_written(uv_write_t *w, int status) {
+    (void)w;
+    (void)status;
+}
+static void rp_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b) {
+    struct rp_conn *c = s->data;
+    if (n <= 0) {
+        uv_close((uv_handle_t *)s, rp_free);
+        return;
+    }
+    /* answer with the CPU of the loop that accepted */
+    c->buf[0] = (char)('0' + c->owner->cpu);
+    uv_buf_t o = uv_buf_init(b->base, 1);
+    CHECK_UV(uv_write(&c->w, s, &o, 1, rp_written));
+    c->owner->echoed++;
+}
+static void rp_on_conn(uv_stream_t *l, int status) {
+    struct rp_loop *r = l->data;
+    CHECK_UV(status);
+    struct rp_conn *c = calloc(1, sizeof *c);
+    CHECK(c != NULL);
+    c->owner = r;
+    CHECK_UV(uv_tcp_init(l->loop, &c->tcp));
+    c->tcp.data = c;
+    CHECK_UV(uv_accept(l, (uv_stream_t *)&c->tcp));
+    CHECK_UV(uv_read_start((uv_stream_t *)&c->tcp, rp_alloc, rp_read));
+    r->accepted++;
+}
+static void rp_close_all(uv_handle_t *h, void *arg) {
+    (void)arg;
+    if (!uv_is_closing(h)) uv_close(h, h->type == UV_TCP && h->data && ((struct rp_conn *)h->data)->owner ? rp_free : NULL);
+}
+static void rp_on_stop(uv_async_t *a) {
+    uv_walk(a->loop, rp_close_all, NULL);
+}
+static int rp_socket(void) {
+    struct sockaddr_in a;
+    int one = 1;
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    CHECK(fd >= 0);
+    CHECK(setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) == 0);
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons(rp_port);
+    CHECK(bind(fd, (struct sockaddr *)&a, sizeof a) == 0);
+    if (rp_port == 0) {
+        socklen_t l = sizeof a;
+        CHECK(getsockname(fd, (struct sockaddr *)&a, &l) == 0);
+        rp_port = ntohs(a.sin_port);
+    }
+    return fd;
+}
+static void pin(int cpu) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    CHECK(pthread_setaffinity_np(pthread_self(), sizeof set, &set) == 0);
+}
+static void rp_thread(void *arg) {
+    struct rp_loop *r = arg;
+    pin(r->cpu);
+    CHECK_UV(uv_loop_init(&r->loop));
+    CHECK_UV(uv_tcp_init(&r->loop, &r->listener));
+    r->listener.data = r;
+    CHECK_UV(uv_tcp_open(&r->listener, r->fd));
+    CHECK_UV(uv_listen((uv_stream_t *)&r->listener, 128, rp_on_conn));
+    CHECK_UV(uv_async_init(&r->loop, &r->stop, rp_on_stop));
+    uv_barrier_wait(r->ready);
+    uv_run(&r->loop, UV_RUN_DEFAULT);
+    CHECK_UV(uv_loop_close(&r->loop));
+}
+/* n blocking connections from a thread pinned to cpu; returns how many the loop of that CPU
+ * answered */
+struct rp_client {
+    int cpu, same, other;
+};
+static void rp_client(void *arg) {
+    struct rp_client *k = arg;
+    struct sockaddr_in a;
+    pin(k->cpu);
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons(rp_port);
+    for (int i = 0; i < RP_PER_CPU; i++) {
+        char c = 'x';
+        int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        CHECK(fd >= 0);
+        CHECK(connect(fd, (struct sockaddr *)&a, sizeof a) == 0);
+        CHECK(write(fd, &c, 1) == 1);
+        CHECK(read(fd, &c, 1) == 1);
+        if (c == '0' + k->cpu) k->same++;
+        else k->other++;
+        close(fd);
+    }
+}
+
+static int case_reuseport(void) {
+    struct rp_loop r[2];
+    struct rp_client k[2];
+    uv_thread_t lt[2], ct[2];
+    uv_barrier_t ready;
+    cpu_set_t all;
+
+    CHECK(sched_getaffinity(0, sizeof all, &all) == 0);
+    if (!CPU_ISSET(0, &all) || !CPU_ISSET(1, &all)) {
+        printf("reuseport: SKIP (needs CPUs 0 and 1)\n");
+        return 77;
+    }
+    setenv("UV_USE_MEGAPIPE", "1", 1);
+    CHECK_UV(uv_barrier_init(&ready, 3));
+    memset(r, 0, sizeof r);
+    for (int i = 0; i < 2; i++) {
+        r[i].cpu = i;
+        r[i].fd = rp_socket();
+        r[i].ready = &ready;
+        CHECK_UV(uv_thread_create(&lt[i], rp_thread, &r[i]));
+    }
+    uv_barrier_wait(&ready);
+    memset(k, 0, sizeof k);
+    for (int i = 0; i < 2; i++) {
+        k[i].cpu = i;
+        CHECK_UV(uv_thread_create(&ct[i], rp_client, &k[i]));
+    }
+    for (int i = 0; i < 2; i++) CHECK_UV(uv_thread_join(&ct[i]));
+    for (int i = 0; i < 2; i++) CHECK_UV(uv_async_send(&r[i].stop));
+    for (int i = 0; i < 2; i++) CHECK_UV(uv_thread_join(&lt[i]));
+    uv_barrier_destroy(&ready);
+    printf("reuseport: loop on CPU 0 accepted %d, CPU 1 %d; clients on CPU 0 answered by CPU 0: "
+           "%d/%d, on CPU 1 by CPU 1: %d/%d\n", r[0].accepted, r[1].accepted, k[0].same,
+           RP_PER_CPU, k[1].same, RP_PER_CPU);
+    CHECK(r[0].accepted + r[1].accepted == 2 * RP_PER_CPU);
+    CHECK(r[0].echoed + r[1].echoed == 2 * RP_PER_CPU);
+    /* partitioned: each loop takes the connections whose SYN its CPU handled */
+    CHECK(k[0].same == RP_PER_CPU && k[1].same == RP_PER_CPU);
+    printf("reuseport: ok\n");
+    return 0;
+}
+
 /* ---- seccomp ------------------------------------------------------------------------- */
 
 static void deny_io_uring(void) {
@@ -1010,7 +1182,7 @@ static int case_seccomp(void) {
 
 int main(int argc, char **argv) {
     if (argc != 2) {
-        fprintf(stderr, "usage: %s switch|fork|setuid|fd_reuse|cq_overflow|seccomp|tcp|tcp_readiness\n", argv[0]);
+        fprintf(stderr, "usage: %s switch|fork|setuid|fd_reuse|cq_overflow|seccomp|tcp|tcp_readiness|reuseport\n", argv[0]);
         return 2;
     }
     signal(SIGPIPE, SIG_IGN);
@@ -1021,6 +1193,7 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "cq_overflow")) return case_cq_overflow();
     if (!strcmp(argv[1], "seccomp")) return case_seccomp();
     if (!strcmp(argv[1], "tcp")) return case_tcp(1);
+    if (!strcmp(argv[1], "reuseport")) return case_reuseport();
     if (!strcmp(argv[1], "tcp_readiness")) return case_tcp(0);
     fprintf(stderr, "unknown case %s\n", argv[1]);
     return 2;
