@@ -637,6 +637,7 @@ void uv__mp_conn_event(uv_loop_t* loop, struct uvmp* m, const mp_event* ev) {
       /* uv_close() waited for this: the kernel holds none of the stream's buffers now. */
       uv_handle_t* hd = (uv_handle_t*) c->stream_closed;
       loop->active_reqs.count--;
+      conn_set((uv_stream_t*) hd, NULL);
       conn_free(c);
       uv__make_close_pending(hd);
     } else {
@@ -735,7 +736,7 @@ void uv__mp_stream_close(uv_stream_t* s) {
   c->stream = NULL;
   c->stream_closed = s;
   c->closing = 1;
-  conn_set(s, NULL);
+  conn_set(s, c); /* an accepted one adopted just now; uv__mp_close_deferred looks here */
   /* Posted writes are no longer ours to finish: uv__stream_destroy cancels them at close. */
   c->posted = 0;
   /* The loop stays alive until the handle's MP_EV_CLOSED. */
@@ -743,18 +744,12 @@ void uv__mp_stream_close(uv_stream_t* s) {
 }
 
 int uv__mp_close_deferred(uv_handle_t* h) {
-  struct uvmp* m;
   struct uvmp_conn* c;
 
   if (h->type != UV_TCP)
     return 0;
-  m = uv__mp_of(h->loop);
-  if (m == NULL)
-    return 0;
-  for (c = m->conns; c != NULL; c = c->next)
-    if (c->closing && c->stream_closed == (uv_stream_t*) h)
-      return 1;
-  return 0;
+  c = conn_of((uv_stream_t*) h);
+  return c != NULL && c->closing && c->stream_closed == (uv_stream_t*) h;
 }
 
 /* ---- the channel goes away --------------------------------------------------------- */
@@ -778,6 +773,7 @@ void uv__mp_conns_orphan(uv_loop_t* loop, struct uvmp* m) {
       /* a close waiting for MP_EV_CLOSED: the channel's end is that moment */
       if (c->stream_closed != NULL) {
         loop->active_reqs.count--;
+        conn_set(c->stream_closed, NULL);
         uv__make_close_pending((uv_handle_t*) c->stream_closed);
       }
     } else if (c->listener) {
