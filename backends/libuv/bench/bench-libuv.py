@@ -27,8 +27,14 @@ import tempfile
 import time
 
 WORKLOADS = [("rpc", 0), ("rpc", 1), ("http", 0), ("http", 1)]
-# stock: no variable; megapipe: UV_USE_MEGAPIPE=1 (TCP through completions);
-# megapipe-readiness: UV_USE_MEGAPIPE=1 UV_MEGAPIPE_TCP=0 (TCP on the channel's readiness watches)
+# The environment of each variant: stock libuv (no variable); TCP through completions; TCP on
+# the channel's readiness watches; completions without the core's wait-side batching.
+VARIANT_ENV = {
+    "stock": {},
+    "megapipe": {"UV_USE_MEGAPIPE": "1"},
+    "megapipe-readiness": {"UV_USE_MEGAPIPE": "1", "UV_MEGAPIPE_TCP": "0"},
+    "megapipe-nowait": {"UV_USE_MEGAPIPE": "1", "MP_WAIT_USEC": "0"},
+}
 VARIANTS = ["stock", "megapipe", "megapipe-readiness"]
 
 
@@ -46,12 +52,9 @@ def kv(line):
 
 def run_point(a, proto, txn, variant):
     env = dict(os.environ)
-    env.pop("UV_USE_MEGAPIPE", None)
-    env.pop("UV_MEGAPIPE_TCP", None)
-    if variant.startswith("megapipe"):
-        env["UV_USE_MEGAPIPE"] = "1"
-    if variant == "megapipe-readiness":
-        env["UV_MEGAPIPE_TCP"] = "0"
+    for k in ("UV_USE_MEGAPIPE", "UV_MEGAPIPE_TCP", "MP_WAIT_USEC"):
+        env.pop(k, None)
+    env.update(VARIANT_ENV[variant])
     srv = subprocess.Popen(["taskset", "-c", str(a.srv_cpu),
                             os.path.join(a.build, "uv_bench_server"), "-m", proto, "-s", "64"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -111,9 +114,18 @@ def main():
     ap.add_argument("--conns", type=int, default=32)
     ap.add_argument("--srv-cpu", type=int, default=0)
     ap.add_argument("--lg-cpu", type=int, default=1)
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="comma-separated, from: " + ", ".join(VARIANT_ENV))
+    ap.add_argument("--workloads", default="rpc:0,rpc:1,http:0,http:1",
+                    help="comma-separated proto:txn_per_conn (0 = persistent)")
     ap.add_argument("--csv")
     ap.add_argument("--png")
     a = ap.parse_args()
+    global VARIANTS, WORKLOADS
+    VARIANTS = a.variants.split(",")
+    if "stock" not in VARIANTS or any(v not in VARIANT_ENV for v in VARIANTS):
+        ap.error("--variants: stock plus any of " + ", ".join(VARIANT_ENV))
+    WORKLOADS = [(w.split(":")[0], int(w.split(":")[1])) for w in a.workloads.split(",")]
 
     rows = []
     for rnd in range(a.rounds):
@@ -151,16 +163,17 @@ def main():
                 name, v, med(proto, txn, v, "tps"), med(proto, txn, v, "srv_cpu_us_txn"),
                 med(proto, txn, v, "sys_txn"), med(proto, txn, v, "p50_us"),
                 med(proto, txn, v, "p99_us")))
-        cpu_ratio = med(proto, txn, "megapipe", "srv_cpu_us_txn") / med(proto, txn, "stock",
-                                                                          "srv_cpu_us_txn")
-        p99_ratio = med(proto, txn, "megapipe", "p99_us") / med(proto, txn, "stock", "p99_us")
-        summary.append((name, txn, cpu_ratio, p99_ratio))
-    print("\nratios megapipe (TCP completions)/stock (targets: CPU/req <= 0.8 at 1 req/conn, <= 0.9 persistent; "
-          "p99 <= 1.0):")
-    for name, txn, c, p in summary:
+        for v in VARIANTS[1:] if VARIANTS[0] == "stock" else [x for x in VARIANTS if x != "stock"]:
+            summary.append((name, txn, v,
+                            med(proto, txn, v, "srv_cpu_us_txn") / med(proto, txn, "stock",
+                                                                      "srv_cpu_us_txn"),
+                            med(proto, txn, v, "p99_us") / med(proto, txn, "stock", "p99_us")))
+    print("\nratios against stock (targets for megapipe: CPU/req <= 0.8 at 1 req/conn, <= 0.9 "
+          "persistent; p99 <= 1.0):")
+    for name, txn, v, c, p in summary:
         target = 0.8 if txn == 1 else 0.9
-        print("  %-22s CPU/req %.2f (%s)  p99 %.2f (%s)" % (
-            name, c, "met" if c <= target else "NOT met", p, "met" if p <= 1.0 else "NOT met"))
+        print("  %-22s %-18s CPU/req %.2f (%s)  p99 %.2f (%s)" % (
+            name, v, c, "met" if c <= target else "NOT met", p, "met" if p <= 1.0 else "NOT met"))
 
     if a.png:
         dat = tempfile.NamedTemporaryFile("w", suffix=".dat", delete=False)
@@ -179,8 +192,15 @@ set style histogram clustered gap 1
 set style fill solid 0.8 border -1
 set yrange [0:*]
 set key top left
-plot '%s' using 2:xtic(1) title 'stock libuv 1.44.2', '' using 3 title 'UV\\_USE\\_MEGAPIPE=1', '' using 4 title 'UV\\_USE\\_MEGAPIPE=1 UV\\_MEGAPIPE\\_TCP=0'
-""" % (a.png, a.rounds, dat.name)
+set yrange [0:*]
+set offsets 0, 0, graph 0.25, 0
+plot %s
+""" % (a.png, a.rounds, ", ".join(
+            "'%s' using %d%s title '%s'" % (
+                dat.name if i == 0 else "", i + 2, ":xtic(1)" if i == 0 else "",
+                "stock libuv 1.44.2" if v == "stock" else
+                " ".join("%s=%s" % kv for kv in VARIANT_ENV[v].items()).replace("_", "\\_"))
+            for i, v in enumerate(VARIANTS)))
         subprocess.run(["gnuplot"], input=gp, text=True, check=False)
         os.unlink(dat.name)
         print("plot: %s" % a.png)
