@@ -16,7 +16,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 core_pkgs=(build-essential cmake pkg-config liburing-dev libgtest-dev googletest
            iproute2 util-linux procps strace gnuplot-nox python3 dpkg-dev)
 full_pkgs=(autoconf automake libtool libssl-dev zlib1g-dev libpcre2-dev libsasl2-dev
-           libseccomp-dev perl memcached libevent-dev libmemcached-tools)
+           libseccomp-dev perl memcached libevent-dev libmemcached-tools hddemux)
 full_pkgs+=(nginx) # MP_WITH_NGINX: Debian's stock binary that loads ngx_megapipe_module
 
 want=("${core_pkgs[@]}")
