@@ -14,6 +14,17 @@ jobs=${MP_UV_JOBS:-$(( $(nproc) * 2 ))}
 work=$(mktemp -d /var/tmp/uv-tests.XXXXXX)
 trap 'rm -rf "$work"' EXIT INT TERM
 chmod 755 "$work"
+# The build tree may itself be under /tmp (a checkout there): each test's private /tmp would hide
+# it, so the runner, the libraries it loads from the build tree and the fixtures are staged here.
+mkdir "$work/bin" "$work/src"
+cp "$runner" "$work/bin/"
+for lib in $(ldd "$runner" | awk '$3 ~ /^\// && $1 ~ /^lib(uv|megapipe)\./ {print $3}'); do
+  cp "$lib" "$work/bin/"
+done
+cp -r "$src/test" "$work/src/test"
+chmod -R a+rX "$work/bin" "$work/src"
+runner="$work/bin/$(basename "$runner")" src="$work/src"
+export LD_LIBRARY_PATH="$work/bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 sed -e 's/#.*//' -e '/^[[:space:]]*$/d' -e 's/[[:space:]]//g' "$excl" | sort -u >"$work/excluded"
 mkdir "$work/run" "$work/out"
 chown -R 65534:65534 "$work/run" "$work/out"
