@@ -68,6 +68,8 @@ struct mpc_conn {
     bool eof;
     bool queued;     /* on the worker's run list */
     bool ended;      /* MP_EV_CLOSED seen while queued: free when taken off the list */
+    bool budget_saved;
+    int budget;      /* requests left to this run when it parked for its write */
     int rerr, werr;  /* receive / send error (errno) */
     uint32_t events; /* readiness kind: the interest the channel has now */
     struct mpc_buf *q;
@@ -168,9 +170,10 @@ fail:;
     return -1;
 }
 
-bool mpc_listener_add(int sfd, enum network_transport transport, bool ssl_enabled,
-                      uint64_t conntag, enum protocol bproto) {
-    if (!partitioned(transport, ssl_enabled)) return false;
+void mpc_listener_add(conn *lc, bool ssl_enabled) {
+    if (!partitioned(lc->transport, ssl_enabled)) return;
+    int sfd = lc->sfd;
+    event_del(&lc->event); /* the workers accept, not the dispatcher */
     if (nlisteners == MPC_MAX_LISTENERS) {
         fprintf(stderr, "megapipe: more than %d TCP listening addresses\n", MPC_MAX_LISTENERS);
         exit(EX_OSERR);
@@ -190,10 +193,9 @@ bool mpc_listener_add(int sfd, enum network_transport transport, bool ssl_enable
         }
     }
     listeners[nlisteners].fds = fds;
-    listeners[nlisteners].conntag = conntag;
-    listeners[nlisteners].bproto = bproto;
+    listeners[nlisteners].conntag = lc->tag;
+    listeners[nlisteners].bproto = lc->protocol;
     nlisteners++;
-    return true;
 }
 
 void mpc_listeners_ready(void) {
@@ -385,6 +387,23 @@ fail:
     perror("megapipe: registering a connection");
     free(m);
     return -1;
+}
+
+int mpc_reqs_budget(conn *c) {
+    struct mpc_conn *m = c->mpc;
+    if (m && m->budget_saved) {
+        m->budget_saved = false;
+        return m->budget;
+    }
+    return settings.reqs_per_event;
+}
+
+void mpc_save_budget(conn *c, int nreqs) {
+    struct mpc_conn *m = c->mpc;
+    if (m && m->write_busy) {
+        m->budget_saved = true;
+        m->budget = nreqs;
+    }
 }
 
 bool mpc_update_event(conn *c, int new_flags) {
@@ -583,6 +602,9 @@ bool mpc_worker_loop(LIBEVENT_THREAD *me) {
 #else
     int nfd = me->notify_receive_fd;
 #endif
+    /* The notify fd is the channel's now; memcached's base keeps only what queue_stop puts in
+     * it (event_base_loopexit), run below after each notification. */
+    event_del(&me->notify_event);
     if (!mp_poll_add(w->ch, nfd, EPOLLIN, 0, &w->notify)) {
         perror("megapipe: watching the worker's notify fd");
         exit(EX_OSERR);
@@ -624,7 +646,10 @@ bool mpc_worker_loop(LIBEVENT_THREAD *me) {
                 on_closed(o);
             } else if (o->kind == MPC_NOTIFY) {
                 thread_libevent_process(nfd, EV_READ, me);
-                if (event_base_got_exit(me->base)) stop = true; /* queue_stop */
+                /* queue_stop asks libevent to leave its loop: an empty base returns at once
+                 * (no system call) unless that request is pending. */
+                event_base_loop(me->base, EVLOOP_NONBLOCK);
+                if (event_base_got_exit(me->base)) stop = true;
             } else if (o->kind == MPC_LISTENER) {
                 if (ev->cmd == MP_EV_ACCEPT) on_accept(w, (struct mpc_listener *)o, ev);
             } else {

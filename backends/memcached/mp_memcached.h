@@ -30,16 +30,21 @@ void thread_libevent_process(evutil_socket_t fd, short which, void *arg);
 /* conn_new(): serve c by the calling worker's channel.  1 = attached (memcached must not add
  * c->event to libevent), 0 = not a MegaPipe worker thread (libevent as usual), -1 = failed. */
 int mpc_conn_attach(conn *c);
+/* drive_machine(): how many requests this run may process (reqs_per_event, -R), and what was
+ * left of it when the machine parked for its write to complete: the run that the WRITE
+ * completion starts goes on with that budget, so -R yields as it does on a socket. */
+int mpc_reqs_budget(conn *c);
+void mpc_save_budget(conn *c, int nreqs);
 /* update_event() for an attached connection: what the state machine waits for next. */
 bool mpc_update_event(conn *c, int new_flags);
 /* conn_close(): instead of close(c->sfd). */
 void mpc_conn_close(conn *c);
 /* server_socket(), before bind(): SO_REUSEPORT on a TCP socket the workers will partition. */
 void mpc_listener_prepare(int sfd, enum network_transport transport, bool ssl_enabled);
-/* server_socket(), after listen(): true = the workers accept from sfd and siblings made here
- * (memcached makes no listening conn for it); false = stock (dispatcher thread accepts). */
-bool mpc_listener_add(int sfd, enum network_transport transport, bool ssl_enabled,
-                      uint64_t conntag, enum protocol bproto);
+/* server_socket(), once memcached made its listening conn lc: when lc is partitioned (TCP,
+ * not TLS, no -N) the workers accept from lc's socket and from siblings made here, and lc is
+ * taken off the dispatcher's event loop (it stays in listen_conn: "stats conns", maxconns). */
+void mpc_listener_add(conn *lc, bool ssl_enabled);
 /* main(), once every listening socket exists: workers start accepting. */
 void mpc_listeners_ready(void);
 /* worker_libevent(): run the worker on its channel until memcached stops it.  false = the
