@@ -49,6 +49,6 @@ if(MP_BUILD_TESTS)
   set_tests_properties(memcached.stress PROPERTIES TIMEOUT 600)
   # -d, -u, MEMCACHED_MEGAPIPE=0, options that stay on the stock path, failures at start-up.
   add_test(NAME memcached.startup
-    COMMAND ${MP_MC_DIR}/tests/run-startup.sh ${MP_MEMCACHED_EXE})
+    COMMAND ${MP_MC_DIR}/tests/run-startup.sh ${MP_MEMCACHED_EXE} ${MP_MEMCACHED_WORK}/src/t)
   set_tests_properties(memcached.startup PROPERTIES TIMEOUT 300)
 endif()
