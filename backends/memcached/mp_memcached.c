@@ -294,6 +294,10 @@ static int read_more(struct mpc_conn *m) {
 
 static ssize_t mpc_read(conn *c, void *buf, size_t count) {
     struct mpc_conn *m = c->mpc;
+    /* A side thread that owns the connection for a while (the LRU crawler's metadump) only
+     * reads to notice the client going away: a non-blocking recv() on the socket, as on a
+     * socket memcached accepted itself; the channel's queue is the worker's alone. */
+    if (m->w != self) return recv(m->fd, buf, count, MSG_DONTWAIT);
     size_t got = 0;
     while (got < count && m->qhead < m->qlen) {
         struct mpc_buf *b = &m->q[m->qhead];
@@ -343,6 +347,13 @@ static ssize_t mpc_sendmsg(conn *c, struct msghdr *msg, int flags) {
     return -1;
 }
 
+/* conn->write: used only by side threads (the logger's watchers, the LRU crawler), which
+ * poll() the socket and expect a non-blocking write.  Sockets the channel accepted are
+ * blocking (io_uring waits for them), so the write is made non-blocking per call. */
+static ssize_t mpc_write(conn *c, void *buf, size_t count) {
+    return send(c->sfd, buf, count, MSG_DONTWAIT | MSG_NOSIGNAL);
+}
+
 int mpc_conn_attach(conn *c) {
     struct mpc_worker *w = self;
     c->mpc = NULL;
@@ -373,12 +384,14 @@ int mpc_conn_attach(conn *c) {
         if (r < 0) {
             mp_unregister(m->h); /* m is freed at its CLOSED event */
             m->c = NULL;
+            m->fd = -1; /* conn_new()'s caller closes it */
             errno = -r;
             perror("megapipe: reading from a new connection");
             return -1;
         }
         c->read = mpc_read;
         c->sendmsg = mpc_sendmsg;
+        c->write = mpc_write;
         m->want_read = (c->ev_flags & EV_READ) != 0;
     }
     c->mpc = m;
@@ -451,7 +464,13 @@ void mpc_conn_close(conn *c) {
         close(m->fd); /* no event of the watch comes after mp_poll_del() */
         m->fd = -1;
     } else {
-        mp_unregister(m->h); /* the fd is closed at MP_EV_CLOSED, when the kernel let go */
+        /* The fd is closed at MP_EV_CLOSED, when the kernel let go: one close() per connection.
+         * CORE-GAP: a regular fd cannot be handed to the channel to close (IORING_OP_CLOSE,
+         * batched with the rest) when its handle ends; proposed: mp_unregister_close(h), or an
+         * mp_register() flag MP_OWN_FD, which makes the fd the channel's like an lwsocket's.
+         * (lwsockets themselves do not fit: memcached indexes conns[] by fd and hands fds to
+         * side threads, the logger's watchers and the LRU crawler, which write() to them.) */
+        mp_unregister(m->h);
     }
 }
 
@@ -497,6 +516,10 @@ static void on_accept(struct mpc_worker *w, struct mpc_listener *l, const mp_eve
         close(fd);
         return;
     }
+    /* conn_new() asks getpeername() for the client's address (logs, "stats conns").
+     * CORE-GAP: the ACCEPT event does not carry the peer address io_uring's accept can fill
+     * in; proposed: mp_accept() flag MP_ACCEPT_ADDR and u.accept.addr/addrlen, which would let
+     * conn_new() skip that system call per connection. */
     conn *c = conn_new(fd, conn_new_cmd, EV_READ | EV_PERSIST, READ_BUFFER_CACHED,
                        tcp_transport, w->me->base, NULL, l->conntag, l->bproto);
     if (!c) {
