@@ -433,8 +433,12 @@ bool mpc_update_event(conn *c, int new_flags) {
     m->want_read = (new_flags & EV_READ) != 0;
     m->want_write = (new_flags & EV_WRITE) != 0;
     /* Run again without an event when one will not come: input already queued, or memcached
-     * yielding (EV_WRITE with no write in flight: "call me back", reqs_per_event). */
-    if (runnable(m)) run_later(m);
+     * yielding (EV_WRITE with no write in flight: "call me back", reqs_per_event).  Whether
+     * it may run is decided when the run list is taken, not now: conn_worker_readd() (a
+     * connection back from the logger, the LRU crawler or extstore) asks for EV_READ first and
+     * sets the state it resumes in after; input that arrived meanwhile must not be left
+     * waiting for an event that already came. */
+    if (!m->write_busy && (m->want_write || (m->want_read && has_input(m)))) run_later(m);
     return true;
 }
 
