@@ -1,0 +1,231 @@
+#!/usr/bin/env python3
+"""bench_memcached.py — issue 13 point 3: Debian's memcached binary (libevent, epoll) vs
+memcached-megapipe (the same memcached 1.6.18 adapted to channels), the paper's Fig. 5 and
+Fig. 6 with its memcached workload.
+
+Load: bench's loadgen in memcached mode (64 B keys, 1 KiB values, 9:1 get:set).
+  txn sweep (Fig. 5):     CONNS connections, 1, 2, 4, ..., 128 requests per connection and
+                          persistent; throughput, server CPU per request, system calls per
+                          request, p50/p99.
+  latency sweep (Fig. 6): persistent connections, LAT_CONNS of them; p50/p99 latency.
+Server pinned to SERVER_CPU with one worker thread (-t 1), load generator pinned to
+LOADGEN_CPU.  Variants interleaved per point and their order alternated per repetition;
+medians over REPS.  Server CPU per request: all server threads' schedstat (loadgen -S).
+System calls per request: perf stat -e raw_syscalls:sys_enter -p SERVER over the warmup and
+the measured window, divided by requests over the same span (tps x span).
+
+  bench_memcached.py --loadgen BUILD/bench/loadgen --mp BUILD/memcached-megapipe [--reps 5]
+                     [--secs 2] [--csv out.csv] [--plot out.png] [--from-csv in.csv]
+"""
+import argparse
+import csv
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--loadgen", required=True)
+ap.add_argument("--mp", required=True, help="memcached-megapipe")
+ap.add_argument("--stock", default="/usr/bin/memcached")
+ap.add_argument("--reps", type=int, default=5)
+ap.add_argument("--secs", type=float, default=2)
+ap.add_argument("--warmup", type=float, default=1)
+ap.add_argument("--conns", type=int, default=64)
+ap.add_argument("--txns", default="1,2,4,8,16,32,64,128,0")
+ap.add_argument("--lat-conns", default="16,64,256,1024")
+ap.add_argument("--server-cpu", default="0")
+ap.add_argument("--loadgen-cpu", default="1")
+ap.add_argument("--csv", default=None)
+ap.add_argument("--plot", default=None, help="PNG prefix: <prefix>_txn.png, <prefix>_latency.png")
+ap.add_argument("--from-csv", default=None, help="no runs: summarize/plot this CSV")
+a = ap.parse_args()
+
+perf = shutil.which("perf")
+VARIANTS = ("stock", "megapipe")
+KEYS = ("tps", "srv_us", "sys", "p50", "p99", "lg_us")
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def wait_port(port, t=5.0):
+    end = time.time() + t
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def run_point(variant, txns, conns):
+    port = free_port()
+    exe = a.stock if variant == "stock" else a.mp
+    srv = subprocess.Popen(["taskset", "-c", a.server_cpu, exe, "-u", "root", "-l", "127.0.0.1",
+                            "-p", str(port), "-U", "0", "-t", "1", "-c", "8192", "-m", "256"])
+    try:
+        if not wait_port(port):
+            raise RuntimeError(f"{variant}: memcached did not come up")
+        pst = None
+        if perf:
+            pst = subprocess.Popen([perf, "stat", "-x,", "-e", "raw_syscalls:sys_enter", "-p",
+                                    str(srv.pid), "--", "sleep", str(a.warmup + a.secs)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        out = subprocess.run([a.loadgen, "-m", "memcached", "-p", str(port), "-c", str(conns),
+                              "-n", str(txns), "-d", str(a.secs), "-w", str(a.warmup), "-C",
+                              a.loadgen_cpu, "-t", "1", "-S", str(srv.pid)],
+                             capture_output=True, text=True, timeout=a.secs + a.warmup + 60)
+        m = re.search(r"^result (.*)$", out.stdout, re.M)
+        if not m:
+            raise RuntimeError("loadgen: " + out.stdout + out.stderr)
+        r = dict(kv.split("=", 1) for kv in m.group(1).split())
+        res = {"tps": float(r["tps"]), "srv_us": float(r["server_cpu_us_per_txn"]),
+               "lg_us": float(r["lg_cpu_us_per_txn"]), "p50": float(r["p50_us"]),
+               "p99": float(r["p99_us"]), "errors": int(r["errors"]) + int(r["timeouts"]) +
+               int(r["proto_errors"]), "sys": float("nan")}
+        if pst:
+            _, err = pst.communicate(timeout=30)
+            mm = re.search(r"^(\d+),,raw_syscalls:sys_enter", err, re.M)
+            if mm and res["tps"] > 0:
+                res["sys"] = int(mm.group(1)) / (res["tps"] * (a.warmup + a.secs))
+        return res
+    finally:
+        srv.send_signal(signal.SIGTERM)
+        try:
+            srv.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            srv.kill()
+            srv.wait()
+
+
+txns_list = [int(x) for x in a.txns.split(",")] if a.txns else []
+lat_list = [int(x) for x in a.lat_conns.split(",")] if a.lat_conns else []
+points = [("txn", t, a.conns) for t in txns_list] + [("lat", 0, c) for c in lat_list]
+rows = []
+if a.from_csv:
+    for r in csv.DictReader(open(a.from_csv)):
+        rows.append({"sweep": r["sweep"], "variant": r["variant"], "txns": int(r["txns_per_conn"]),
+                     "conns": int(r["conns"]), "rep": int(r["rep"]), "tps": float(r["tps"]),
+                     "srv_us": float(r["server_us_per_req"]), "sys": float(r["syscalls_per_req"]),
+                     "p50": float(r["p50_us"]), "p99": float(r["p99_us"]),
+                     "lg_us": float(r["loadgen_us_per_req"]), "errors": int(r["errors"])})
+    a.reps = 0
+    points = sorted({(r["sweep"], r["txns"], r["conns"]) for r in rows},
+                    key=lambda p: (p[0] != "txn", p[1] == 0, p[1], p[2]))
+for rep in range(a.reps):
+    for sweep, txns, conns in points:
+        order = VARIANTS if rep % 2 == 0 else VARIANTS[::-1]
+        for variant in order:
+            res = run_point(variant, txns, conns)
+            res.update(sweep=sweep, variant=variant, txns=txns, conns=conns, rep=rep)
+            rows.append(res)
+            print(f"rep {rep} {sweep} conns {conns} txns/conn {txns or 'persistent'} {variant:8s} "
+                  f"{res['tps']:9.0f} req/s  server {res['srv_us']:6.2f} us/req  "
+                  f"syscalls {res['sys']:5.2f}/req  p50 {res['p50']:7.0f} us  p99 {res['p99']:7.0f} us  "
+                  f"loadgen {res['lg_us']:5.2f} us/req  errors {res['errors']}", flush=True)
+
+if a.csv and not a.from_csv:
+    with open(a.csv, "w") as f:
+        f.write("sweep,variant,txns_per_conn,conns,rep,tps,server_us_per_req,syscalls_per_req,"
+                "p50_us,p99_us,loadgen_us_per_req,errors\n")
+        for r in rows:
+            f.write(f"{r['sweep']},{r['variant']},{r['txns']},{r['conns']},{r['rep']},{r['tps']:.1f},"
+                    f"{r['srv_us']:.3f},{r['sys']:.3f},{r['p50']:.1f},{r['p99']:.1f},"
+                    f"{r['lg_us']:.3f},{r['errors']}\n")
+
+
+def med(sweep, variant, txns, conns):
+    sel = [r for r in rows if (r["sweep"], r["variant"], r["txns"], r["conns"]) ==
+           (sweep, variant, txns, conns)]
+    return {k: statistics.median(r[k] for r in sel) for k in KEYS} | \
+        {"n": len(sel), "errors": sum(r["errors"] for r in sel)}
+
+
+def ratio(x, y):
+    return x / y if y else float("nan")
+
+
+n_reps = max((r["rep"] for r in rows), default=-1) + 1
+print(f"\nmedians of {n_reps} (ratio = megapipe / stock)")
+print("| sweep | conns | requests/conn | variant | req/s | server CPU µs/req | syscalls/req | "
+      "p50 µs | p99 µs | loadgen CPU µs/req | errors |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
+meds = {}
+for sweep, txns, conns in points:
+    for v in VARIANTS:
+        m = meds[(sweep, txns, conns, v)] = med(sweep, v, txns, conns)
+        print(f"| {sweep} | {conns} | {txns or 'persistent'} | {v} | {m['tps']:.0f} | "
+              f"{m['srv_us']:.2f} | {m['sys']:.2f} | {m['p50']:.0f} | {m['p99']:.0f} | "
+              f"{m['lg_us']:.2f} | {m['errors']} |")
+    s, m = meds[(sweep, txns, conns, "stock")], meds[(sweep, txns, conns, "megapipe")]
+    print(f"| {sweep} | {conns} | {txns or 'persistent'} | **ratio** | {ratio(m['tps'], s['tps']):.2f}× | "
+          f"**{ratio(m['srv_us'], s['srv_us']):.2f}×** | {ratio(m['sys'], s['sys']):.2f}× | "
+          f"{ratio(m['p50'], s['p50']):.2f}× | **{ratio(m['p99'], s['p99']):.2f}×** | "
+          f"{ratio(m['lg_us'], s['lg_us']):.2f}× | |")
+
+if a.plot:
+    dat = a.plot + "_txn.dat"
+    with open(dat, "w") as f:
+        for sweep, txns, conns in points:
+            if sweep != "txn":
+                continue
+            s, m = meds[(sweep, txns, conns, "stock")], meds[(sweep, txns, conns, "megapipe")]
+            f.write(f"{txns or 'pers.'} {s['tps'] / 1000:.1f} {m['tps'] / 1000:.1f} {s['srv_us']:.2f} "
+                    f"{m['srv_us']:.2f} {s['sys']:.2f} {m['sys']:.2f} {ratio(m['srv_us'], s['srv_us']):.3f}\n")
+    gp = f"""set terminal pngcairo size 1400,420 font ",10"
+set output '{a.plot}_txn.png'
+set multiplot layout 1,3 title "memcached 1.6.18, 1 worker, {a.conns} connections: Debian's binary (libevent) vs memcached-megapipe, medians of {n_reps} (cf. paper Fig. 5)"
+set style data histograms
+set style histogram clustered gap 1
+set style fill solid 0.8 border -1
+set key top left
+set yrange [0:*]
+set xlabel "requests per connection"
+set ylabel "kreq/s"; set title "throughput"
+plot '{dat}' using 2:xtic(1) title 'stock', '' using 3 title 'megapipe'
+set ylabel "us/req"; set title "server CPU per request"
+plot '{dat}' using 4:xtic(1) title 'stock', '' using 5 title 'megapipe'
+set ylabel "syscalls/req"; set title "server system calls per request"
+plot '{dat}' using 6:xtic(1) title 'stock', '' using 7 title 'megapipe'
+unset multiplot
+"""
+    subprocess.run(["gnuplot"], input=gp, text=True, check=True)
+    os.unlink(dat)
+    lat = [p for p in points if p[0] == "lat"]
+    if lat:
+        dat = a.plot + "_lat.dat"
+        with open(dat, "w") as f:
+            for sweep, txns, conns in lat:
+                s, m = meds[(sweep, txns, conns, "stock")], meds[(sweep, txns, conns, "megapipe")]
+                f.write(f"{conns} {s['p50']:.1f} {s['p99']:.1f} {m['p50']:.1f} {m['p99']:.1f} "
+                        f"{s['tps'] / 1000:.1f} {m['tps'] / 1000:.1f}\n")
+        gp = f"""set terminal pngcairo size 1000,420 font ",10"
+set output '{a.plot}_latency.png'
+set multiplot layout 1,2 title "memcached, persistent connections, 1 worker: latency (cf. paper Fig. 6), medians of {n_reps}"
+set logscale x 2
+set logscale y
+set xlabel "persistent connections"
+set key top left
+set ylabel "latency (us)"; set title "p50 and p99"
+plot '{dat}' using 1:2 with linespoints lc 1 dt 2 title 'stock p50', '' using 1:3 with linespoints lc 1 title 'stock p99', \\
+     '' using 1:4 with linespoints lc 2 dt 2 title 'megapipe p50', '' using 1:5 with linespoints lc 2 title 'megapipe p99'
+unset logscale y
+set yrange [0:*]
+set ylabel "kreq/s"; set title "throughput"
+plot '{dat}' using 1:6 with linespoints title 'stock', '' using 1:7 with linespoints title 'megapipe'
+unset multiplot
+"""
+        subprocess.run(["gnuplot"], input=gp, text=True, check=True)
+        os.unlink(dat)
