@@ -20,7 +20,7 @@ add_custom_command(
   BYPRODUCTS ${MP_LIBEVENT_LIBDIR}/libevent_core.so ${MP_LIBEVENT_LIBDIR}/libevent_pthreads.so
   COMMAND ${MP_LE_DIR}/build-libevent.sh ${MP_LIBEVENT_WORK} ${CMAKE_SOURCE_DIR}
           ${CMAKE_SOURCE_DIR}/include $<TARGET_FILE_DIR:megapipe> ${MP_LIBEVENT_LIBDIR}
-  DEPENDS megapipe ${MP_LE_DIR}/megapipe_event.c ${MP_LE_DIR}/build-libevent.sh
+  DEPENDS megapipe ${MP_LE_DIR}/megapipe_event.c ${MP_LE_DIR}/build-libevent.sh ${CMAKE_SOURCE_DIR}/scripts/debsrc.sh
           ${MP_LIBEVENT_PATCHES}
   COMMENT "libevent (Debian source) with the megapipe event method"
   USES_TERMINAL VERBATIM)

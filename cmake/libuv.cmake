@@ -18,7 +18,7 @@ add_custom_command(
   BYPRODUCTS ${MP_LIBUV_LIBDIR}/libuv.so ${MP_LIBUV_WORK}/build/uv_run_tests
   COMMAND ${MP_UV_DIR}/build-libuv.sh ${MP_LIBUV_WORK} ${CMAKE_SOURCE_DIR}
           ${CMAKE_SOURCE_DIR}/include $<TARGET_FILE_DIR:megapipe> ${MP_LIBUV_LIBDIR}
-  DEPENDS megapipe ${MP_UV_DIR}/uv-megapipe.c ${MP_UV_DIR}/uv-megapipe.h
+  DEPENDS megapipe ${CMAKE_SOURCE_DIR}/scripts/debsrc.sh ${MP_UV_DIR}/uv-megapipe.c ${MP_UV_DIR}/uv-megapipe.h
           ${MP_UV_DIR}/uv-megapipe-tcp.c ${MP_UV_DIR}/uv-megapipe-int.h
           ${MP_UV_DIR}/build-libuv.sh ${MP_LIBUV_PATCHES}
   COMMENT "libuv (Debian source) with the MegaPipe poller"

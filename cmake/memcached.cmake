@@ -15,7 +15,7 @@ add_custom_command(
   OUTPUT ${MP_MEMCACHED_WORK}/build.stamp ${MP_MEMCACHED_EXE}
   COMMAND ${MP_MC_DIR}/build-memcached.sh ${MP_MEMCACHED_WORK} ${CMAKE_SOURCE_DIR}
           ${CMAKE_SOURCE_DIR}/include $<TARGET_FILE_DIR:megapipe> ${MP_MEMCACHED_EXE}
-  DEPENDS megapipe ${MP_MC_DIR}/mp_memcached.c ${MP_MC_DIR}/mp_memcached.h
+  DEPENDS megapipe ${CMAKE_SOURCE_DIR}/scripts/debsrc.sh ${MP_MC_DIR}/mp_memcached.c ${MP_MC_DIR}/mp_memcached.h
           ${MP_MC_DIR}/build-memcached.sh ${MP_MEMCACHED_PATCHES}
   COMMENT "memcached (Debian source) adapted to MegaPipe"
   USES_TERMINAL VERBATIM)

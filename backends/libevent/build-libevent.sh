@@ -17,29 +17,10 @@ jobs=${MP_LIBEVENT_JOBS:-$(nproc)}
 mkdir -p "$work" "$out"
 cd "$work"
 
-# 1. The Debian source package (orig tarball + Debian's own patches), downloaded once.
-if ! ls libevent_*.dsc >/dev/null 2>&1; then
-  echo "libevent: apt-get source libevent"
-  apt-get source --download-only libevent >fetch.log 2>&1 || {
-    cat fetch.log >&2
-    echo "libevent: apt-get source failed (deb-src enabled? run scripts/setup.sh)" >&2
-    exit 1
-  }
-fi
-dsc=$(ls libevent_*.dsc | sort | tail -n1)
-
-# 2. Unpack + patch, again whenever the .dsc or one of our patches is newer than the stamp.
-stamp=src.stamp
-redo=0
-[ -f "$stamp" ] && [ -d src ] || redo=1
-for f in "$dsc" "${patches[@]}"; do [ "$f" -nt "$stamp" ] && redo=1; done
-if [ $redo -eq 1 ]; then
-  echo "libevent: unpacking $dsc and applying ${#patches[@]} patch(es)"
-  rm -rf src "$stamp" build.stamp
-  dpkg-source --no-check -x "$dsc" src >unpack.log 2>&1 || { cat unpack.log >&2; exit 1; }
-  for p in "${patches[@]}"; do patch -d src -p1 --forward --quiet <"$p"; done
-  touch "$stamp"
-fi
+# 1-2. The Debian source package, downloaded once, unpacked with our patches
+# (scripts/debsrc.sh; again whenever the .dsc or one of our patches changes).
+. "$repo/scripts/debsrc.sh"
+debsrc_unpack libevent libevent -- "${patches[@]}"
 # The method's source lives in our tree; a symlink lets make see every edit.
 ln -sfn "$method" src/megapipe_event.c
 

@@ -17,29 +17,10 @@ jobs=${MP_LIBUV_JOBS:-$(nproc)}
 mkdir -p "$work" "$out"
 cd "$work"
 
-# 1. The Debian source package (orig tarball + Debian's own patches), downloaded once.
-if ! ls libuv1_*.dsc >/dev/null 2>&1; then
-  echo "libuv: apt-get source libuv1"
-  apt-get source --download-only libuv1 >fetch.log 2>&1 || {
-    cat fetch.log >&2
-    echo "libuv: apt-get source failed (deb-src enabled? run scripts/setup.sh)" >&2
-    exit 1
-  }
-fi
-dsc=$(ls libuv1_*.dsc | sort | tail -n1)
-
-# 2. Unpack + patch, again whenever the .dsc or one of our patches is newer than the stamp.
-stamp=src.stamp
-redo=0
-[ -f "$stamp" ] && [ -d src ] || redo=1
-for f in "$dsc" "${patches[@]}"; do [ "$f" -nt "$stamp" ] && redo=1; done
-if [ $redo -eq 1 ]; then
-  echo "libuv: unpacking $dsc and applying ${#patches[@]} patch(es)"
-  rm -rf src build "$stamp" build.stamp
-  dpkg-source --no-check -x "$dsc" src >unpack.log 2>&1 || { cat unpack.log >&2; exit 1; }
-  for p in "${patches[@]}"; do patch -d src -p1 --forward --quiet <"$p"; done
-  touch "$stamp"
-fi
+# 1-2. The Debian source package, downloaded once, unpacked with our patches
+# (scripts/debsrc.sh; again whenever the .dsc or one of our patches changes).
+. "$repo/scripts/debsrc.sh"
+debsrc_unpack libuv libuv1 build -- "${patches[@]}"
 
 # 3. Configure once per unpack (libuv's own CMake).  Our sources stay in our tree: CMake
 #    compiles them from there, so every edit is seen by the next make.

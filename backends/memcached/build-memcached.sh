@@ -19,29 +19,10 @@ jobs=${MP_MEMCACHED_JOBS:-$(nproc)}
 mkdir -p "$work" "$(dirname "$out")"
 cd "$work"
 
-# 1. The Debian source package (orig tarball + Debian's own patches), downloaded once.
-if ! ls memcached_*.dsc >/dev/null 2>&1; then
-  echo "memcached: apt-get source memcached"
-  apt-get source --download-only memcached >fetch.log 2>&1 || {
-    cat fetch.log >&2
-    echo "memcached: apt-get source failed (deb-src enabled? run scripts/setup.sh)" >&2
-    exit 1
-  }
-fi
-dsc=$(ls memcached_*.dsc | sort | tail -n1)
-
-# 2. Unpack + patch, again whenever the .dsc or one of our patches is newer than the stamp.
-stamp=src.stamp
-redo=0
-[ -f "$stamp" ] && [ -d src ] || redo=1
-for f in "$dsc" "${patches[@]}"; do [ "$f" -nt "$stamp" ] && redo=1; done
-if [ $redo -eq 1 ]; then
-  echo "memcached: unpacking $dsc and applying ${#patches[@]} patch(es)"
-  rm -rf src "$stamp" build.stamp
-  dpkg-source --no-check -x "$dsc" src >unpack.log 2>&1 || { cat unpack.log >&2; exit 1; }
-  for p in "${patches[@]}"; do patch -d src -p1 --forward --quiet <"$p"; done
-  touch "$stamp"
-fi
+# 1-2. The Debian source package, downloaded once, unpacked with our patches
+# (scripts/debsrc.sh; again whenever the .dsc or one of our patches changes).
+. "$repo/scripts/debsrc.sh"
+debsrc_unpack memcached memcached -- "${patches[@]}"
 # Our files live in our tree; symlinks let make see every edit.
 for f in "${ours[@]}"; do ln -sfn "$f" "src/$(basename "$f")"; done
 
