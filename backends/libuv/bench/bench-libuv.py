@@ -106,6 +106,7 @@ def run_point(a, proto, txn, variant):
 
 
 def main():
+    global VARIANTS, WORKLOADS
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--build", required=True)
     ap.add_argument("--secs", type=float, default=5)
@@ -121,7 +122,6 @@ def main():
     ap.add_argument("--csv")
     ap.add_argument("--png")
     a = ap.parse_args()
-    global VARIANTS, WORKLOADS
     VARIANTS = a.variants.split(",")
     if "stock" not in VARIANTS or any(v not in VARIANT_ENV for v in VARIANTS):
         ap.error("--variants: stock plus any of " + ", ".join(VARIANT_ENV))
