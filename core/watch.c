@@ -128,8 +128,8 @@ static int watch(mp_channel *ch, int fd, uint32_t events, int flags, void *cooki
     bool owner = ch->owned && pthread_equal(ch->owner, pthread_self());
     pthread_mutex_lock(&ws->lock);
     int r = 0;
-    if (events && !is_in(ws, fd) && fcntl(fd, F_GETFD) < 0) {
-        r = -EBADF;
+    if (events && !owner && !is_in(ws, fd) && fcntl(fd, F_GETFD) < 0) {
+        r = -EBADF; /* (the owner's add checks it itself, mp__poll_add) */
     } else if (!events && !is_in(ws, fd) && !(owner && mp__pollmap_get(ch, fd))) {
         r = -ENOENT;
     } else if (in_set(ws, fd, events != 0) < 0) {
