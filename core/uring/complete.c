@@ -26,6 +26,10 @@ static void mp__u_complete(mp_channel *ch, uint64_t data, int res, unsigned flag
         mp__u_eset_complete(ch, t, NULL, res);
         return;
     }
+    if (t == T_FCTL || t == T_FWAIT) {
+        mp__u_fepoll_complete(ch, t, idx, res);
+        return;
+    }
     mp_handle *h = mp__handle_at(ch, idx);
     if (!h || h->state == H_FREE) return;
     if (t != T_POLL && seq != h->gen) return;
