@@ -271,3 +271,41 @@ TEST_F(Fepoll, OtherThreadIsRefused) {
     EXPECT_EQ(r1, -EPERM);
     EXPECT_EQ(r2, -EPERM);
 }
+
+TEST_F(Fepoll, BlockingWaitWithQueuedChangesIsOneSystemCall) {
+    // The queued changes' own completions must not end the wait (they post none on success),
+    // nor may the previous wait's timeout: each round is one io_uring_enter().
+    epoll_event out[4];
+    Pair q;
+    ASSERT_TRUE(tcp_pair(q));
+    ASSERT_EQ(add(q.a.get(), EPOLLOUT, 1), 0); // warm-up: ring enabled, fd registered
+    ASSERT_EQ(mp_epoll_wait(ch, ep.get(), out, 4, 1000000000LL, nullptr), 1);
+    ASSERT_EQ(mp_epoll_ctl(ch, ep.get(), EPOLL_CTL_DEL, q.a.get(), nullptr), 0);
+    for (int round = 0; round < 3; round++) {
+        Pair p;
+        ASSERT_TRUE(tcp_pair(p));
+        uint64_t before = stats().syscalls;
+        ASSERT_EQ(add(p.a.get(), EPOLLIN, 100 + round), 0);
+        Joiner w([&] {
+            std::this_thread::sleep_for(std::chrono::milliseconds(40));
+            ::write(p.b.get(), "w", 1);
+        });
+        int n = mp_epoll_wait(ch, ep.get(), out, 4, 5000000000LL, nullptr);
+        w.join();
+        ASSERT_EQ(n, 1) << "round " << round;
+        EXPECT_EQ(out[0].data.u64, (uint64_t)(100 + round));
+        if (one_call()) {
+            EXPECT_EQ(stats().syscalls - before, 1u) << "round " << round;
+        }
+        ASSERT_EQ(mp_epoll_ctl(ch, ep.get(), EPOLL_CTL_DEL, p.a.get(), nullptr), 0);
+        ASSERT_GE(mp_flush(ch), 0);
+    }
+    // A wait that times out is one call too, and so is the one after it.
+    for (int round = 0; round < 2; round++) {
+        uint64_t before = stats().syscalls;
+        ASSERT_EQ(mp_epoll_wait(ch, ep.get(), out, 4, 30 * 1000000LL, nullptr), 0);
+        if (one_call()) {
+            EXPECT_EQ(stats().syscalls - before, 1u) << "timeout round " << round;
+        }
+    }
+}

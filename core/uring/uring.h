@@ -36,7 +36,7 @@ enum tag {
     /* readiness set as a kernel epoll set (epollset.c) */
     T_ECTL_ADD, T_ECTL_MOD, T_ECTL_DEL, T_EWAIT,
     /* foreign epoll sets (fepoll.c) */
-    T_FCTL, T_FWAIT
+    T_FCTL, T_FWAIT, T_FTIMEOUT
 };
 
 #define BUF_GROUP 0
@@ -44,6 +44,7 @@ enum tag {
 #define BALANCE_POLL_MS 5             /* how often an idle balancing channel looks at siblings */
 #define REAP_MAX 256
 #define EWAIT_MAX 256 /* epoll events one IORING_OP_EPOLL_WAIT may return */
+#define FCTL_RING 4096u /* mp_epoll_ctl() records (a power of 2) */
 
 typedef struct uring {
     struct io_uring ring;
@@ -79,9 +80,14 @@ typedef struct uring {
     struct __kernel_timespec backoff_ts;
     /* foreign epoll sets (fepoll.c) */
     bool epoll_ctl_op;    /* IORING_OP_EPOLL_CTL (Linux 5.6+) */
-    struct fctl { int epfd, op; uint64_t data; uint32_t next_free; } *fctl; /* queued ctls */
-    uint32_t nfctl, fctl_free; /* records allocated; free list head (idx+1, 0 = none) */
+    /* Queued ctls, FCTL_RING of them by sequence number: a success posts no CQE
+     * (IOSQE_CQE_SKIP_SUCCESS, or a wait would end at its own submission), so a record is
+     * only looked at when the kernel refused it, and is overwritten FCTL_RING requests later. */
+    struct fctl { uint32_t seq; int epfd, op; uint64_t data; } *fctl;
+    uint32_t fctl_seq;
+    uint64_t fw_noise;    /* CQEs that end no wait (ignored requests, ctl results) */
     bool fw_done;         /* the EPOLL_WAIT of the current mp_epoll_wait() completed */
+    bool ft_pending;      /* its linked timeout has not posted its completion yet */
     int fw_res;
     struct __kernel_timespec fw_ts;
 } uring;
