@@ -237,9 +237,26 @@ void mpr_fd_new(int fd, enum mpr_kind k) {
 #define PASS (mpr_init(), mpr_state < 0 || mpr_t.busy)
 
 int close(int fd) {
-    if (PASS) return mpr_real.close(fd);
-    mpr_fd_closing(fd);
-    return mpr_real.close(fd);
+    if (PASS || !interesting(fd)) return mpr_real.close(fd);
+    /* Changes still queued that name fd (typically the EPOLL_CTL_DEL just before it) go to
+     * the kernel with the close itself, in one system call, through this thread's channel. */
+    mp_channel *ch = mpr_t.ch;
+    mpr_lock();
+    bool ring = ch && g_fd[fd].pend;
+    if (ring) {
+        mpr_t.busy = true;
+        mpr_drain_into(ch);
+    }
+    closing_locked(fd);
+    mpr_unlock();
+    if (!ring) return mpr_real.close(fd);
+    int r = mp_close(ch, fd);
+    mpr_t.busy = false;
+    if (r < 0) {
+        errno = -r;
+        return -1;
+    }
+    return 0;
 }
 
 static void closing_range(unsigned first, unsigned last) {

@@ -74,6 +74,8 @@ typedef struct mp_engine {
      * no limit).  Number of events or -errno. */
     int (*epoll_wait)(struct mp_channel *ch, int epfd, struct epoll_event *evs, int max,
                       int64_t timeout_ns, const sigset_t *sigmask);
+    /* close(2) of fd with what is queued, done when it returns: 0 or -errno. */
+    int (*close_fd)(struct mp_channel *ch, int fd);
 } mp_engine;
 
 extern const mp_engine mp__engine_uring;

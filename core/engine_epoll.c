@@ -345,6 +345,11 @@ static int ep_fepoll_wait(mp_channel *ch, int epfd, struct epoll_event *evs, int
     return n < 0 ? -errno : n;
 }
 
+static int ep_close_fd(mp_channel *ch, int fd) {
+    ch->st.syscalls++;
+    return close(fd) < 0 ? -errno : 0;
+}
+
 const mp_engine mp__engine_epoll = {
     .name = "epoll",
     .init = ep_init,
@@ -365,4 +370,5 @@ const mp_engine mp__engine_epoll = {
     .ready = ep_ready,
     .epoll_ctl = ep_fepoll_ctl,
     .epoll_wait = ep_fepoll_wait,
+    .close_fd = ep_close_fd,
 };

@@ -1,8 +1,9 @@
 /*
  * fepoll.c — foreign epoll sets: mp_epoll_ctl() and mp_epoll_wait() serve an epoll set the
  * application made itself through the channel's engine (on io_uring: EPOLL_CTL requests
- * queued with the rest, one EPOLL_WAIT per wait).  The core checks arguments and keeps the
- * queued requests the kernel refused, to report them as events of their set.
+ * queued with the rest, one EPOLL_WAIT per wait), and mp_close() closes an fd of the
+ * application's with them.  The core checks arguments and keeps the queued requests the
+ * kernel refused, to report them as events of their set.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -64,4 +65,11 @@ int mp_epoll_wait(mp_channel *ch, int epfd, struct epoll_event *events, int maxe
     r = ch->eng->epoll_wait(ch, epfd, events, maxevents, timeout_ns, sigmask);
     if (r == 0 && ch->nfefail) r = take_failed(ch, epfd, events, maxevents);
     return r;
+}
+
+int mp_close(mp_channel *ch, int fd) {
+    int r = mp__ch_enter(ch);
+    if (r) return r;
+    if (fd < 0 || mp_is_lwsocket(fd)) return -EBADF;
+    return ch->eng->close_fd(ch, fd);
 }

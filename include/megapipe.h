@@ -66,7 +66,7 @@
 #include <stdint.h>
 #include <sys/socket.h>
 #include <sys/types.h>
-#include <signal.h>
+#include <sys/epoll.h> /* struct epoll_event, sigset_t (also in strict C11) */
 #include <sys/uio.h>
 
 #ifdef __cplusplus
@@ -505,8 +505,6 @@ int mp_poll_del(mp_handle *h);
 /* Foreign epoll sets                                                                        */
 /* ---------------------------------------------------------------------------------------- */
 
-struct epoll_event;
-
 /* Serving an epoll set the application made itself (epoll_create1(2)), through the channel:
  * the interest changes of many fds and the wait become one system call.  This is what the
  * epoll emulation behind megapipe-run (compat/) stands on; the epoll set stays the kernel's,
@@ -548,6 +546,13 @@ struct epoll_event;
  *
  * Threads: the owner thread only, like every channel call. */
 int mp_epoll_ctl(mp_channel *ch, int epfd, int op, int fd, const struct epoll_event *event);
+/* mp_close() is close(2) of a regular fd through the channel: the requests queued so far (such
+ * as an EPOLL_CTL_DEL of that fd) and the close go to the kernel in one system call on io_uring
+ * (IORING_OP_CLOSE); on the epoll engine it is close(2).  It returns when the fd is closed (the
+ * number may be reused at once) with close(2)'s result: 0, or -EBADF (fd not open; bad
+ * channel), -EINTR, -EIO, -EPERM (wrong thread, forked child).  Not for fds registered with
+ * mp_register() (mp_unregister() them) nor lwsockets (mp_close_accepted()). */
+int mp_close(mp_channel *ch, int fd);
 int mp_epoll_wait(mp_channel *ch, int epfd, struct epoll_event *events, int maxevents,
                   int64_t timeout_ns, const sigset_t *sigmask);
 

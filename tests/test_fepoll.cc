@@ -323,3 +323,31 @@ TEST_F(Fepoll, BlockingWaitWithQueuedChangesIsOneSystemCall) {
         EXPECT_EQ(stats().syscalls - before, 1u) << "after timeouts";
     }
 }
+
+TEST_F(Fepoll, CloseWithQueuedChanges) {
+    EXPECT_EQ(mp_close(nullptr, 0), -EBADF);
+    EXPECT_EQ(mp_close(ch, -1), -EBADF);
+    int dead = ::dup(0);
+    ::close(dead);
+    EXPECT_EQ(mp_close(ch, dead), -EBADF);
+    epoll_event out[4];
+    Pair q;
+    ASSERT_TRUE(tcp_pair(q)); // warm-up (ring enabled, fd registered)
+    ASSERT_EQ(add(q.a.get(), EPOLLOUT, 1), 0);
+    ASSERT_EQ(mp_epoll_wait(ch, ep.get(), out, 4, 1000000000LL, nullptr), 1);
+    // The DEL and the close in one call; the number is free when mp_close returns.
+    ASSERT_EQ(mp_epoll_ctl(ch, ep.get(), EPOLL_CTL_DEL, q.a.get(), nullptr), 0);
+    uint64_t before = stats().syscalls;
+    int fd = q.a.release();
+    EXPECT_EQ(mp_close(ch, fd), 0);
+    if (one_call()) {
+        EXPECT_EQ(stats().syscalls - before, 1u);
+    }
+    EXPECT_EQ(fcntl(fd, F_GETFD), -1);
+    EXPECT_EQ(errno, EBADF);
+    // The peer sees the close.
+    char c;
+    EXPECT_EQ(::read(q.b.get(), &c, 1), 0);
+    EXPECT_EQ(mp_epoll_wait(ch, ep.get(), out, 4, 0, nullptr), 0);
+    EXPECT_EQ(stats().epoll_ctl_failed, 0u);
+}

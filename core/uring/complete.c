@@ -29,7 +29,7 @@ static void mp__u_complete(mp_channel *ch, uint64_t data, int res, unsigned flag
         mp__u_eset_complete(ch, t, NULL, res);
         return;
     }
-    if (t == T_FCTL || t == T_FWAIT || t == T_FTIMEOUT) {
+    if (t == T_FCTL || t == T_FWAIT || t == T_FTIMEOUT || t == T_FCLOSE) {
         mp__u_fepoll_complete(ch, t, idx, res);
         return;
     }

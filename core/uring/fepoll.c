@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <sys/epoll.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "uring.h"
 
@@ -50,6 +51,11 @@ void mp__u_fepoll_complete(mp_channel *ch, enum tag t, uint32_t idx, int res) {
     if (t == T_FWAIT) {
         u->fw_done = true;
         u->fw_res = res;
+        return;
+    }
+    if (t == T_FCLOSE) {
+        u->fc_done = true;
+        u->fc_res = res;
         return;
     }
     if (t == T_FTIMEOUT) {
@@ -205,4 +211,36 @@ int mp__u_fepoll_wait(mp_channel *ch, int epfd, struct epoll_event *evs, int max
     if (res == -ECANCELED || res == -EINTR || res == -ETIME)
         return cancelled && !timed_out ? -EINTR : 0; /* interrupted, or timed out */
     return res;
+}
+
+/* close(2) through the ring, with what is queued: one system call (a file whose close must
+ * wait, one with a ->flush such as NFS, completes in a worker: then a second, to wait). */
+int mp__u_close_fd(mp_channel *ch, int fd) {
+    uring *u = U(ch);
+    mp__u_enable(ch);
+    struct io_uring_sqe *sqe = mp__u_sqe(ch);
+    if (!sqe) {
+        ch->st.syscalls++;
+        return close(fd) < 0 ? -errno : 0;
+    }
+    io_uring_prep_close(sqe, fd);
+    io_uring_sqe_set_data64(sqe, ud(T_FCLOSE, 0, 0));
+    u->fc_done = false;
+    ch->st.requests++;
+    unsigned queued = io_uring_sq_ready(&u->ring);
+    int r = mp__u_flush(ch); /* also runs task work: an inline close has posted its CQE */
+    if (r < 0 && io_uring_sq_ready(&u->ring) == queued) {
+        io_uring_prep_nop(sqe); /* not taken: it must not close the number later */
+        mp__u_set_ignored(ch, sqe);
+        return r;
+    }
+    mp__u_reap(ch);
+    while (r >= 0 && !u->fc_done) {
+        ch->st.syscalls++;
+        r = enter_wait(ch, NULL, 1, -1);
+        if (r == -EINTR) r = 0;
+        mp__u_reap(ch);
+    }
+    if (!u->fc_done) return r < 0 ? r : -EIO;
+    return u->fc_res;
 }

@@ -190,4 +190,5 @@ const mp_engine mp__engine_uring = {
     .ready = mp__u_ready,
     .epoll_ctl = mp__u_fepoll_ctl,
     .epoll_wait = mp__u_fepoll_wait,
+    .close_fd = mp__u_close_fd,
 };

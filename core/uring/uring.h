@@ -36,7 +36,7 @@ enum tag {
     /* readiness set as a kernel epoll set (epollset.c) */
     T_ECTL_ADD, T_ECTL_MOD, T_ECTL_DEL, T_EWAIT,
     /* foreign epoll sets (fepoll.c) */
-    T_FCTL, T_FWAIT, T_FTIMEOUT
+    T_FCTL, T_FWAIT, T_FTIMEOUT, T_FCLOSE
 };
 
 #define BUF_GROUP 0
@@ -89,6 +89,8 @@ typedef struct uring {
     uint64_t fw_noise;    /* CQEs that end no wait (ignored requests, ctl results) */
     bool fw_done;         /* the EPOLL_WAIT of the current mp_epoll_wait() completed */
     bool ft_pending;      /* its linked timeout has not posted its completion yet */
+    bool fc_done;         /* mp_close(): the close completed, with fc_res */
+    int fc_res;
     int fw_res;
     struct __kernel_timespec fw_ts;
 } uring;
@@ -200,6 +202,7 @@ int mp__u_fepoll_wait(mp_channel *ch, int epfd, struct epoll_event *evs, int max
                       int64_t timeout_ns, const sigset_t *sigmask);
 void mp__u_fepoll_complete(mp_channel *ch, enum tag t, uint32_t idx, int res);
 void mp__u_fepoll_fini(mp_channel *ch);
+int mp__u_close_fd(mp_channel *ch, int fd);
 /* complete.c */
 void mp__u_reap(mp_channel *ch);
 
