@@ -14,14 +14,17 @@ import os
 import random
 import re
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 _procs = []       # Popen objects we started
 _extra_pids = []  # PIDs we learned (daemons' pid files, their children)
+_tmpdirs = []     # removed at exit, after the processes
 
 
 def log(*a):
@@ -36,6 +39,16 @@ def fail(msg):
 def skip(msg):
     log("SKIP: " + msg)
     sys.exit(77)
+
+
+def tmpdir(prefix):
+    """A temp directory removed at exit (kept with MP_KEEP=1, to look at the logs)."""
+    d = tempfile.mkdtemp(prefix=prefix)
+    if os.environ.get("MP_KEEP") != "1":
+        _tmpdirs.append(d)
+    else:
+        log(f"(MP_KEEP=1: {d} is kept)")
+    return d
 
 
 def free_port():
@@ -113,6 +126,8 @@ def cleanup():
             p.wait(timeout=1)
         except subprocess.TimeoutExpired:
             pass
+    for d in _tmpdirs:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 atexit.register(cleanup)
@@ -243,6 +258,6 @@ def payload(rng, n):
     return rng.randbytes(n) if hasattr(rng, "randbytes") else os.urandom(n)
 
 
-__all__ = ["log", "fail", "skip", "free_port", "start", "stop", "cleanup", "served_waits",
+__all__ = ["log", "fail", "skip", "tmpdir", "free_port", "start", "stop", "cleanup", "served_waits",
            "check_activity", "fd_count", "rss_kib", "wait_port", "exchange", "random_size",
            "payload", "alive", "children", "track_pid", "random"]

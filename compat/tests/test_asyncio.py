@@ -10,7 +10,6 @@ import concurrent.futures
 import os
 import socket
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from preload_common import *  # noqa: E402,F403
@@ -26,7 +25,7 @@ launcher = args[0]
 tag = "asyncio" + (" --disable" if disabled else "")
 here = os.path.dirname(os.path.abspath(__file__))
 
-tmp = tempfile.mkdtemp(prefix="mp-asyncio-")
+tmp = tmpdir("mp-asyncio-")
 errpath = os.path.join(tmp, "server.err")
 cmd = [launcher, "--stats", "-v"] + (["--disable"] if disabled else []) + \
       [sys.executable, os.path.join(here, "asyncio_echo.py")]

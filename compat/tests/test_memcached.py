@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +33,7 @@ launcher = args[0]
 if not os.access(MEMCACHED, os.X_OK):
     skip(f"no {MEMCACHED} (scripts/setup.sh --full installs Debian's memcached)")
 user = ["-u", "root"] if os.getuid() == 0 else []
-tmp = tempfile.mkdtemp(prefix="mp-memcached-")
+tmp = tmpdir("mp-memcached-")
 
 
 class Mc:
