@@ -25,7 +25,7 @@ launcher = args[0]
 tag = "asyncio" + (" --disable" if disabled else "")
 here = os.path.dirname(os.path.abspath(__file__))
 
-tmp = tmpdir("mp-asyncio-")
+tmp = tmpdir("mprun-asyncio-")
 errpath = os.path.join(tmp, "server.err")
 cmd = [launcher, "--stats", "-v"] + (["--disable"] if disabled else []) + \
       [sys.executable, os.path.join(here, "asyncio_echo.py")]

@@ -33,7 +33,7 @@ launcher = args[0]
 if not os.access(MEMCACHED, os.X_OK):
     skip(f"no {MEMCACHED} (scripts/setup.sh --full installs Debian's memcached)")
 user = ["-u", "root"] if os.getuid() == 0 else []
-tmp = tmpdir("mp-memcached-")
+tmp = tmpdir("mprun-memcached-")
 
 
 class Mc:

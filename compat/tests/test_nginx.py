@@ -46,7 +46,7 @@ if not CURL:
 tag = "nginx" + (" --disable" if disabled else "")
 
 # ngxlib starts "NGINX -p DIR -c CONF": make that the launcher with the stock binary.
-tmp = tmpdir("mp-nginx-run-")
+tmp = tmpdir("mprun-nginx-run-")
 wrapper = os.path.join(tmp, "nginx-preload")
 flags = "--stats" + (" --disable" if disabled else "")
 with open(wrapper, "w") as f:

@@ -37,7 +37,7 @@ launcher, echo = args
 nconns = int(os.environ.get("STRESS_CONNS", 10000))
 tag = "stress" + (" --disable" if disabled else "")
 
-tmp = tmpdir("mp-stress-")
+tmp = tmpdir("mprun-stress-")
 errpath = os.path.join(tmp, "server.err")
 cmd = [launcher, "--stats"] + (["--disable"] if disabled else []) + [echo, "-p", "0"]
 srv = start(cmd, stderr_path=errpath)
