@@ -154,7 +154,7 @@ def stop(p, sig=signal.SIGTERM, timeout=10):
         return False
 
 
-_STATS_RE = re.compile(r"megapipe-preload\[(\d+)\].*?\bepoll_waits\s+(\d+)")
+_STATS_RE = re.compile(r"megapipe-preload\[(\d+)\][^\n]*?\bepoll_waits[\s:=]+(\d+)")
 
 
 def served_waits(text):
