@@ -196,7 +196,8 @@ def plot(out, rows, wls):
           "set multiplot layout 1,4 title 'Debian memcached / nginx: stock epoll vs "
           "megapipe-run (epoll-only mode), medians'",
           "set style data histograms", "set style histogram clustered gap 1",
-          "set style fill solid 0.8 border -1", "set yrange [0:*]", "set xtics rotate by -20"]
+          "set style fill solid 0.8 border -1", "set yrange [0:*]", "set xtics rotate by -20",
+          "set key below"]
     for i, (k, t) in enumerate(titles):
         c = 2 + 2 * i
         gp.append(f"set title '{t}'")
