@@ -139,6 +139,7 @@ void mp_destroy(mp_channel *ch) {
     }
     mp__events_free(ch);
     mp__watch_free(ch);
+    free(ch->fefail);
     free(ch->fdmap);
     free(ch->lwmap);
     free(ch->pollmap);

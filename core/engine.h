@@ -10,11 +10,14 @@
 #ifndef MP_ENGINE_H
 #define MP_ENGINE_H
 
+#include <signal.h>
+#include <stdint.h>
 #include <sys/types.h>
 
 struct mp_channel;
 struct mp_handle;
 struct mp_op;
+struct epoll_event;
 
 /* Returned by start_read/start_write when the operation went to the kernel and will complete
  * later through mp__read_done()/mp__write_done(). */
@@ -62,6 +65,15 @@ typedef struct mp_engine {
     void (*close_direct)(struct mp_channel *ch, unsigned slot);
     /* Completions the kernel has posted and the engine not yet reaped (no system call). */
     unsigned (*ready)(const struct mp_channel *ch);
+    /* Foreign epoll sets (fepoll.c): epoll_ctl(2) on the application's set epfd, queued (0)
+     * or done at once (its result); a queued request the kernel refuses is handed to
+     * mp__fepoll_failed().  Arguments are checked by the core. */
+    int (*epoll_ctl)(struct mp_channel *ch, int epfd, int op, int fd,
+                     const struct epoll_event *ev);
+    /* Submit what is queued and wait for events of epfd, as epoll_pwait2(2) (timeout_ns -1:
+     * no limit).  Number of events or -errno. */
+    int (*epoll_wait)(struct mp_channel *ch, int epfd, struct epoll_event *evs, int max,
+                      int64_t timeout_ns, const sigset_t *sigmask);
 } mp_engine;
 
 extern const mp_engine mp__engine_uring;

@@ -331,6 +331,20 @@ static void ep_fini(mp_channel *ch) {
     ch->eng_data = NULL;
 }
 
+/* Foreign epoll sets: the system calls themselves. */
+static int ep_fepoll_ctl(mp_channel *ch, int epfd, int op, int fd, const struct epoll_event *ev) {
+    ch->st.syscalls++;
+    return epoll_ctl(epfd, op, fd, (struct epoll_event *)ev) < 0 ? -errno : 0;
+}
+
+static int ep_fepoll_wait(mp_channel *ch, int epfd, struct epoll_event *evs, int max,
+                          int64_t timeout_ns, const sigset_t *sigmask) {
+    struct timespec ts = {.tv_sec = timeout_ns / 1000000000, .tv_nsec = timeout_ns % 1000000000};
+    ch->st.syscalls++;
+    int n = epoll_pwait2(epfd, evs, max, timeout_ns < 0 ? NULL : &ts, sigmask);
+    return n < 0 ? -errno : n;
+}
+
 const mp_engine mp__engine_epoll = {
     .name = "epoll",
     .init = ep_init,
@@ -349,4 +363,6 @@ const mp_engine mp__engine_epoll = {
     .buf_release = NULL,
     .close_direct = NULL,
     .ready = ep_ready,
+    .epoll_ctl = ep_fepoll_ctl,
+    .epoll_wait = ep_fepoll_wait,
 };

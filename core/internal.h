@@ -162,6 +162,9 @@ struct mp_channel {
     /* Ownership: the thread that first used the channel, and the creating process.  The
      * fork check costs no system call: fork_mark lives in a MADV_WIPEONFORK page, which reads
      * as zero in a forked child.  (Kernels before 4.14: pid compared at each check.) */
+    /* foreign epoll sets: refused queued ADD/MOD, reported by the next wait on their set */
+    struct mp_fefail { int epfd; uint32_t events; uint64_t data; } *fefail;
+    size_t nfefail, fefail_cap;
     pthread_t owner;
     bool owned;
     volatile uint32_t *fork_mark;
@@ -293,5 +296,7 @@ void mp__watch_free(mp_channel *ch);
 
 /* channel.c: the engine's wake-up eventfd was read; an MP_EV_WAKE event if mp_wake() asked */
 void mp__wake_seen(mp_channel *ch);
+/* fepoll.c: a queued mp_epoll_ctl() the kernel refused (engines call it from completions) */
+void mp__fepoll_failed(mp_channel *ch, int epfd, int op, uint64_t data, int res);
 
 #endif

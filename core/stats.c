@@ -67,6 +67,10 @@ void mp_print_stats(const mp_stats *st, void *stdio_file) {
     if (HAS(st, watch_remote))
         fprintf(f, "\n  readiness=%s watch_ops=%llu watch_remote=%llu", st->readiness,
                 (unsigned long long)st->watch_ops, (unsigned long long)st->watch_remote);
+    if (HAS(st, epoll_ctl_failed) && (st->epoll_waits || st->epoll_ctls))
+        fprintf(f, "\n  epoll_waits %llu epoll_ctls %llu epoll_ctl_failed %llu",
+                (unsigned long long)st->epoll_waits, (unsigned long long)st->epoll_ctls,
+                (unsigned long long)st->epoll_ctl_failed);
     fputc('\n', f);
     static const char *lbl[MP_STATS_HIST] = {"1", "2-3", "4-7", "8-15", "16-31", "32-63",
                                              "64-127", "128+"};

@@ -66,6 +66,7 @@
 #include <stdint.h>
 #include <sys/socket.h>
 #include <sys/types.h>
+#include <signal.h>
 #include <sys/uio.h>
 
 #ifdef __cplusplus
@@ -501,6 +502,54 @@ int mp_poll_mod(mp_handle *h, uint32_t events, int flags);
 int mp_poll_del(mp_handle *h);
 
 /* ---------------------------------------------------------------------------------------- */
+/* Foreign epoll sets                                                                        */
+/* ---------------------------------------------------------------------------------------- */
+
+struct epoll_event;
+
+/* Serving an epoll set the application made itself (epoll_create1(2)), through the channel:
+ * the interest changes of many fds and the wait become one system call.  This is what the
+ * epoll emulation behind megapipe-run (compat/) stands on; the epoll set stays the kernel's,
+ * so fork, exec, dup, nesting and close keep epoll's semantics.
+ *
+ * mp_epoll_ctl() is epoll_ctl(2) as a request.  On io_uring it is an IORING_OP_EPOLL_CTL
+ * queued with the channel's other requests (no system call) and returns 0 once queued; the
+ * kernel runs it with the channel's next submission (mp_epoll_wait(), mp_dispatch*(),
+ * mp_flush(), or a full batch), in the order the requests were made.  The caller must know
+ * the result already (as the emulation does, which keeps each set's interest list) or not
+ * care.  A queued ADD or MOD the kernel refuses for a reason that leaves the fd open (ENOMEM,
+ * ENOSPC, EPERM, EINVAL, ELOOP, EEXIST) is reported by the next mp_epoll_wait() on that epfd as
+ * one event with EPOLLERR | EPOLLHUP and the request's data, so the fd does not silently go
+ * deaf; a refused DEL, and EBADF/ENOENT (the fd was closed before the request ran: its data
+ * may name something the application freed), are only counted (mp_stats.epoll_ctl_failed).
+ * Close an fd only after the requests that name it were submitted (mp_flush()): a request
+ * names an fd number, and a number closed and reused before the kernel runs it names another
+ * file.  On the epoll engine, and where the kernel lacks IORING_OP_EPOLL_CTL, the call is
+ * epoll_ctl(2) itself and returns its result.
+ * Returns 0, or -EBADF (bad channel), -EINVAL (op not ADD/MOD/DEL), -EFAULT (NULL event for
+ * ADD or MOD), -EPERM (wrong thread, forked child), -ENOMEM, or epoll_ctl(2)'s -errno where
+ * the call is synchronous.
+ *
+ * mp_epoll_wait() is epoll_pwait2(2): it hands every queued request to the kernel and waits up
+ * to timeout_ns nanoseconds (-1: no limit; 0: do not block) for events of epfd, with the signal
+ * mask sigmask during the wait (NULL: unchanged), in one io_uring_enter() (IORING_OP_EPOLL_WAIT,
+ * Linux 6.15+, linked to a timeout when timeout_ns >= 0).  The kernel writes the events straight
+ * into events[0..maxevents), which belongs to the kernel until the call returns (it does not
+ * return before the wait request has completed, cancelled if a signal interrupted it).  Other
+ * completions that arrive meanwhile are turned into the channel's events as a wait in
+ * mp_dispatch() would and stay queued for it.  Without IORING_OP_EPOLL_WAIT (and on the epoll
+ * engine) the queued requests are submitted first, then epoll_pwait2(2) waits: two system calls
+ * when requests were queued, one otherwise.
+ * Returns the number of events (0 on timeout), or -EINTR (a signal arrived, no event), -EBADF
+ * (bad channel or epfd), -EINVAL (epfd not an epoll fd, maxevents <= 0), -EFAULT (NULL events),
+ * -EPERM (wrong thread, forked child), or another epoll_pwait2(2) -errno.
+ *
+ * Threads: the owner thread only, like every channel call. */
+int mp_epoll_ctl(mp_channel *ch, int epfd, int op, int fd, const struct epoll_event *event);
+int mp_epoll_wait(mp_channel *ch, int epfd, struct epoll_event *events, int maxevents,
+                  int64_t timeout_ns, const sigset_t *sigmask);
+
+/* ---------------------------------------------------------------------------------------- */
 /* Statistics                                                                                */
 /* ---------------------------------------------------------------------------------------- */
 
@@ -552,6 +601,9 @@ typedef struct mp_stats {
     uint64_t watch_ops;        /* readiness-set requests sent to the kernel (poll requests armed,
                                   epoll_ctl operations) */
     uint64_t watch_remote;     /* mp_watch()/mp_unwatch() calls from other threads */
+    uint64_t epoll_waits;      /* mp_epoll_wait() calls */
+    uint64_t epoll_ctls;       /* mp_epoll_ctl() calls (queued or synchronous) */
+    uint64_t epoll_ctl_failed; /* queued mp_epoll_ctl() requests the kernel refused */
 } mp_stats;
 
 /* Copy the channel's counters into *st, at most size bytes (the caller's sizeof(mp_stats):

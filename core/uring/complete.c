@@ -14,7 +14,10 @@ static void mp__u_complete(mp_channel *ch, uint64_t data, int res, unsigned flag
     enum tag t = (enum tag)(data >> 56);
     uint32_t seq = (uint32_t)(data >> 32) & 0xffffff, idx = (uint32_t)data;
     bool final = !(flags & IORING_CQE_F_MORE);
-    if (t == T_IGNORE || data == LIBURING_UDATA_TIMEOUT) return;
+    if (t == T_IGNORE || data == LIBURING_UDATA_TIMEOUT) {
+        u->fw_noise++;
+        return;
+    }
     if (t == T_WAKE) {
         if (final) u->wake_armed = false;
         if (res >= 0 && read(u->efd, &u->efd_val, sizeof u->efd_val) > 0) mp__wake_seen(ch);
@@ -24,6 +27,10 @@ static void mp__u_complete(mp_channel *ch, uint64_t data, int res, unsigned flag
     }
     if (t == T_EWAIT) {
         mp__u_eset_complete(ch, t, NULL, res);
+        return;
+    }
+    if (t == T_FCTL || t == T_FWAIT || t == T_FTIMEOUT) {
+        mp__u_fepoll_complete(ch, t, idx, res);
         return;
     }
     mp_handle *h = mp__handle_at(ch, idx);

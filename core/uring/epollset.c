@@ -19,10 +19,12 @@
 int mp__u_eset_init(mp_channel *ch) {
     uring *u = U(ch);
     u->epfd = -1;
-    if (!u->eset) return 0;
+    /* per SQ slot: also for mp_epoll_ctl() (fepoll.c) */
     u->ectl_ev = calloc(u->ring.sq.ring_entries, sizeof *u->ectl_ev);
+    if (!u->ectl_ev) return -ENOMEM;
+    if (!u->eset) return 0;
     u->ewait_evs = calloc(EWAIT_MAX, sizeof *u->ewait_evs);
-    if (!u->ectl_ev || !u->ewait_evs) return -ENOMEM;
+    if (!u->ewait_evs) return -ENOMEM;
     /* Made with the channel, not at the first watch: a program that runs out of descriptors
      * later (libuv's emfile test) must still be able to watch. */
     ch->st.syscalls++;

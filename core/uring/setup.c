@@ -91,6 +91,7 @@ static void probe(mp_channel *ch, uring *u) {
     /* The readiness set: a kernel epoll set unless MP_READINESS=poll (or no EPOLL_CTL op). */
     u->eset = ch->cfg.readiness != MP_READINESS_POLL && has_ectl;
     u->epoll_wait_op = has_ewait;
+    u->epoll_ctl_op = has_ectl;
     if (has_ewait) ch->st.features |= MP_FEAT_EPOLL_WAIT;
     else ch->st.missing |= MP_FEAT_EPOLL_WAIT;
     snprintf(ch->st.readiness, sizeof ch->st.readiness, "%s", u->eset ? "epoll" : "poll");
@@ -141,6 +142,7 @@ static int mp__u_init(mp_channel *ch) {
     r = mp__u_eset_init(ch);
     if (r < 0) {
         mp__u_eset_fini(ch);
+    mp__u_fepoll_fini(ch);
         close(u->efd);
         io_uring_queue_exit(&u->ring);
         free(u);
@@ -161,6 +163,7 @@ static void mp__u_fini(mp_channel *ch) {
     free(u->buf_owner);
     close(u->efd);
     mp__u_eset_fini(ch);
+    mp__u_fepoll_fini(ch);
     free(u);
     ch->eng_data = NULL;
 }
@@ -184,4 +187,6 @@ const mp_engine mp__engine_uring = {
     .buf_release = mp__u_buf_release,
     .close_direct = mp__u_close_direct,
     .ready = mp__u_ready,
+    .epoll_ctl = mp__u_fepoll_ctl,
+    .epoll_wait = mp__u_fepoll_wait,
 };

@@ -34,7 +34,9 @@ enum tag {
     T_IGNORE = 0, T_READ, T_WRITE, T_ACCEPT, T_ACCEPT_LW, T_STEAL, T_STEAL_LW, T_TIMER, T_POLL,
     T_EXPORT, T_WAKE,
     /* readiness set as a kernel epoll set (epollset.c) */
-    T_ECTL_ADD, T_ECTL_MOD, T_ECTL_DEL, T_EWAIT
+    T_ECTL_ADD, T_ECTL_MOD, T_ECTL_DEL, T_EWAIT,
+    /* foreign epoll sets (fepoll.c) */
+    T_FCTL, T_FWAIT, T_FTIMEOUT
 };
 
 #define BUF_GROUP 0
@@ -42,6 +44,7 @@ enum tag {
 #define BALANCE_POLL_MS 5             /* how often an idle balancing channel looks at siblings */
 #define REAP_MAX 256
 #define EWAIT_MAX 256 /* epoll events one IORING_OP_EPOLL_WAIT may return */
+#define FCTL_RING 4096u /* mp_epoll_ctl() records (a power of 2) */
 
 typedef struct uring {
     struct io_uring ring;
@@ -75,6 +78,18 @@ typedef struct uring {
     struct epoll_event *ectl_ev; /* per SQ slot: the event an EPOLL_CTL in that slot reads */
     struct epoll_event *ewait_evs; /* EWAIT_MAX: what IORING_OP_EPOLL_WAIT fills */
     struct __kernel_timespec backoff_ts;
+    /* foreign epoll sets (fepoll.c) */
+    bool epoll_ctl_op;    /* IORING_OP_EPOLL_CTL (Linux 5.6+) */
+    /* Queued ctls, FCTL_RING of them by sequence number: a success posts no CQE
+     * (IOSQE_CQE_SKIP_SUCCESS, or a wait would end at its own submission), so a record is
+     * only looked at when the kernel refused it, and is overwritten FCTL_RING requests later. */
+    struct fctl { uint32_t seq; int epfd, op; uint64_t data; } *fctl;
+    uint32_t fctl_seq;
+    uint64_t fw_noise;    /* CQEs that end no wait (ignored requests, ctl results) */
+    bool fw_done;         /* the EPOLL_WAIT of the current mp_epoll_wait() completed */
+    bool ft_pending;      /* its linked timeout has not posted its completion yet */
+    int fw_res;
+    struct __kernel_timespec fw_ts;
 } uring;
 
 #define U(ch) ((uring *)(ch)->eng_data)
@@ -178,6 +193,12 @@ int mp__u_eset_arm(mp_channel *ch, mp_handle *h);
 void mp__u_eset_detach(mp_channel *ch, mp_handle *h);
 void mp__u_eset_wait_arm(mp_channel *ch);
 void mp__u_eset_complete(mp_channel *ch, enum tag t, mp_handle *h, int res);
+/* fepoll.c */
+int mp__u_fepoll_ctl(mp_channel *ch, int epfd, int op, int fd, const struct epoll_event *ev);
+int mp__u_fepoll_wait(mp_channel *ch, int epfd, struct epoll_event *evs, int max,
+                      int64_t timeout_ns, const sigset_t *sigmask);
+void mp__u_fepoll_complete(mp_channel *ch, enum tag t, uint32_t idx, int res);
+void mp__u_fepoll_fini(mp_channel *ch);
 /* complete.c */
 void mp__u_reap(mp_channel *ch);
 
