@@ -19,6 +19,15 @@ command -v prove >/dev/null || { echo "SKIP: no prove (perl)"; exit 77; }
 
 mkdir -p "$work"
 cd "$work"
+# The same source package may already be in the build tree (cmake/libevent.cmake's and
+# cmake/memcached.cmake's work directories): copy it rather than fetch it again.
+if ! ls memcached_*.dsc >/dev/null 2>&1; then
+  for d in "$work/../../memcached" "$work/../../memcached-mp"; do
+    if ls "$d"/memcached_*.dsc >/dev/null 2>&1; then
+      cp "$d"/memcached_*.dsc "$d"/memcached_*.tar.* . && break
+    fi
+  done
+fi
 # shellcheck source=../../scripts/debsrc.sh
 source "$top/scripts/debsrc.sh"
 debsrc_unpack "preload.memcached_t" memcached --
@@ -53,14 +62,17 @@ touch "$work/empty-exclude.txt"
 bash "$run_t" tcp "$work/src" "$work/memcached-preload" "$work/empty-exclude.txt" "${tests[@]}"
 
 # Proof that the suite's servers ran on the preload.
-MP_T_DIR=$here STATS=$stats python3 -c '
+# (The whole subset starts about 30 memcached processes; a hand-picked list may start one.)
+min=5
+[ $# -gt 0 ] && min=1
+MP_T_DIR=$here STATS=$stats MIN=$min python3 -c '
 import os, sys
 sys.path.insert(0, os.environ["MP_T_DIR"])
 from preload_common import served_waits, log, fail
 text = open(os.environ["STATS"], errors="replace").read()
 w = served_waits(text)
 active = [p for p, n in w.items() if n > 0]
-if len(active) < 5:
+if len(active) < int(os.environ["MIN"]):
     fail(f"memcached t/: only {len(active)} memcached process(es) had epoll waits served by "
          f"the preload: {w}; stats.err tail:\n" + "\n".join(text.splitlines()[-20:]))
 log(f"memcached t/: {len(active)} memcached processes served by the preload, "
