@@ -115,7 +115,7 @@ def loadgen_result(out):
 
 def run_memcached(a, variant, extra):
     port = free_port()
-    cmd = ["taskset", "-c", "0"] + ([a.launcher] if variant == "preload" else []) + \
+    cmd = ["taskset", "-c", "0"] + ([a.launcher, "--no-lib-path"] if variant == "preload" else []) + \
           [MEMCACHED, "-u", "root", "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-t", "1",
            "-c", "4096", "-m", "256"]
     srv = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -237,7 +237,7 @@ def main():
         subprocess.run(["chmod", "-R", "a+rX", a.out], check=True)
         a.ngx_wrapper = os.path.join(a.out, "nginx-preload")
         with open(a.ngx_wrapper, "w") as f:
-            f.write(f'#!/bin/sh\nexec "{a.launcher}" "{NGINX}" "$@"\n')
+            f.write(f'#!/bin/sh\nexec "{a.launcher}" --no-lib-path "{NGINX}" "$@"\n')
         os.chmod(a.ngx_wrapper, 0o755)
     quiet = float(os.environ.get("QUIET_WAIT", 8))
     # The launcher must find a preload that serves epoll: say so once, loudly, before measuring.

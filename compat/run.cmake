@@ -59,6 +59,8 @@ if(MP_BUILD_TESTS AND NOT MP_SANITIZE)
       COMMAND ${Python3_EXECUTABLE} ${_mp_t}/test_memcached.py ${_mp_run})
     add_test(NAME preload.nginx
       COMMAND ${Python3_EXECUTABLE} ${_mp_t}/test_nginx.py ${_mp_run})
+    set_tests_properties(preload.memcached PROPERTIES
+      ENVIRONMENT "MP_LIBEVENT_LIBDIR=${CMAKE_BINARY_DIR}/libevent/lib")
     list(APPEND _mp_run_tests preload.memcached preload.nginx)
     # A subset of memcached's own t/ suite (its Debian source package, fetched once into
     # the build tree) through backends/memcached/tests/run-t.sh.

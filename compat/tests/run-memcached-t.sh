@@ -38,7 +38,7 @@ stats=$work/stats.err
 : >"$stats"
 cat >memcached-preload <<WRAP
 #!/bin/bash
-exec "$launcher" --stats "$exe" "\$@" 2>>"$stats"
+exec "$launcher" --stats --no-lib-path "$exe" "\$@" 2>>"$stats"
 WRAP
 chmod +x memcached-preload
 

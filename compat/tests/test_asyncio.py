@@ -27,7 +27,7 @@ here = os.path.dirname(os.path.abspath(__file__))
 
 tmp = tmpdir("mprun-asyncio-")
 errpath = os.path.join(tmp, "server.err")
-cmd = [launcher, "--stats", "-v"] + (["--disable"] if disabled else []) + \
+cmd = [launcher, "--stats", "--no-lib-path", "-v"] + (["--disable"] if disabled else []) + \
       [sys.executable, os.path.join(here, "asyncio_echo.py")]
 srv = start(cmd, stderr_path=errpath)
 line = srv.stdout.readline().decode()

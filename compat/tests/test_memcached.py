@@ -2,14 +2,18 @@
 """test_memcached.py [--disable] MEGAPIPE_RUN — preload.memcached.
 
 Debian's memcached (/usr/bin/memcached, unmodified; its libevent runs on epoll) under
-megapipe-run --stats, twice:
+megapipe-run --stats:
   1. in the foreground with 4 worker threads (-t 4);
   2. daemonized (-d: memcached forks, the parent exits, the child serves; -v keeps its
      stderr, where the statistics go), its pid from -P.
-Each run: set/get/delete/incr/decr, add/replace failures, a multi-get, a 512 KiB value back
-byte for byte, 200 connections open at once each storing and reading a key.  Then SIGTERM:
-memcached exits normally and the preload prints its statistics; the serving process must
-show epoll waits served by the preload (none with --disable).
+  3. when the build has the project's libevent (MP_LIBEVENT_LIBDIR), once more without
+     --no-lib-path: memcached on libevent's megapipe method with the preload beside it.
+Runs 1 and 2 use --no-lib-path: Debian's memcached on Debian's libevent, whose epoll the
+preload serves.  Each run: set/get/delete/incr/decr, add/replace failures, a multi-get, a
+512 KiB value back byte for byte, 200 connections open at once each storing and reading a
+key.  Then SIGTERM: memcached exits normally and the preload prints its statistics; in runs
+1 and 2 the serving process must show epoll waits served by the preload (none with
+--disable).
 """
 import os
 import signal
@@ -160,7 +164,7 @@ def wait_gone(pid, timeout=10):
     return not alive(pid)
 
 
-flags = ["--stats"] + (["--disable"] if disabled else [])
+flags = ["--stats", "--no-lib-path"] + (["--disable"] if disabled else [])
 
 # 1. Foreground, 4 worker threads.
 tag = "memcached -t 4" + (" --disable" if disabled else "")
@@ -211,4 +215,27 @@ waits = check_activity(text, disabled, tag)
 if not disabled and waits.get(daemon, 0) <= 0:
     fail(f"{tag}: the daemon (pid {daemon}, forked by {p.pid}) served no epoll wait "
          f"through the preload: {waits}")
+# 3. With the project's libevent (MP_WITH_LIBEVENT builds it; the launcher puts it on
+# LD_LIBRARY_PATH unless --no-lib-path): memcached then runs on libevent's `megapipe` method,
+# which uses the core directly, with the preload loaded beside it and idle.  The combination
+# must work; the proof is in the maps (our libevent and the preload both mapped), not in
+# epoll waits, since libevent makes none.
+lelib = os.environ.get("MP_LIBEVENT_LIBDIR", "")
+if not disabled and os.path.isfile(os.path.join(lelib, "libevent-2.1.so.7")):
+    tag = "memcached on the project's libevent"
+    port = free_port()
+    srv = start([launcher, "--stats", MEMCACHED] + user +
+                ["-l", "127.0.0.1", "-p", str(port), "-U", "0", "-t", "4"],
+                stderr_path=os.path.join(tmp, "le.err"), stdout=subprocess.DEVNULL)
+    wait_port(port, proc=srv)
+    maps = open(f"/proc/{srv.pid}/maps").read()
+    if os.path.realpath(os.path.join(lelib, "libevent-2.1.so.7")) not in maps \
+            or "libmegapipe-preload.so" not in maps:
+        fail(f"{tag}: memcached does not map both {lelib}/libevent-2.1.so.7 and the preload")
+    functional(port, tag)
+    if not stop(srv) or srv.returncode != 0:
+        fail(f"{tag}: exit status {srv.returncode}")
+    log(f"{tag}: served by libevent's megapipe method, the preload loaded beside it")
+elif not disabled:
+    log(f"(no project libevent at {lelib or 'MP_LIBEVENT_LIBDIR unset'}: the third run is skipped)")
 log(f"PASS: memcached" + (" --disable" if disabled else ""))

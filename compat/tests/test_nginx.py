@@ -48,7 +48,7 @@ tag = "nginx" + (" --disable" if disabled else "")
 # ngxlib starts "NGINX -p DIR -c CONF": make that the launcher with the stock binary.
 tmp = tmpdir("mprun-nginx-run-")
 wrapper = os.path.join(tmp, "nginx-preload")
-flags = "--stats" + (" --disable" if disabled else "")
+flags = "--stats --no-lib-path" + (" --disable" if disabled else "")
 with open(wrapper, "w") as f:
     f.write(f'#!/bin/sh\nexec "{launcher}" {flags} "{NGINX}" "$@"\n')
 os.chmod(wrapper, 0o755)

@@ -39,7 +39,7 @@ tag = "stress" + (" --disable" if disabled else "")
 
 tmp = tmpdir("mprun-stress-")
 errpath = os.path.join(tmp, "server.err")
-cmd = [launcher, "--stats"] + (["--disable"] if disabled else []) + [echo, "-p", "0"]
+cmd = [launcher, "--stats", "--no-lib-path"] + (["--disable"] if disabled else []) + [echo, "-p", "0"]
 srv = start(cmd, stderr_path=errpath)
 line = srv.stdout.readline().decode()
 if not line.startswith("port "):
