@@ -1,14 +1,16 @@
 /*
  * uring/fepoll.c — foreign epoll sets on io_uring: mp_epoll_ctl() as an IORING_OP_EPOLL_CTL
  * queued with the channel's other requests, mp_epoll_wait() as one IORING_OP_EPOLL_WAIT
- * (Linux 6.15+) writing straight into the caller's array, linked to a timeout, submitted and
- * waited for in one io_uring_enter().  A wait a signal interrupts is cancelled before the call
+ * (Linux 6.15+) writing straight into the caller's array, submitted and waited for in one
+ * io_uring_enter() (whose own timeout bounds the wait; one that expires costs a second call,
+ * to cancel).  A wait a signal interrupts is cancelled before the call
  * returns, so the kernel never writes the array after it.  Kernels without the opcodes get the
  * system calls themselves.
  */
 #include <errno.h>
 #include <stdlib.h>
 #include <sys/epoll.h>
+#include <time.h>
 
 #include "uring.h"
 
@@ -80,8 +82,15 @@ static int wait_syscall(mp_channel *ch, int epfd, struct epoll_event *evs, int m
     return n < 0 ? -errno : n;
 }
 
-/* Submit what is queued and wait for one completion, with the caller's signal mask. */
-static int enter_wait(mp_channel *ch, const sigset_t *sigmask, unsigned want) {
+static int64_t elapsed_ns(const struct timespec *t0) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)(t.tv_sec - t0->tv_sec) * 1000000000 + (t.tv_nsec - t0->tv_nsec);
+}
+
+/* Submit what is queued and wait for `want` completions (rem_ns >= 0: at most that long),
+ * with the caller's signal mask. */
+static int enter_wait(mp_channel *ch, const sigset_t *sigmask, unsigned want, int64_t rem_ns) {
     uring *u = U(ch);
     struct io_uring_sq *sq = &u->ring.sq;
     unsigned tail = sq->sqe_tail;
@@ -96,7 +105,14 @@ static int enter_wait(mp_channel *ch, const sigset_t *sigmask, unsigned want) {
         fd = u->ring.enter_ring_fd;
         flags |= IORING_ENTER_REGISTERED_RING;
     }
-    return io_uring_enter2((unsigned)fd, to_submit, want, flags, (sigset_t *)sigmask, _NSIG / 8);
+    if (rem_ns < 0)
+        return io_uring_enter2((unsigned)fd, to_submit, want, flags, (sigset_t *)sigmask, _NSIG / 8);
+    struct __kernel_timespec ts = {.tv_sec = rem_ns / 1000000000, .tv_nsec = rem_ns % 1000000000};
+    struct io_uring_getevents_arg arg = {.sigmask = (uint64_t)(uintptr_t)sigmask,
+                                         .sigmask_sz = _NSIG / 8,
+                                         .ts = (uint64_t)(uintptr_t)&ts};
+    return io_uring_enter2((unsigned)fd, to_submit, want, flags | IORING_ENTER_EXT_ARG,
+                           (sigset_t *)&arg, sizeof arg);
 }
 
 int mp__u_fepoll_wait(mp_channel *ch, int epfd, struct epoll_event *evs, int max,
@@ -107,7 +123,7 @@ int mp__u_fepoll_wait(mp_channel *ch, int epfd, struct epoll_event *evs, int max
      * a signal had (it was cancelled when that wait ended: it comes at once). */
     for (int tries = 0; u->ft_pending && tries < 4; tries++) {
         ch->st.syscalls++;
-        if (enter_wait(ch, NULL, 1) < 0) break;
+        if (enter_wait(ch, NULL, 1, -1) < 0) break;
         mp__u_reap(ch);
     }
     /* Not blocking and nothing to hand over: the plain call is the cheapest. */
@@ -121,7 +137,14 @@ int mp__u_fepoll_wait(mp_channel *ch, int epfd, struct epoll_event *evs, int max
     struct io_uring_sqe *wsqe = io_uring_get_sqe(&u->ring), *tsqe = NULL;
     io_uring_prep_rw(IORING_OP_EPOLL_WAIT, wsqe, epfd, evs, (unsigned)max, 0);
     io_uring_sqe_set_data64(wsqe, ud(T_FWAIT, 0, 0));
-    if (timeout_ns >= 0) {
+    /* A timeout: the wait's own (io_uring_enter's), which costs nothing unless it expires;
+     * then the request is cancelled, a second call.  A wait that must not block (0: changes
+     * to hand over) gets a linked timeout instead, which ends it in the kernel. */
+    struct timespec t0 = {0, 0};
+    bool ext_ts = timeout_ns > 0 && u->ext_arg;
+    if (ext_ts) {
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+    } else if (timeout_ns >= 0) {
         wsqe->flags |= IOSQE_IO_LINK;
         u->fw_ts.tv_sec = timeout_ns / 1000000000;
         u->fw_ts.tv_nsec = timeout_ns % 1000000000;
@@ -131,12 +154,17 @@ int mp__u_fepoll_wait(mp_channel *ch, int epfd, struct epoll_event *evs, int max
         u->ft_pending = true;
     }
     u->fw_done = false;
-    bool cancelled = false, submitted = false;
+    bool cancelled = false, submitted = false, timed_out = false;
     while (!u->fw_done) {
         unsigned n = io_uring_sq_ready(&u->ring);
         uint64_t cqes = ch->st.cqes, noise = u->fw_noise;
-        /* With a timeout, its completion comes with the wait's: ask for both. */
-        int r = enter_wait(ch, cancelled ? NULL : sigmask, tsqe && u->ft_pending ? 2 : 1);
+        int64_t rem = -1;
+        if (ext_ts && !cancelled) {
+            rem = timeout_ns - elapsed_ns(&t0);
+            if (rem < 1) rem = 1; /* expired: one look, then cancelled below */
+        }
+        /* With a linked timeout, its completion comes with the wait's: ask for both. */
+        int r = enter_wait(ch, cancelled ? NULL : sigmask, tsqe && u->ft_pending ? 2 : 1, rem);
         ch->st.syscalls++;
         unsigned left = io_uring_sq_ready(&u->ring);
         if (n > left) {
@@ -157,12 +185,13 @@ int mp__u_fepoll_wait(mp_channel *ch, int epfd, struct epoll_event *evs, int max
         }
         mp__u_reap(ch);
         if (r == -EBUSY) ch->st.cq_overflows++;
-        /* The wait ends with a completion or a signal.  A call that also submitted returns
-         * the number submitted, even when a signal cut the wait short: no completion that
-         * can end a wait (ctl refusals and ignored requests cannot) means a signal. */
-        bool interrupted = r == -EINTR || (r >= 0 && ch->st.cqes - cqes == u->fw_noise - noise);
-        if (interrupted && !cancelled && !u->fw_done) {
+        /* The wait ends with a completion, a signal or its timeout.  A call that also
+         * submitted returns the number submitted even then: no completion that can end a
+         * wait (ctl refusals and ignored requests cannot) means a signal or the timeout. */
+        bool empty = r == -EINTR || r == -ETIME || (r >= 0 && ch->st.cqes - cqes == u->fw_noise - noise);
+        if (empty && !cancelled && !u->fw_done) {
             /* Take the wait back; it may still complete with events first. */
+            timed_out = ext_ts && (r == -ETIME || elapsed_ns(&t0) >= timeout_ns);
             struct io_uring_sqe *c = mp__u_sqe(ch);
             if (c) {
                 io_uring_prep_cancel64(c, ud(T_FWAIT, 0, 0), 0);
@@ -174,6 +203,6 @@ int mp__u_fepoll_wait(mp_channel *ch, int epfd, struct epoll_event *evs, int max
     int res = u->fw_res;
     if (res >= 0) return res;
     if (res == -ECANCELED || res == -EINTR || res == -ETIME)
-        return cancelled ? -EINTR : 0; /* interrupted, or the linked timeout fired */
+        return cancelled && !timed_out ? -EINTR : 0; /* interrupted, or timed out */
     return res;
 }

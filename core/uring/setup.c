@@ -73,7 +73,8 @@ static int ring_init(mp_channel *ch, uring *u) {
         if (u->min_wait) ch->st.features |= MP_FEAT_MIN_WAIT;
         else ch->st.missing |= MP_FEAT_MIN_WAIT;
     }
-    if (p.features & IORING_FEAT_EXT_ARG) ch->st.features |= MP_FEAT_EXT_ARG;
+    u->ext_arg = p.features & IORING_FEAT_EXT_ARG;
+    if (u->ext_arg) ch->st.features |= MP_FEAT_EXT_ARG;
     else ch->st.missing |= MP_FEAT_EXT_ARG;
     return 0;
 }

@@ -80,6 +80,7 @@ typedef struct uring {
     struct __kernel_timespec backoff_ts;
     /* foreign epoll sets (fepoll.c) */
     bool epoll_ctl_op;    /* IORING_OP_EPOLL_CTL (Linux 5.6+) */
+    bool ext_arg;         /* IORING_FEAT_EXT_ARG: a timeout (and sigmask) in io_uring_enter */
     /* Queued ctls, FCTL_RING of them by sequence number: a success posts no CQE
      * (IOSQE_CQE_SKIP_SUCCESS, or a wait would end at its own submission), so a record is
      * only looked at when the kernel refused it, and is overwritten FCTL_RING requests later. */
