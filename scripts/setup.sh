@@ -18,6 +18,7 @@ core_pkgs=(build-essential cmake pkg-config liburing-dev libgtest-dev googletest
 full_pkgs=(autoconf automake libtool libssl-dev zlib1g-dev libpcre2-dev libsasl2-dev
            libseccomp-dev perl memcached libevent-dev libmemcached-tools hddemux)
 full_pkgs+=(nginx) # MP_WITH_NGINX: Debian's stock binary that loads ngx_megapipe_module
+full_pkgs+=(curl)  # compat/tests (preload.nginx): HTTP GETs and keep-alive against Debian's nginx
 
 want=("${core_pkgs[@]}")
 [ $full -eq 1 ] && want+=("${full_pkgs[@]}")
