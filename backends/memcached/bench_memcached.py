@@ -217,6 +217,22 @@ for sweep, txns, conns in points:
               f"{ratio(m['p50'], s['p50']):.2f}× | **{ratio(m['p99'], s['p99']):.2f}×** | "
               f"{ratio(m['lg_us'], s['lg_us']):.2f}× | |")
 
+# Paired ratios: each repetition's variant run against the stock run next to it, which cancels
+# slow drifts of the shared machine that a ratio of medians keeps.
+print("\npaired server CPU/request ratios (variant / stock of the same repetition): median [min-max]")
+for sweep, txns, conns in points:
+    by_rep = {}
+    for r in rows:
+        if (r["sweep"], r["txns"], r["conns"]) == (sweep, txns, conns):
+            by_rep.setdefault(r["rep"], {})[r["variant"]] = r
+    parts = []
+    for v in VARIANTS[1:]:
+        rs = sorted(ratio(d[v]["srv_us"], d["stock"]["srv_us"]) for d in by_rep.values()
+                    if v in d and "stock" in d)
+        if rs:
+            parts.append(f"{v} {statistics.median(rs):.2f}× [{rs[0]:.2f}-{rs[-1]:.2f}] n={len(rs)}")
+    print(f"  {sweep} conns {conns} req/conn {txns or 'persistent'}: " + "; ".join(parts))
+
 if a.plot:
     dat = a.plot + "_txn.dat"
     with open(dat, "w") as f:
