@@ -160,7 +160,8 @@ typedef struct mp_options {
      * block and the previous wait brought a burst of completions (at least MP_BATCH/4), it
      * lets the kernel gather up to MP_BATCH completions for at most this many microseconds
      * after the first one, instead of waking up for each (io_uring min_wait, kernel 6.12+;
-     * ignored elsewhere).  Light loads never wait.  0 = always wake at the first completion.
+     * ignored elsewhere).  Light loads never wait, nor do channels with fewer than
+     * 2 x MP_BATCH live handles.  0 = always wake at the first completion.
      * Default 20. */
     int wait_usec;
     /* MP_BUF_PER_CONN=<n>: buffered reads: at most this many channel buffers held by one

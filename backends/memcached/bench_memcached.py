@@ -16,6 +16,13 @@ the measured window, divided by requests over the same span (tps x span).
 
   bench_memcached.py --loadgen BUILD/bench/loadgen --mp BUILD/memcached-megapipe [--reps 5]
                      [--secs 2] [--csv out.csv] [--plot out.png] [--from-csv in.csv]
+                     [--variant NAME:VAR=VALUE[,VAR=VALUE...]]...
+
+--variant adds a memcached-megapipe run with those environment variables (e.g.
+"wait20:MP_WAIT_USEC=20"), interleaved with the other two; the table gives its ratios to stock
+too (the plots show stock and megapipe).  QUIET_WAIT=<s> (env): before each run, wait up to
+that long until the rest of the machine uses less than 0.2 CPUs (bench/mpbench.py's rule);
+each run records others_cpus, the CPU time of everything else during the measured window.
 """
 import argparse
 import csv
@@ -44,11 +51,36 @@ ap.add_argument("--loadgen-cpu", default="1")
 ap.add_argument("--csv", default=None)
 ap.add_argument("--plot", default=None, help="PNG prefix: <prefix>_txn.png, <prefix>_latency.png")
 ap.add_argument("--from-csv", default=None, help="no runs: summarize/plot this CSV")
+ap.add_argument("--variant", action="append", default=[],
+                help="NAME:VAR=VALUE[,...]: memcached-megapipe with this environment")
 a = ap.parse_args()
 
 perf = shutil.which("perf")
-VARIANTS = ("stock", "megapipe")
-KEYS = ("tps", "srv_us", "sys", "p50", "p99", "lg_us")
+VARIANTS = ["stock", "megapipe"]
+VENV = {"stock": {}, "megapipe": {}}
+for spec in a.variant:
+    name, _, envs = spec.partition(":")
+    VARIANTS.append(name)
+    VENV[name] = dict(kv.split("=", 1) for kv in envs.split(",") if kv)
+KEYS = ("tps", "srv_us", "sys", "p50", "p99", "lg_us", "others")
+
+
+def machine_busy(interval=0.5):
+    """CPUs busy (all tasks) over interval seconds, from /proc/stat."""
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0), sum(v[:8])
+    b0, t0 = sample()
+    time.sleep(interval)
+    b1, t1 = sample()
+    return len(os.sched_getaffinity(0)) * (b1 - b0) / max(1, t1 - t0)
+
+
+def wait_quiet(limit):
+    end = time.time() + limit
+    while limit > 0 and time.time() < end and machine_busy() >= 0.2:
+        time.sleep(0.5)
 
 
 def free_port():
@@ -71,10 +103,12 @@ def wait_port(port, t=5.0):
 
 
 def run_point(variant, txns, conns):
+    wait_quiet(float(os.environ.get("QUIET_WAIT", 0)))
     port = free_port()
     exe = a.stock if variant == "stock" else a.mp
     srv = subprocess.Popen(["taskset", "-c", a.server_cpu, exe, "-u", "root", "-l", "127.0.0.1",
-                            "-p", str(port), "-U", "0", "-t", "1", "-c", "8192", "-m", "256"])
+                            "-p", str(port), "-U", "0", "-t", "1", "-c", "8192", "-m", "256"],
+                           env=dict(os.environ, **VENV[variant]))
     try:
         if not wait_port(port):
             raise RuntimeError(f"{variant}: memcached did not come up")
@@ -94,7 +128,8 @@ def run_point(variant, txns, conns):
         res = {"tps": float(r["tps"]), "srv_us": float(r["server_cpu_us_per_txn"]),
                "lg_us": float(r["lg_cpu_us_per_txn"]), "p50": float(r["p50_us"]),
                "p99": float(r["p99_us"]), "errors": int(r["errors"]) + int(r["timeouts"]) +
-               int(r["proto_errors"]), "sys": float("nan")}
+               int(r["proto_errors"]), "sys": float("nan"),
+               "others": float(r.get("others_cpus", "nan"))}
         if pst:
             _, err = pst.communicate(timeout=30)
             mm = re.search(r"^(\d+),,raw_syscalls:sys_enter", err, re.M)
@@ -120,7 +155,10 @@ if a.from_csv:
                      "conns": int(r["conns"]), "rep": int(r["rep"]), "tps": float(r["tps"]),
                      "srv_us": float(r["server_us_per_req"]), "sys": float(r["syscalls_per_req"]),
                      "p50": float(r["p50_us"]), "p99": float(r["p99_us"]),
-                     "lg_us": float(r["loadgen_us_per_req"]), "errors": int(r["errors"])})
+                     "lg_us": float(r["loadgen_us_per_req"]), "errors": int(r["errors"]),
+                     "others": float(r.get("others_cpus") or "nan")})
+        if r["variant"] not in VARIANTS:
+            VARIANTS.append(r["variant"])
     a.reps = 0
     points = sorted({(r["sweep"], r["txns"], r["conns"]) for r in rows},
                     key=lambda p: (p[0] != "txn", p[1] == 0, p[1], p[2]))
@@ -134,16 +172,17 @@ for rep in range(a.reps):
             print(f"rep {rep} {sweep} conns {conns} txns/conn {txns or 'persistent'} {variant:8s} "
                   f"{res['tps']:9.0f} req/s  server {res['srv_us']:6.2f} us/req  "
                   f"syscalls {res['sys']:5.2f}/req  p50 {res['p50']:7.0f} us  p99 {res['p99']:7.0f} us  "
-                  f"loadgen {res['lg_us']:5.2f} us/req  errors {res['errors']}", flush=True)
+                  f"loadgen {res['lg_us']:5.2f} us/req  others {res['others']:.2f} CPU  "
+                  f"errors {res['errors']}", flush=True)
 
 if a.csv and not a.from_csv:
     with open(a.csv, "w") as f:
         f.write("sweep,variant,txns_per_conn,conns,rep,tps,server_us_per_req,syscalls_per_req,"
-                "p50_us,p99_us,loadgen_us_per_req,errors\n")
+                "p50_us,p99_us,loadgen_us_per_req,errors,others_cpus\n")
         for r in rows:
             f.write(f"{r['sweep']},{r['variant']},{r['txns']},{r['conns']},{r['rep']},{r['tps']:.1f},"
                     f"{r['srv_us']:.3f},{r['sys']:.3f},{r['p50']:.1f},{r['p99']:.1f},"
-                    f"{r['lg_us']:.3f},{r['errors']}\n")
+                    f"{r['lg_us']:.3f},{r['errors']},{r['others']:.3f}\n")
 
 
 def med(sweep, variant, txns, conns):
@@ -169,11 +208,30 @@ for sweep, txns, conns in points:
         print(f"| {sweep} | {conns} | {txns or 'persistent'} | {v} | {m['tps']:.0f} | "
               f"{m['srv_us']:.2f} | {m['sys']:.2f} | {m['p50']:.0f} | {m['p99']:.0f} | "
               f"{m['lg_us']:.2f} | {m['errors']} |")
-    s, m = meds[(sweep, txns, conns, "stock")], meds[(sweep, txns, conns, "megapipe")]
-    print(f"| {sweep} | {conns} | {txns or 'persistent'} | **ratio** | {ratio(m['tps'], s['tps']):.2f}× | "
-          f"**{ratio(m['srv_us'], s['srv_us']):.2f}×** | {ratio(m['sys'], s['sys']):.2f}× | "
-          f"{ratio(m['p50'], s['p50']):.2f}× | **{ratio(m['p99'], s['p99']):.2f}×** | "
-          f"{ratio(m['lg_us'], s['lg_us']):.2f}× | |")
+    s = meds[(sweep, txns, conns, "stock")]
+    for v in VARIANTS[1:]:
+        m = meds[(sweep, txns, conns, v)]
+        label = "**ratio**" if v == "megapipe" else f"ratio {v}"
+        print(f"| {sweep} | {conns} | {txns or 'persistent'} | {label} | {ratio(m['tps'], s['tps']):.2f}× | "
+              f"**{ratio(m['srv_us'], s['srv_us']):.2f}×** | {ratio(m['sys'], s['sys']):.2f}× | "
+              f"{ratio(m['p50'], s['p50']):.2f}× | **{ratio(m['p99'], s['p99']):.2f}×** | "
+              f"{ratio(m['lg_us'], s['lg_us']):.2f}× | |")
+
+# Paired ratios: each repetition's variant run against the stock run next to it, which cancels
+# slow drifts of the shared machine that a ratio of medians keeps.
+print("\npaired server CPU/request ratios (variant / stock of the same repetition): median [min-max]")
+for sweep, txns, conns in points:
+    by_rep = {}
+    for r in rows:
+        if (r["sweep"], r["txns"], r["conns"]) == (sweep, txns, conns):
+            by_rep.setdefault(r["rep"], {})[r["variant"]] = r
+    parts = []
+    for v in VARIANTS[1:]:
+        rs = sorted(ratio(d[v]["srv_us"], d["stock"]["srv_us"]) for d in by_rep.values()
+                    if v in d and "stock" in d)
+        if rs:
+            parts.append(f"{v} {statistics.median(rs):.2f}× [{rs[0]:.2f}-{rs[-1]:.2f}] n={len(rs)}")
+    print(f"  {sweep} conns {conns} req/conn {txns or 'persistent'}: " + "; ".join(parts))
 
 if a.plot:
     dat = a.plot + "_txn.dat"

@@ -173,10 +173,15 @@ int mp__u_wait(mp_channel *ch, int timeout_ms) {
     int r;
     if (timeout_ms == 0) {
         r = io_uring_submit_and_get_events(&u->ring);
-    } else if (u->min_wait && u->last_burst * 4 >= (unsigned)ch->cfg.batch) {
+    } else if (u->min_wait && u->last_burst * 4 >= (unsigned)ch->cfg.batch &&
+               (unsigned)ch->st.handles >= 2u * (unsigned)ch->cfg.batch) {
         /* Adaptive: gather only while completions come in bursts (long connections, many
          * in flight).  With short connections each wake-up brings one or two, and holding
-         * the thread in a timed wait costs more than the system call it saves. */
+         * the thread in a timed wait costs more than the system call it saves.  And only with
+         * at least 2 x MP_BATCH live handles: with fewer, the completions a gather waits for
+         * are mostly the next requests of clients that wait for the responses this very wait
+         * submits (closed loops: memcached with 16 persistent connections ran at 0.8x stock's
+         * throughput and 1.07x its CPU per request gathering, 0.86x CPU without). */
         r = enter_batched(ch, timeout_ms);
     } else if (timeout_ms < 0) {
         r = io_uring_submit_and_wait(&u->ring, 1);
