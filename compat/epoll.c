@@ -14,9 +14,8 @@
 
 #define PASS (mpr_init(), mpr_state < 0 || mpr_t.busy)
 
-int epoll_create(int size) {
-    mpr_init();
-    int r = mpr_real.epoll_create(size);
+/* A set this process just made. */
+static int made(int r) {
     if (r >= 0 && !PASS) {
         mpr_fd_new(r, FK_UNKNOWN);
         mpr_lock();
@@ -26,16 +25,14 @@ int epoll_create(int size) {
     return r;
 }
 
+int epoll_create(int size) {
+    mpr_init();
+    return made(mpr_real.epoll_create(size));
+}
+
 int epoll_create1(int flags) {
     mpr_init();
-    int r = mpr_real.epoll_create1(flags);
-    if (r >= 0 && !PASS) {
-        mpr_fd_new(r, FK_UNKNOWN);
-        mpr_lock();
-        mpr_ep_new(r);
-        mpr_unlock();
-    }
-    return r;
+    return made(mpr_real.epoll_create1(flags));
 }
 
 static int fail(int err) {

@@ -534,7 +534,8 @@ int mp_poll_del(mp_handle *h);
  * mask sigmask during the wait (NULL: unchanged), in one io_uring_enter() (IORING_OP_EPOLL_WAIT,
  * Linux 6.15+; the enter's own timeout bounds the wait, and a wait that times out costs a second
  * call, which cancels the request; timeout 0 with requests to hand over uses a linked timeout
- * instead, so it never blocks).  The kernel writes the events straight
+ * instead, so it never blocks; timeout 0 with nothing to hand over is epoll_pwait2(2) itself).
+ * The kernel writes the events straight
  * into events[0..maxevents), which belongs to the kernel until the call returns (it does not
  * return before the wait request has completed, cancelled if a signal interrupted it).  Other
  * completions that arrive meanwhile are turned into the channel's events as a wait in

@@ -97,20 +97,10 @@ static int64_t elapsed_ns(const struct timespec *t0) {
 /* Submit what is queued and wait for `want` completions (rem_ns >= 0: at most that long),
  * with the caller's signal mask. */
 static int enter_wait(mp_channel *ch, const sigset_t *sigmask, unsigned want, int64_t rem_ns) {
-    uring *u = U(ch);
-    struct io_uring_sq *sq = &u->ring.sq;
-    unsigned tail = sq->sqe_tail;
-    if (sq->sqe_head != tail) {
-        sq->sqe_head = tail;
-        io_uring_smp_store_release(sq->ktail, tail);
-    }
-    unsigned to_submit = tail - io_uring_smp_load_acquire(sq->khead);
-    unsigned flags = IORING_ENTER_GETEVENTS;
-    int fd = u->ring.ring_fd;
-    if (u->ring_fd_registered) {
-        fd = u->ring.enter_ring_fd;
-        flags |= IORING_ENTER_REGISTERED_RING;
-    }
+    int fd;
+    unsigned flags;
+    unsigned to_submit = mp__u_publish(ch, &fd, &flags);
+    flags |= IORING_ENTER_GETEVENTS;
     if (rem_ns < 0)
         return io_uring_enter2((unsigned)fd, to_submit, want, flags, (sigset_t *)sigmask, _NSIG / 8);
     struct __kernel_timespec ts = {.tv_sec = rem_ns / 1000000000, .tv_nsec = rem_ns % 1000000000};
@@ -132,7 +122,9 @@ int mp__u_fepoll_wait(mp_channel *ch, int epfd, struct epoll_event *evs, int max
         if (enter_wait(ch, NULL, 1, -1) < 0) break;
         mp__u_reap(ch);
     }
-    /* Not blocking and nothing to hand over: the plain call is the cheapest. */
+    /* Not blocking and nothing to hand over: the plain call is the cheapest.  (Blocking waits
+     * with nothing to hand over stay in the ring: epoll_pwait2() there was tried, and an
+     * interruptible sleep right after ring activity could end in a spurious EINTR.) */
     if (!u->epoll_wait_op || (timeout_ns == 0 && !io_uring_sq_ready(&u->ring)))
         return wait_syscall(ch, epfd, evs, max, timeout_ns, sigmask);
     mp__u_enable(ch);

@@ -109,9 +109,10 @@ int mp__u_wake(mp_channel *ch) {
     return 0;
 }
 
-/* Submit everything and wait with the kernel's min_wait: up to MP_BATCH completions, for at
- * most MP_WAIT_USEC after the first (liburing 2.3 has no helper for it). */
-static int enter_batched(mp_channel *ch, int timeout_ms) {
+/* Make every SQE written so far visible to the kernel (for an io_uring_enter() of our own,
+ * liburing 2.3 has no call for it): the number it has not taken yet, and the fd and flags to
+ * enter with. */
+unsigned mp__u_publish(mp_channel *ch, int *fd, unsigned *flags) {
     uring *u = U(ch);
     struct io_uring_sq *sq = &u->ring.sq;
     unsigned tail = sq->sqe_tail;
@@ -119,17 +120,23 @@ static int enter_batched(mp_channel *ch, int timeout_ms) {
         sq->sqe_head = tail;
         io_uring_smp_store_release(sq->ktail, tail);
     }
-    unsigned to_submit = tail - io_uring_smp_load_acquire(sq->khead);
+    *fd = u->ring_fd_registered ? u->ring.enter_ring_fd : u->ring.ring_fd;
+    *flags = u->ring_fd_registered ? IORING_ENTER_REGISTERED_RING : 0;
+    return tail - io_uring_smp_load_acquire(sq->khead);
+}
+
+/* Submit everything and wait with the kernel's min_wait: up to MP_BATCH completions, for at
+ * most MP_WAIT_USEC after the first (liburing 2.3 has no helper for it). */
+static int enter_batched(mp_channel *ch, int timeout_ms) {
+    uring *u = U(ch);
+    int fd;
+    unsigned flags;
+    unsigned to_submit = mp__u_publish(ch, &fd, &flags);
     struct __kernel_timespec ts = {.tv_sec = timeout_ms / 1000,
                                    .tv_nsec = (long long)(timeout_ms % 1000) * 1000000};
     struct io_uring_getevents_arg arg = {.pad = (uint32_t)ch->cfg.wait_usec,
                                          .ts = timeout_ms > 0 ? (uint64_t)(uintptr_t)&ts : 0};
-    unsigned flags = IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG;
-    int fd = u->ring.ring_fd;
-    if (u->ring_fd_registered) {
-        fd = u->ring.enter_ring_fd;
-        flags |= IORING_ENTER_REGISTERED_RING;
-    }
+    flags |= IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG;
     /* Wait for MP_BATCH completions, or fewer when fewer can come: asking for more than are
      * in flight only sits out the whole min_wait (16 persistent connections, batch 32: half
      * the throughput).  What can come is estimated from the last wait's burst and the live

@@ -169,6 +169,7 @@ unsigned mp__u_ready(const mp_channel *ch);
 void mp__u_arm_wake(mp_channel *ch);
 int mp__u_wake(mp_channel *ch);
 int mp__u_wait(mp_channel *ch, int timeout_ms);
+unsigned mp__u_publish(mp_channel *ch, int *fd, unsigned *flags);
 /* bufring.c */
 int mp__u_bufring_setup(mp_channel *ch);
 void mp__u_buf_take(mp_channel *ch, mp_handle *h, unsigned id);
