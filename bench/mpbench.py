@@ -44,6 +44,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from mputil import find_result, number, parse_kv, wait_quiet  # noqa: E402
 RESULTS = os.path.join(HERE, "results")
 IMG = os.path.join(ROOT, "docs", "img")
 
@@ -171,15 +173,8 @@ def split_cpus(k=1):
 
 
 def kv(line):
-    d = {}
-    for tok in line.split()[1:]:
-        if "=" in tok:
-            k, v = tok.split("=", 1)
-            try:
-                d[k] = float(v) if any(ch in v for ch in ".e") and not v.startswith("0x") else int(v, 0)
-            except ValueError:
-                d[k] = v
-    return d
+    """A result line's key=value fields, numbers as int or float (mputil.number)."""
+    return parse_kv(line, number)
 
 
 def machine_static():
@@ -260,32 +255,10 @@ def stop_server(p):
         out, err = p.communicate()
     if p in children:
         children.remove(p)
-    for line in out.splitlines():
-        if line.startswith("result "):
-            return kv(line)
+    res = find_result(out, conv=number)
+    if res is not None:
+        return res
     raise RuntimeError("server printed no result (rc %s): %s" % (p.returncode, err.strip()[-300:]))
-
-
-def machine_busy(interval=0.5):
-    """CPUs busy (all tasks) over interval seconds, from /proc/stat."""
-    def sample():
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0), sum(v[:8])
-    b0, t0 = sample()
-    time.sleep(interval)
-    b1, t1 = sample()
-    ncpu = len(allowed_cpus())
-    return ncpu * (b1 - b0) / max(1, t1 - t0)
-
-
-def wait_quiet(limit):
-    """Before a run on a shared machine: wait (up to limit seconds) until others use < 0.2 CPUs."""
-    end = time.time() + limit
-    while limit > 0 and time.time() < end:
-        if machine_busy() < 0.2:
-            return
-        time.sleep(0.5)
 
 
 def run_point(build, variant, srv_cpus, lg_cpus, conns, txn, size, secs, warmup):
@@ -299,9 +272,7 @@ def run_point(build, variant, srv_cpus, lg_cpus, conns, txn, size, secs, warmup)
     res = {}
     try:
         q = subprocess.run(lg, capture_output=True, text=True, timeout=secs + warmup + 30)
-        for line in q.stdout.splitlines():
-            if line.startswith("result "):
-                res = kv(line)
+        res = find_result(q.stdout, conv=number) or {}
         if not res:
             raise RuntimeError("loadgen failed: %s" % q.stderr.strip()[-300:])
     finally:

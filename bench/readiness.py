@@ -18,10 +18,12 @@ import statistics
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mpbench import wait_quiet, has_cairo  # noqa: E402
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "scripts"))
+from mpbench import has_cairo  # noqa: E402
+from mputil import find_result, wait_quiet  # noqa: E402
+
 MODES = ["poll", "epoll", "raw"]
 LABEL = {"poll": "poll request per fd", "epoll": "epoll set via io_uring",
          "raw": "plain epoll (no library)"}
@@ -35,9 +37,9 @@ def run(args, mode, n):
            "-s", str(args.secs), "-w", str(args.warmup), "-S", str(args.srv_cpu),
            "-C", str(args.cli_cpu)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.secs * 4 + 60)
-    for line in out.stdout.splitlines():
-        if line.startswith("result "):
-            return {k: v for k, v in (kv.split("=", 1) for kv in line.split()[1:])}
+    r = find_result(out.stdout)
+    if r is not None:
+        return r
     raise RuntimeError("%s: %s%s" % (" ".join(cmd), out.stdout, out.stderr))
 
 

@@ -7,7 +7,7 @@ mode), same run, interleaved pairs, pinned.  Not a test.
 
 (Run without the lock, it takes it itself: it re-executes under `flock -x /tmp/mp-quiet.lock`.)
 QUIET_WAIT (env, default 8): before each run, wait up to that many seconds until the other
-users of the machine take < 0.2 CPUs (bench/mpbench.py's wait_quiet).
+users of the machine take < 0.2 CPUs (scripts/mputil.py's wait_quiet, bench/mpbench.py's rule).
 
 Servers: /usr/bin/memcached (-t 1) pinned to CPU 0 with taskset; /usr/sbin/nginx, 1 worker,
 worker_cpu_affinity 01, configured as backends/nginx/bench_nginx.py configures it (its
@@ -30,12 +30,9 @@ import csv
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -45,10 +42,10 @@ if os.environ.get("MP_PRELOAD_BENCH_LOCKED") != "1":
     os.environ["MP_PRELOAD_BENCH_LOCKED"] = "1"
     os.execvp("flock", ["flock", "-x", LOCK, sys.executable, os.path.abspath(__file__)] + sys.argv[1:])
 
-sys.path.insert(0, os.path.join(ROOT, "bench"))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
 sys.path.insert(0, os.path.join(ROOT, "backends", "nginx"))
 sys.path.insert(0, os.path.join(ROOT, "backends", "nginx", "tests"))
-import mpbench  # noqa: E402  (wait_quiet)
+from mputil import free_port, loadgen_result, stop_proc, wait_port, wait_quiet  # noqa: E402
 import ngxlib  # noqa: E402
 import bench_nginx  # noqa: E402  (server(), loadgen())
 
@@ -64,25 +61,6 @@ VARIANTS = ["stock", "preload"]
 KEYS = ["tps", "p99_us", "srv_us", "core_us", "sys"]
 perf = shutil.which("perf")
 perf_note = None
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def wait_port(port, t=10.0):
-    end = time.time() + t
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return True
-        except OSError:
-            time.sleep(0.05)
-    return False
 
 
 def perf_start(pid, span):
@@ -105,14 +83,6 @@ def perf_end(pst, tps, span):
     return int(m.group(1)) / (tps * span) if tps > 0 else float("nan")
 
 
-def loadgen_result(out):
-    m = re.search(r"^result (.*)$", out.stdout, re.M)
-    if not m:
-        raise RuntimeError("loadgen: " + out.stdout[-2000:] + out.stderr[-2000:])
-    r = dict(kv.split("=", 1) for kv in m.group(1).split())
-    return {k: float(v) for k, v in r.items() if k != "mode"}
-
-
 def run_memcached(a, variant, extra):
     port = free_port()
     cmd = ["taskset", "-c", "0"] + ([a.launcher, "--no-lib-path"] if variant == "preload" else []) + \
@@ -120,7 +90,7 @@ def run_memcached(a, variant, extra):
            "-c", "4096", "-m", "256"]
     srv = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        if not wait_port(port):
+        if not wait_port(port, 10.0):
             raise RuntimeError("memcached did not come up: " + " ".join(cmd))
         span = a.warmup + a.seconds
         pst = perf_start(srv.pid, span)
@@ -133,12 +103,7 @@ def run_memcached(a, variant, extra):
                 "core_us": r["core_us_per_txn"], "sys": perf_end(pst, r["tps"], span),
                 "errors": r.get("errors", 0) + r.get("timeouts", 0)}, " ".join(cmd)
     finally:
-        srv.send_signal(signal.SIGTERM)
-        try:
-            srv.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            srv.kill()
-            srv.wait()
+        stop_proc(srv, timeout=10)
 
 
 def run_nginx(a, variant, extra):
@@ -252,7 +217,7 @@ def main():
         kind, extra = WORKLOADS[w]
         for i in range(a.pairs):
             for v in (VARIANTS if i % 2 == 0 else VARIANTS[::-1]):
-                mpbench.wait_quiet(quiet)
+                wait_quiet(quiet)
                 res, cmd = (run_memcached if kind == "memcached" else run_nginx)(a, v, extra)
                 cmds[(w, v)] = cmd
                 res.update(workload=w, variant=v, pair=i)

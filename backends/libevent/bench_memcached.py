@@ -20,12 +20,12 @@ import argparse
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
+from mputil import free_port, loadgen_result, proc_cpu, stop_proc, wait_port  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--loadgen", required=True)
@@ -48,32 +48,6 @@ ap.add_argument("--poll-too", action="store_true",
 a = ap.parse_args()
 
 perf = shutil.which("perf")
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def wait_port(port, t=5.0):
-    end = time.time() + t
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return True
-        except OSError:
-            time.sleep(0.05)
-    return False
-
-
-def proc_cpu(pid):
-    """utime + stime of every thread of pid, in seconds."""
-    with open("/proc/%d/stat" % pid) as f:
-        v = f.read().rsplit(")", 1)[1].split()
-    return (int(v[11]) + int(v[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_memcaslap(port, srv):
@@ -124,10 +98,7 @@ def run_point(variant, txns):
                               "-n", str(txns), "-d", str(a.secs), "-w", str(a.warmup), "-C",
                               a.loadgen_cpu, "-t", "1", "-S", str(srv.pid)],
                              capture_output=True, text=True, timeout=a.secs + a.warmup + 60)
-        m = re.search(r"^result (.*)$", out.stdout, re.M)
-        if not m:
-            raise RuntimeError("loadgen: " + out.stdout + out.stderr)
-        r = dict(kv.split("=", 1) for kv in m.group(1).split())
+        r = loadgen_result(out)
         res = {"tps": float(r["tps"]), "srv_us": float(r["server_cpu_us_per_txn"]),
                "lg_us": float(r["lg_cpu_us_per_txn"]), "errors": int(r["errors"]) +
                int(r["timeouts"]) + int(r["proto_errors"]), "sys": float("nan")}
@@ -140,12 +111,7 @@ def run_point(variant, txns):
                 res["sys"] = calls / (float(r["tps"]) * (a.warmup + a.secs))
         return res
     finally:
-        srv.send_signal(signal.SIGTERM)
-        try:
-            srv.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            srv.kill()
-            srv.wait()
+        stop_proc(srv, timeout=5)
 
 
 txns_list = [int(x) for x in a.txns.split(",")] if a.client == "loadgen" else [0]

@@ -29,12 +29,12 @@ import csv
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
+from mputil import free_port, loadgen_result, stop_proc, wait_port, wait_quiet  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--loadgen", required=True)
@@ -65,43 +65,6 @@ for spec in a.variant:
 KEYS = ("tps", "srv_us", "sys", "p50", "p99", "lg_us", "others")
 
 
-def machine_busy(interval=0.5):
-    """CPUs busy (all tasks) over interval seconds, from /proc/stat."""
-    def sample():
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0), sum(v[:8])
-    b0, t0 = sample()
-    time.sleep(interval)
-    b1, t1 = sample()
-    return len(os.sched_getaffinity(0)) * (b1 - b0) / max(1, t1 - t0)
-
-
-def wait_quiet(limit):
-    end = time.time() + limit
-    while limit > 0 and time.time() < end and machine_busy() >= 0.2:
-        time.sleep(0.5)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def wait_port(port, t=5.0):
-    end = time.time() + t
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return True
-        except OSError:
-            time.sleep(0.05)
-    return False
-
-
 def run_point(variant, txns, conns):
     wait_quiet(float(os.environ.get("QUIET_WAIT", 0)))
     port = free_port()
@@ -121,10 +84,7 @@ def run_point(variant, txns, conns):
                               "-n", str(txns), "-d", str(a.secs), "-w", str(a.warmup), "-C",
                               a.loadgen_cpu, "-t", "1", "-S", str(srv.pid)],
                              capture_output=True, text=True, timeout=a.secs + a.warmup + 60)
-        m = re.search(r"^result (.*)$", out.stdout, re.M)
-        if not m:
-            raise RuntimeError("loadgen: " + out.stdout + out.stderr)
-        r = dict(kv.split("=", 1) for kv in m.group(1).split())
+        r = loadgen_result(out)
         res = {"tps": float(r["tps"]), "srv_us": float(r["server_cpu_us_per_txn"]),
                "lg_us": float(r["lg_cpu_us_per_txn"]), "p50": float(r["p50_us"]),
                "p99": float(r["p99_us"]), "errors": int(r["errors"]) + int(r["timeouts"]) +
@@ -137,12 +97,7 @@ def run_point(variant, txns, conns):
                 res["sys"] = int(mm.group(1)) / (res["tps"] * (a.warmup + a.secs))
         return res
     finally:
-        srv.send_signal(signal.SIGTERM)
-        try:
-            srv.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            srv.kill()
-            srv.wait()
+        stop_proc(srv, timeout=5)
 
 
 txns_list = [int(x) for x in a.txns.split(",")] if a.txns else []

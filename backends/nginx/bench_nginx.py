@@ -30,7 +30,9 @@ import time
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(here, "tests"))
-from ngxlib import Nginx, free_port  # noqa: E402
+sys.path.insert(0, os.path.join(here, "..", "..", "scripts"))
+from ngxlib import Nginx  # noqa: E402
+from mputil import free_port, loadgen_result  # noqa: E402
 
 MIXES = {
     "specweb": ("specweb", ["-n", "6"]),
@@ -67,11 +69,7 @@ def loadgen(args, port, listfile, extra, pid=None, cpus="1", seconds=None, threa
     if pid:
         cmd += ["-S", str(pid)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    m = re.search(r"^result (.*)$", out.stdout, re.M)
-    if not m:
-        raise RuntimeError("loadgen: " + out.stdout + out.stderr)
-    r = dict(kv.split("=", 1) for kv in m.group(1).split())
-    r = {k: float(v) for k, v in r.items() if k != "mode"}
+    r = loadgen_result(out)
     r["core_busy"] = r["core_busy_s"] / r["seconds"] if r["seconds"] else 0  # CPU 0, 0..1
     return r, " ".join(cmd)
 

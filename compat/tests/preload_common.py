@@ -10,6 +10,7 @@ channels' statistics on stderr at exit, lines prefixed "megapipe-preload[PID]", 
 "epoll_waits N"; `served_waits` sums N per PID.
 """
 import atexit
+import concurrent.futures
 import os
 import random
 import re
@@ -21,6 +22,15 @@ import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
+import mputil  # noqa: E402
+from mputil import free_port  # noqa: E402,F401  (re-exported)
+
+alive = mputil.pid_alive      # pid exists and is not a zombie
+children = mputil.child_pids  # direct children of a pid
+wait_exit = mputil.wait_exit  # wait until none of some pids is alive
+read_pidfile = mputil.read_pidfile
 
 _procs = []       # Popen objects we started
 _extra_pids = []  # PIDs we learned (daemons' pid files, their children)
@@ -51,38 +61,6 @@ def tmpdir(prefix):
     return d
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            st = f.read()
-        return st[st.rindex(")") + 2] != "Z"
-    except OSError:
-        return False
-
-
-def children(pid):
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                st = f.read()
-        except OSError:
-            continue
-        if int(st[st.rindex(")") + 2:].split()[1]) == pid:
-            out.append(int(d))
-    return out
-
-
 def track_pid(pid):
     """A PID we caused to exist (a daemon's), to end at exit if it is still alive."""
     if pid not in _extra_pids:
@@ -106,9 +84,7 @@ def _end(pids, timeout=5):
                 os.kill(p, sig)
             except ProcessLookupError:
                 pass
-        end = time.time() + timeout
-        while time.time() < end and any(alive(p) for p in live):
-            time.sleep(0.05)
+        mputil.wait_exit(live, timeout)
 
 
 def cleanup():
@@ -141,17 +117,7 @@ signal.signal(signal.SIGTERM, _on_signal)
 signal.signal(signal.SIGINT, _on_signal)
 
 
-def stop(p, sig=signal.SIGTERM, timeout=10):
-    """Signal one process we started and wait for it; True if it exited by itself."""
-    if p.poll() is None:
-        p.send_signal(sig)
-    try:
-        p.wait(timeout=timeout)
-        return True
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
-        return False
+stop = mputil.stop_proc  # stop(p, sig=SIGTERM, timeout=10): signal, wait, kill; True if it exited
 
 
 _STATS_RE = re.compile(r"megapipe-preload\[(\d+)\][^\n]*?\bepoll_waits[\s:=]+(\d+)")
@@ -195,16 +161,58 @@ def rss_kib(pid):
 
 
 def wait_port(port, timeout=10, proc=None):
-    end = time.time() + timeout
-    while time.time() < end:
-        if proc is not None and proc.poll() is not None:
-            fail(f"server exited with status {proc.returncode} before listening on {port}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
+    """Wait until 127.0.0.1:port accepts connections; fail if proc (optional) exits first or
+    nothing listens after timeout seconds."""
+    if mputil.wait_port(port, timeout, proc=proc, connect_timeout=1):
+        return
+    if proc is not None and proc.poll() is not None:
+        fail(f"server exited with status {proc.returncode} before listening on {port}")
     fail(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def read_text(path):
+    with open(path, errors="replace") as f:
+        return f.read()
+
+
+def parse_args(n, doc):
+    """The tests' command line, '[--disable] ARG...' with n ARGs: (disabled, args); prints doc
+    and exits 2 otherwise."""
+    args = sys.argv[1:]
+    disabled = bool(args) and args[0] == "--disable"
+    if disabled:
+        args = args[1:]
+    if len(args) != n:
+        print(doc)
+        sys.exit(2)
+    return disabled, args
+
+
+def start_port_server(cmd, errpath, what):
+    """Start a server that prints "port N" as its first stdout line (stderr to errpath):
+    (process, N); fail with its stderr when it does not."""
+    srv = start(cmd, stderr_path=errpath)
+    line = srv.stdout.readline().decode()
+    if not line.startswith("port "):
+        fail(f"{what} did not start: {line!r}\n" + read_text(errpath))
+    return srv, int(line.split()[1])
+
+
+def stop_server(srv, errpath, tag):
+    """SIGTERM the server, which must exit by itself with status 0: its stderr text."""
+    if not stop(srv):
+        fail(f"{tag}: server did not exit on SIGTERM")
+    err = read_text(errpath)
+    if srv.returncode != 0:
+        fail(f"{tag}: server exit status {srv.returncode}\n{err[-3000:]}")
+    return err
+
+
+def concurrent_errors(fn, n, workers=None):
+    """fn(0), ..., fn(n - 1) on workers threads (n by default): the results that are not None
+    (error strings)."""
+    with concurrent.futures.ThreadPoolExecutor(workers or n) as ex:
+        return [e for e in ex.map(fn, range(n)) if e]
 
 
 def exchange(sock, data, timeout=30.0, half_close=True):
@@ -260,4 +268,5 @@ def payload(rng, n):
 
 __all__ = ["log", "fail", "skip", "tmpdir", "free_port", "start", "stop", "cleanup", "served_waits",
            "check_activity", "fd_count", "rss_kib", "wait_port", "exchange", "random_size",
-           "payload", "alive", "children", "track_pid", "random"]
+           "payload", "alive", "children", "track_pid", "random", "read_text", "parse_args",
+           "start_port_server", "stop_server", "wait_exit", "read_pidfile", "concurrent_errors"]

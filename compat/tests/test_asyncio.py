@@ -6,7 +6,6 @@ selector) under megapipe-run --stats.  100 connections at once, each sends 20 me
 random sizes (1 B - 128 KiB) and checks every echo byte for byte, then half-closes and expects
 EOF.  The preload must have served the server's epoll waits (none with --disable).
 """
-import concurrent.futures
 import os
 import socket
 import sys
@@ -14,14 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from preload_common import *  # noqa: E402,F403
 
-args = sys.argv[1:]
-disabled = bool(args) and args[0] == "--disable"
-if disabled:
-    args = args[1:]
-if len(args) != 1:
-    print(__doc__)
-    sys.exit(2)
-launcher = args[0]
+disabled, (launcher,) = parse_args(1, __doc__)
 tag = "asyncio" + (" --disable" if disabled else "")
 here = os.path.dirname(os.path.abspath(__file__))
 
@@ -29,11 +21,7 @@ tmp = tmpdir("mprun-asyncio-")
 errpath = os.path.join(tmp, "server.err")
 cmd = [launcher, "--stats", "--no-lib-path", "-v"] + (["--disable"] if disabled else []) + \
       [sys.executable, os.path.join(here, "asyncio_echo.py")]
-srv = start(cmd, stderr_path=errpath)
-line = srv.stdout.readline().decode()
-if not line.startswith("port "):
-    fail(f"asyncio server did not start: {line!r}\n" + open(errpath, errors="replace").read())
-port = int(line.split()[1])
+srv, port = start_port_server(cmd, errpath, "asyncio server")
 log(f"{tag}: {' '.join(cmd)} on 127.0.0.1:{port}")
 
 
@@ -53,16 +41,11 @@ def client(i):
     return None
 
 
-with concurrent.futures.ThreadPoolExecutor(100) as ex:
-    errors = [e for e in ex.map(client, range(100)) if e]
+errors = concurrent_errors(client, 100)
 if errors:
     fail(f"{tag}: {len(errors)} of 100 connections wrong: {errors[:5]}")
 log(f"{tag}: 100 concurrent connections x 20 messages echoed byte for byte")
-if not stop(srv):
-    fail(f"{tag}: server did not exit on SIGTERM")
-err = open(errpath, errors="replace").read()
-if srv.returncode != 0:
-    fail(f"{tag}: server exit status {srv.returncode}\n{err[-3000:]}")
+err = stop_server(srv, errpath, tag)
 if "selector EpollSelector" not in err:
     fail(f"{tag}: asyncio did not run on its epoll selector:\n{err[-2000:]}")
 check_activity(err, disabled, tag)

@@ -26,14 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from preload_common import *  # noqa: E402,F403
 
 MEMCACHED = os.environ.get("MEMCACHED_EXE", "/usr/bin/memcached")
-args = sys.argv[1:]
-disabled = bool(args) and args[0] == "--disable"
-if disabled:
-    args = args[1:]
-if len(args) != 1:
-    print(__doc__)
-    sys.exit(2)
-launcher = args[0]
+disabled, (launcher,) = parse_args(1, __doc__)
 if not os.access(MEMCACHED, os.X_OK):
     skip(f"no {MEMCACHED} (scripts/setup.sh --full installs Debian's memcached)")
 user = ["-u", "root"] if os.getuid() == 0 else []
@@ -157,13 +150,6 @@ def functional(port, tag):
         f"512 KiB value byte-identical, 200 connections at once (curr_connections {curr})")
 
 
-def wait_gone(pid, timeout=10):
-    end = time.time() + timeout
-    while time.time() < end and alive(pid):
-        time.sleep(0.05)
-    return not alive(pid)
-
-
 flags = ["--stats", "--no-lib-path"] + (["--disable"] if disabled else [])
 
 # 1. Foreground, 4 worker threads.
@@ -177,7 +163,7 @@ wait_port(port, proc=srv)
 functional(port, tag)
 if not stop(srv):
     fail(f"{tag}: did not exit on SIGTERM")
-text = open(err1, errors="replace").read()
+text = read_text(err1)
 waits = check_activity(text, disabled, tag)
 if not disabled and srv.pid not in waits:
     fail(f"{tag}: no statistics from memcached's own pid {srv.pid}: {waits}")
@@ -191,14 +177,8 @@ p = start([launcher] + flags + [MEMCACHED] + user +
           ["-d", "-v", "-P", pidfile, "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-t", "2"],
           stderr_path=err2, stdout=subprocess.DEVNULL)
 if p.wait(timeout=10) != 0:
-    fail(f"{tag}: memcached -d exited {p.returncode}\n" + open(err2, errors="replace").read())
-daemon = 0
-end = time.time() + 10
-while time.time() < end and not daemon:
-    try:
-        daemon = int(open(pidfile).read())
-    except (OSError, ValueError):
-        time.sleep(0.05)
+    fail(f"{tag}: memcached -d exited {p.returncode}\n" + read_text(err2))
+daemon = read_pidfile(pidfile, timeout=10)
 if not daemon:
     fail(f"{tag}: no pid file")
 track_pid(daemon)
@@ -207,10 +187,10 @@ if daemon == p.pid:
 wait_port(port)
 functional(port, tag)
 os.kill(daemon, signal.SIGTERM)
-if not wait_gone(daemon):
+if not wait_exit([daemon], timeout=10):
     fail(f"{tag}: daemon {daemon} did not exit on SIGTERM")
 time.sleep(0.1)
-text = open(err2, errors="replace").read()
+text = read_text(err2)
 waits = check_activity(text, disabled, tag)
 if not disabled and waits.get(daemon, 0) <= 0:
     fail(f"{tag}: the daemon (pid {daemon}, forked by {p.pid}) served no epoll wait "

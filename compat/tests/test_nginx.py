@@ -21,7 +21,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
@@ -29,14 +28,8 @@ sys.path.insert(0, os.path.join(here, "..", "..", "backends", "nginx", "tests"))
 from preload_common import *  # noqa: E402,F403
 import ngxlib  # noqa: E402
 
-NGINX = os.environ.get("MP_NGINX_BIN", "/usr/sbin/nginx")
-args = sys.argv[1:]
-disabled = bool(args) and args[0] == "--disable"
-if disabled:
-    args = args[1:]
-if len(args) != 1:
-    print(__doc__)
-    sys.exit(2)
+NGINX = ngxlib.NGINX  # MP_NGINX_BIN or /usr/sbin/nginx
+disabled, args = parse_args(1, __doc__)
 launcher = os.path.abspath(args[0])
 if not os.access(NGINX, os.X_OK):
     skip(f"no {NGINX} (scripts/setup.sh --full installs Debian's nginx)")
@@ -142,21 +135,18 @@ try:
             c.close()
         return None
 
-    with concurrent.futures.ThreadPoolExecutor(200) as ex:
-        errs = [e for e in ex.map(client, range(200)) if e]
+    errs = concurrent_errors(client, 200)
     if errs:
         fail(f"{tag}: concurrent keep-alive: {errs[:5]}")
     log(f"{tag}: 200 concurrent keep-alive connections x 3 requests")
 
     # Graceful stop, by nginx's own signal command.
-    pids = [master] + ngxlib._children(master)
+    pids = [master] + children(master)
     r = subprocess.run([NGINX, "-p", ngx.dir, "-c", ngx.confpath, "-s", "quit"],
                        capture_output=True, text=True, timeout=30)
     if r.returncode != 0:
         fail(f"{tag}: nginx -s quit: {r.returncode} {r.stderr}")
-    end = time.time() + 20
-    while time.time() < end and any(alive(p) for p in pids):
-        time.sleep(0.05)
+    wait_exit(pids, timeout=20)
     left = [p for p in pids if alive(p)]
     if left:
         fail(f"{tag}: processes left after nginx -s quit: {left}")

@@ -25,26 +25,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from preload_common import *  # noqa: E402,F403
 
-args = sys.argv[1:]
-disabled = False
-if args and args[0] == "--disable":
-    disabled = True
-    args = args[1:]
-if len(args) != 2:
-    print(__doc__)
-    sys.exit(2)
-launcher, echo = args
+disabled, (launcher, echo) = parse_args(2, __doc__)
 nconns = int(os.environ.get("STRESS_CONNS", 10000))
 tag = "stress" + (" --disable" if disabled else "")
 
 tmp = tmpdir("mprun-stress-")
 errpath = os.path.join(tmp, "server.err")
 cmd = [launcher, "--stats", "--no-lib-path"] + (["--disable"] if disabled else []) + [echo, "-p", "0"]
-srv = start(cmd, stderr_path=errpath)
-line = srv.stdout.readline().decode()
-if not line.startswith("port "):
-    fail(f"epoll_echo did not start: {line!r}\n" + open(errpath, errors="replace").read())
-port = int(line.split()[1])
+srv, port = start_port_server(cmd, errpath, "epoll_echo")
 log(f"{tag}: {' '.join(cmd)} on 127.0.0.1:{port}, pid {srv.pid}")
 
 
@@ -191,10 +179,6 @@ if fd1 > fd0:
 if rss1 > rss0 + 10 * 1024:
     fail(f"{tag}: server RSS {rss1} KiB, {rss0} KiB before the stress")
 
-if not stop(srv):
-    fail(f"{tag}: the server did not exit on SIGTERM")
-err = open(errpath, errors="replace").read()
-if srv.returncode != 0:
-    fail(f"{tag}: server exit status {srv.returncode}\n{err[-3000:]}")
+err = stop_server(srv, errpath, tag)
 check_activity(err, disabled, tag)
 log(f"PASS: {tag}")

@@ -26,6 +26,10 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..",
+                                "scripts"))
+from mputil import find_result  # noqa: E402
+
 WORKLOADS = [("rpc", 0), ("rpc", 1), ("http", 0), ("http", 1)]
 # The environment of each variant: stock libuv (no variable); TCP through completions; TCP on
 # the channel's readiness watches; completions without the core's wait-side batching.
@@ -36,18 +40,6 @@ VARIANT_ENV = {
     "megapipe-nowait": {"UV_USE_MEGAPIPE": "1", "MP_WAIT_USEC": "0"},
 }
 VARIANTS = ["stock", "megapipe", "megapipe-readiness"]
-
-
-def kv(line):
-    out = {}
-    for tok in line.split()[1:]:
-        if "=" in tok:
-            k, v = tok.split("=", 1)
-            try:
-                out[k] = float(v)
-            except ValueError:
-                out[k] = v
-    return out
 
 
 def run_point(a, proto, txn, variant):
@@ -74,10 +66,7 @@ def run_point(a, proto, txn, variant):
               "-c", str(a.conns), "-n", str(txn), "-s", "64", "-t", "1", "-C", str(a.lg_cpu),
               "-d", str(a.secs), "-w", str(a.warmup), "-S", str(srv.pid), "-X", str(a.srv_cpu)]
         q = subprocess.run(lg, capture_output=True, text=True, timeout=a.secs + a.warmup + 60)
-        res = {}
-        for l in q.stdout.splitlines():
-            if l.startswith("result "):
-                res = kv(l)
+        res = find_result(q.stdout, conv=float) or {}
         if not res:
             raise RuntimeError("loadgen failed: %s" % q.stderr.strip()[-300:])
     finally:
@@ -87,10 +76,7 @@ def run_point(a, proto, txn, variant):
         if srv.poll() is None:
             srv.send_signal(signal.SIGTERM)
         out, err = srv.communicate(timeout=20)
-    sres = {}
-    for l in out.splitlines():
-        if l.startswith("result "):
-            sres = kv(l)
+    sres = find_result(out, conv=float) or {}
     sysc = float("nan")
     with open(pf.name) as f:
         for l in f:

@@ -12,43 +12,16 @@ import shutil
 import signal as _sig
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..",
+                                "scripts"))
+from mputil import child_pids, pid_alive, proc_cmdline, read_pidfile, wait_exit  # noqa: E402
+
 NGINX = os.environ.get("MP_NGINX_BIN", "/usr/sbin/nginx")
 _live = []
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def _children(pid):
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                st = f.read()
-        except OSError:
-            continue
-        if int(st[st.rindex(")") + 2:].split()[1]) == pid:
-            out.append(int(d))
-    return out
-
-
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            st = f.read()
-        return st[st.rindex(")") + 2] != "Z"
-    except OSError:
-        return False
 
 
 def unprivileged_user():
@@ -113,21 +86,14 @@ http {{
                            capture_output=True, text=True, timeout=30)
         if r.returncode != 0:
             raise RuntimeError(f"nginx failed to start: {r.stderr}\n{self.log()}")
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            try:
-                with open(self.pidfile) as f:
-                    self.master = int(f.read())
-                break
-            except (OSError, ValueError):
-                time.sleep(0.02)
+        self.master = read_pidfile(self.pidfile, timeout=10) or None
         if not self.master:
             raise RuntimeError("nginx wrote no pid file\n" + self.log())
         _live.append(self)
         return self
 
     def workers(self):
-        return [p for p in _children(self.master) if "worker" in _cmdline(p)]
+        return [p for p in child_pids(self.master) if "worker" in proc_cmdline(p)]
 
     def wait_workers(self, n, timeout=10, exclude=()):
         deadline = time.time() + timeout
@@ -164,17 +130,14 @@ http {{
     def stop(self, sig=_sig.SIGQUIT, timeout=15):
         if not self.master:
             return True
-        pids = [self.master] + _children(self.master)
+        pids = [self.master] + child_pids(self.master)
         try:
             os.kill(self.master, sig)
         except ProcessLookupError:
             pass
-        deadline = time.time() + timeout
-        while time.time() < deadline and any(_alive(p) for p in pids):
-            time.sleep(0.05)
-        clean = not any(_alive(p) for p in pids)
+        clean = wait_exit(pids, timeout)
         for p in pids:
-            if _alive(p):
+            if pid_alive(p):
                 try:
                     os.kill(p, _sig.SIGKILL)
                 except ProcessLookupError:
@@ -188,14 +151,6 @@ http {{
         self.stop()
         if os.environ.get("NGX_KEEP") != "1":
             shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _cmdline(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 @atexit.register

@@ -40,8 +40,9 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import ngxlib  # noqa: E402
-from ngxlib import Nginx, free_port, http_get, read_response  # noqa: E402
+import ngxlib  # noqa: E402  (puts <repo>/scripts on sys.path)
+from ngxlib import Nginx, http_get, read_response  # noqa: E402
+from mputil import free_port  # noqa: E402
 
 ARGS = None
 
