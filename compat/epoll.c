@@ -116,7 +116,8 @@ static int wait_ns(int epfd, struct epoll_event *evs, int max, int64_t ns, const
     mpr_lock();
     struct mpr_ep *ep = mpr_ep_of(epfd);
     if (!ch || !ep) {
-        if (ep) mpr_pend_flush_sync(ep);
+        if (!ch) mpr_pend_flush_all(); /* stepped aside: every set gets what it had queued */
+        else if (ep) mpr_pend_flush_sync(ep);
         mpr_unlock();
         struct timespec ts = {.tv_sec = ns / 1000000000, .tv_nsec = ns % 1000000000};
         return mpr_real.epoll_pwait2(epfd, evs, max, ns < 0 ? NULL : &ts, mask);

@@ -39,7 +39,25 @@ static struct mpr_ep **g_eps;
 static size_t g_neps, g_epcap;
 static pthread_once_t g_tab_once = PTHREAD_ONCE_INIT;
 
+/* fork: the sets stay the kernel's and are now shared with the child, so from here on every
+ * change to them goes to the kernel at once (another process may change them too); queued
+ * changes are applied before the fork so that both processes see them. */
+static void mark_shared(struct mpr_ep *ep) { ep->shared = true; }
+
+static void fork_prepare(void) {
+    if (mpr_state <= 0) return;
+    pthread_mutex_lock(&g_lock);
+    mpr_pend_flush_all();
+}
+
+static void fork_done(void) {
+    if (mpr_state <= 0) return;
+    mpr_each_ep(mark_shared);
+    pthread_mutex_unlock(&g_lock);
+}
+
 static void tab_init(void) {
+    pthread_atfork(fork_prepare, fork_done, fork_done);
     struct rlimit rl;
     size_t n = 65536;
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_max != RLIM_INFINITY && rl.rlim_max > n)

@@ -85,24 +85,14 @@ static void process_exit(void) {
     mpr_t.busy = false;
 }
 
-/* fork: the sets stay the kernel's and are now shared with the child, so from here on every
- * change to them goes to the kernel at once (another process may change them too); queued
- * changes are applied before the fork so that both see them.  The child drops its copies of
- * the parent's channels (their rings are the parent's) and makes its own when it waits. */
-static void mark_shared(struct mpr_ep *ep) { ep->shared = true; }
-
+/* fork: the child drops its copies of the parent's channels (their rings are the parent's)
+ * and makes its own when it waits.  (What fork means for the epoll sets is fdtab.c's.) */
 static void fork_prepare(void) {
-    if (mpr_state <= 0) return;
-    mpr_lock();
-    mpr_pend_flush_all();
-    pthread_mutex_lock(&g_chlock);
+    if (mpr_state > 0) pthread_mutex_lock(&g_chlock);
 }
 
 static void fork_parent(void) {
-    if (mpr_state <= 0) return;
-    pthread_mutex_unlock(&g_chlock);
-    mpr_each_ep(mark_shared);
-    mpr_unlock();
+    if (mpr_state > 0) pthread_mutex_unlock(&g_chlock);
 }
 
 static void fork_child(void) {
@@ -115,8 +105,6 @@ static void fork_child(void) {
     mpr_t.no_channel = false;
     pthread_setspecific(g_key, NULL);
     pthread_mutex_unlock(&g_chlock);
-    mpr_each_ep(mark_shared);
-    mpr_unlock();
     mpr_t.busy = was;
 }
 
@@ -173,10 +161,7 @@ void mpr_init(void) { pthread_once(&g_once, init_once); }
  * nothing to gain (the real calls are what the epoll engine would make). */
 static void step_aside(const char *why) {
     if (g_verbose) fprintf(stderr, "megapipe-preload[%d]: %s: real epoll calls\n", (int)getpid(), why);
-    mpr_lock();
-    mpr_pend_flush_all();
-    mpr_state = -1;
-    mpr_unlock();
+    mpr_state = -1; /* the caller hands over what the sets had queued */
 }
 
 mp_channel *mpr_channel(void) {

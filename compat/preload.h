@@ -2,11 +2,12 @@
  * compat/preload.h — what the files of the LD_PRELOAD epoll emulation share (megapipe-run).
  *
  * preload.c: the real libc functions, the re-entrancy guard, one channel per waiting thread,
- *            the environment, fork and exit.
+ *            the environment, fork and exit (for channels).  Calls nothing above it.
  * fdtab.c:   what the emulation knows about fd numbers (a socket it saw made, an epoll set it
- *            made) and each set's interest list and queued changes; the interposed calls that
- *            make, duplicate and close fds keep that knowledge true.
- * epoll.c:   the interposed epoll_* calls.
+ *            made) and each set's interest list and queued changes, and what fork does to
+ *            them; the interposed calls that make, duplicate and close fds keep that knowledge
+ *            true.  Uses preload.c.
+ * epoll.c:   the interposed epoll_* calls.  Uses both.
  *
  * Nothing here is seen by the application: the library exports only the interposed names
  * (compat/preload.map).
@@ -65,7 +66,8 @@ struct mpr_thread {
 extern __thread struct mpr_thread mpr_t;
 
 /* This thread's channel, made at first need; NULL when it cannot be made (then the caller
- * uses the real calls; the first failure makes the whole process step aside). */
+ * uses the real calls; the first failure makes the whole process step aside, and the caller
+ * must apply what the sets had queued: mpr_pend_flush_all()). */
 mp_channel *mpr_channel(void);
 
 /* ---- fdtab.c ------------------------------------------------------------------------- */
