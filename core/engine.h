@@ -76,6 +76,8 @@ typedef struct mp_engine {
                       int64_t timeout_ns, const sigset_t *sigmask);
     /* close(2) of fd with what is queued, done when it returns: 0 or -errno. */
     int (*close_fd)(struct mp_channel *ch, int fd);
+    /* close(2) of fd as a queued request whose result nobody waits for. */
+    void (*close_later)(struct mp_channel *ch, int fd);
 } mp_engine;
 
 extern const mp_engine mp__engine_uring;

@@ -350,6 +350,11 @@ static int ep_close_fd(mp_channel *ch, int fd) {
     return close(fd) < 0 ? -errno : 0;
 }
 
+static void ep_close_later(mp_channel *ch, int fd) {
+    ch->st.syscalls++;
+    close(fd);
+}
+
 const mp_engine mp__engine_epoll = {
     .name = "epoll",
     .init = ep_init,
@@ -371,4 +376,5 @@ const mp_engine mp__engine_epoll = {
     .epoll_ctl = ep_fepoll_ctl,
     .epoll_wait = ep_fepoll_wait,
     .close_fd = ep_close_fd,
+    .close_later = ep_close_later,
 };

@@ -80,6 +80,10 @@ void mp__handle_free(mp_handle *h) {
  * slot is freed only when that event is handed out (events.c), so a stale pointer keeps
  * meeting a DEAD or ZOMBIE record (-EBADF) until the application has been told. */
 static void handle_close_event(mp_handle *h) {
+    if (h->close_fd) { /* mp_unregister_close(): the kernel holds nothing of it now */
+        h->close_fd = false;
+        h->ch->eng->close_later(h->ch, h->id);
+    }
     h->state = H_ZOMBIE;
     mp__rearm_remove(h);
     if (mp__event_push(h->ch, h, MP_EV_CLOSED, 0, 0) < 0) mp__handle_free(h); /* no memory */
@@ -296,6 +300,28 @@ int mp_unregister(mp_handle *h) {
     if (h->kind == HK_POLL) h->ch->st.requests++;
     mp__handle_end(h);
     return 0;
+}
+
+int mp_unregister_close(mp_handle *h) {
+    int e = mp__h_enter(h);
+    if (e < 0) return e;
+    if (h->kind == HK_POLL) return -EINVAL;
+    h->close_fd = !h->fixed;
+    mp__handle_end(h);
+    return 0;
+}
+
+/* mp_destroy(): handles whose operations the kernel dropped unfinished never settled; what
+ * mp_unregister_close() gave the channel is closed now. */
+void mp__handle_close_held(mp_channel *ch) {
+    for (uint32_t c = 0; c < ch->nchunks; c++)
+        for (uint32_t i = 0; i < MP_CHUNK_SIZE; i++) {
+            mp_handle *h = &ch->chunks[c][i];
+            if (h->state != H_FREE && h->close_fd) {
+                h->close_fd = false;
+                close(h->id);
+            }
+        }
 }
 
 int mp_close_accepted(mp_channel *ch, int id) {

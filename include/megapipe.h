@@ -346,6 +346,17 @@ mp_handle *mp_register(mp_channel *ch, int fd, void *cookie, const cpu_set_t *cp
  * (not the owning thread). */
 int mp_unregister(mp_handle *h);
 
+/* mp_unregister(), and the channel takes the handle's fd: when the kernel has let go of the
+ * handle's last operation (when MP_EV_CLOSED is queued) it queues the fd's close (io_uring:
+ * IORING_OP_CLOSE, handed to the kernel with the channel's next submission, at the latest the
+ * next mp_dispatch*() that waits or mp_flush(); no system call of its own; epoll engine:
+ * close(2) at once).  From this call on the fd number is not the caller's: it may name another
+ * file (a later accept) once the close has run.  mp_destroy() closes what is still held.  For
+ * connections and listeners registered from a regular fd; lwsockets are always the channel's
+ * (this is mp_unregister() for them).  Returns 0, -EBADF (bad or ended handle), -EINVAL (a
+ * readiness watch: its fd is never the channel's), -EPERM (wrong thread, forked child). */
+int mp_unregister_close(mp_handle *h);
+
 /* Close a connection from an ACCEPT event that was not registered: an lwsocket id (its
  * direct-descriptor slot is freed) or a regular fd (close()).  Returns 0, -EBADF (bad channel,
  * or an lwsocket id that is not an accepted, unregistered one of ch), -EPERM (not the owning

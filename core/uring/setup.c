@@ -191,4 +191,5 @@ const mp_engine mp__engine_uring = {
     .epoll_ctl = mp__u_fepoll_ctl,
     .epoll_wait = mp__u_fepoll_wait,
     .close_fd = mp__u_close_fd,
+    .close_later = mp__u_close_later,
 };

@@ -87,6 +87,18 @@ void mp__u_close_direct(mp_channel *ch, unsigned slot) {
     mp__u_set_ignored(ch, sqe);
 }
 
+/* Close a regular fd the channel was given (mp_unregister_close), queued like the rest. */
+void mp__u_close_later(mp_channel *ch, int fd) {
+    struct io_uring_sqe *sqe = mp__u_sqe(ch);
+    if (!sqe) {
+        ch->st.syscalls++;
+        close(fd);
+        return;
+    }
+    io_uring_prep_close(sqe, fd);
+    mp__u_set_ignored(ch, sqe);
+}
+
 unsigned mp__u_ready(const mp_channel *ch) {
     return io_uring_cq_ready(&((const uring *)ch->eng_data)->ring);
 }

@@ -165,6 +165,7 @@ void mp__u_set_ignored(mp_channel *ch, struct io_uring_sqe *sqe);
 void mp__u_cancel(mp_channel *ch, uint64_t target);
 void mp__u_cancel_all(mp_channel *ch, uint64_t target); /* every request with this user_data */
 void mp__u_close_direct(mp_channel *ch, unsigned slot);
+void mp__u_close_later(mp_channel *ch, int fd);
 unsigned mp__u_ready(const mp_channel *ch);
 void mp__u_arm_wake(mp_channel *ch);
 int mp__u_wake(mp_channel *ch);
