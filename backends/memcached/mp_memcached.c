@@ -468,13 +468,12 @@ void mpc_conn_close(conn *c) {
         close(m->fd); /* no event of the watch comes after mp_poll_del() */
         m->fd = -1;
     } else {
-        /* The fd is closed at MP_EV_CLOSED, when the kernel let go: one close() per connection.
-         * CORE-GAP: a regular fd cannot be handed to the channel to close (IORING_OP_CLOSE,
-         * batched with the rest) when its handle ends; proposed: mp_unregister_close(h), or an
-         * mp_register() flag MP_OWN_FD, which makes the fd the channel's like an lwsocket's.
-         * (lwsockets themselves do not fit: memcached indexes conns[] by fd and hands fds to
-         * side threads, the logger's watchers and the LRU crawler, which write() to them.) */
-        mp_unregister(m->h);
+        /* The channel closes the fd when the kernel let go of the connection, queued with the
+         * next batch (no close() of our own).  (lwsockets would not fit: memcached indexes
+         * conns[] by fd and hands fds to side threads, the logger's watchers and the LRU
+         * crawler, which write() to them.) */
+        mp_unregister_close(m->h);
+        m->fd = -1;
     }
 }
 
