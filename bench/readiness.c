@@ -3,11 +3,12 @@
  * fds of which a tenth are active, for the readiness set's two io_uring forms and for plain
  * epoll as the reference.
  *
- *   readiness -m poll|epoll|raw -n N [-s SECS] [-w WARMUP] [-S CPU] [-C CPU]
+ *   readiness -m poll|epoll|ering|raw -n N [-s SECS] [-w WARMUP] [-S CPU] [-C CPU]
  *
  *   poll   a channel with MP_READINESS=poll (one poll request per watched fd)
- *   epoll  a channel with MP_READINESS=epoll (a kernel epoll set through IORING_OP_EPOLL_CTL
- *          and IORING_OP_EPOLL_WAIT)
+ *   epoll  a channel with MP_READINESS=epoll (a kernel epoll set changed through
+ *          IORING_OP_EPOLL_CTL; with only watches on the channel, waited on with epoll_wait)
+ *   ering  MP_READINESS=epoll-ring: the same set, every wait an IORING_OP_EPOLL_WAIT
  *   raw    epoll_ctl + epoll_wait, no library
  *
  * Watched fds: N/10 (at least 1) active AF_UNIX stream pairs, the rest idle UDP sockets watched
@@ -194,7 +195,10 @@ static void *server(void *arg) {
     pin(srv_cpu);
     /* The main thread takes this thread's CPU time around the measured window (a clock id). */
     if (!strcmp(a->mode, "raw")) run_raw(&a->c);
-    else run_mp(!strcmp(a->mode, "poll") ? MP_READINESS_POLL : MP_READINESS_EPOLL, &a->c);
+    else run_mp(!strcmp(a->mode, "poll")    ? MP_READINESS_POLL
+                : !strcmp(a->mode, "ering") ? MP_READINESS_EPOLL_RING
+                                            : MP_READINESS_EPOLL,
+                &a->c);
     return NULL;
 }
 
@@ -210,12 +214,13 @@ int main(int argc, char **argv) {
         case 'S': srv_cpu = atoi(optarg); break;
         case 'C': cli_cpu = atoi(optarg); break;
         default:
-            fprintf(stderr, "usage: %s -m poll|epoll|raw -n N [-s SECS] [-w WARMUP] [-S CPU] "
+            fprintf(stderr, "usage: %s -m poll|epoll|ering|raw -n N [-s SECS] [-w WARMUP] [-S CPU] "
                             "[-C CPU]\n", argv[0]);
             return opt == 'h' ? 0 : 2;
         }
     }
-    if (strcmp(mode, "poll") && strcmp(mode, "epoll") && strcmp(mode, "raw")) {
+    if (strcmp(mode, "poll") && strcmp(mode, "epoll") && strcmp(mode, "ering") &&
+        strcmp(mode, "raw")) {
         fprintf(stderr, "readiness: unknown mode %s\n", mode);
         return 2;
     }

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """readiness.py — which form of the readiness set costs less: one poll request per watched fd
-(MP_READINESS=poll) or a kernel epoll set driven through io_uring (MP_READINESS=epoll), with
-plain epoll as the reference.  Runs bench/readiness (server pinned to --srv-cpu, client to
+(MP_READINESS=poll) or a kernel epoll set changed through io_uring, waited on with epoll_wait
+when only watches are on the channel (MP_READINESS=epoll) or always through io_uring
+(MP_READINESS=epoll-ring, mode "ering"), with plain epoll as the reference.  Runs bench/readiness (server pinned to --srv-cpu, client to
 --cli-cpu) for every mode and watched-set size, interleaved: each repetition runs every
 (size, mode) once, in a rotated order.  Prints per point the medians of server-thread CPU per
 event, server-core busy time per event, events/s and engine system calls per event, the ratio
@@ -24,9 +25,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "scripts"))
 from mpbench import has_cairo  # noqa: E402
 from mputil import find_result, wait_quiet  # noqa: E402
 
-MODES = ["poll", "epoll", "raw"]
-LABEL = {"poll": "poll request per fd", "epoll": "epoll set via io_uring",
-         "raw": "plain epoll (no library)"}
+MODES = ["poll", "epoll", "ering", "raw"]
+LABEL = {"poll": "poll request per fd", "epoll": "epoll set, epoll_wait on it",
+         "ering": "epoll set, waits via io_uring", "raw": "plain epoll (no library)"}
 FIELDS = ["cpu_us_per_ev", "core_us_per_ev", "ev_per_s", "engine_syscalls_per_ev",
           "watch_ops_per_ev"]
 

@@ -61,6 +61,7 @@ mp_handle *mp__handle_alloc(mp_channel *ch) {
     h->ch = ch;
     h->state = H_LIVE;
     h->fd = -1;
+    ch->used_slots++;
     if (ch->eng->handle_priv) memset(mp__handle_priv(h), 0, ch->eng->handle_priv);
     return h;
 }
@@ -71,6 +72,8 @@ void mp__handle_free(mp_handle *h) {
     mp__opq_drop(ch, &h->rq, false);
     mp__opq_drop(ch, &h->wq, false);
     mp__opq_drop(ch, &h->stash, false);
+    ch->used_slots--;
+    if (h->kind == HK_POLL) ch->poll_slots--;
     h->state = H_FREE;
     h->next_free = ch->free_head;
     ch->free_head = h->idx + 1;

@@ -128,6 +128,8 @@ struct mp_channel {
     uint32_t nchunks;
     uint32_t free_head; /* idx+1, 0 = none */
     uint32_t nslots;    /* handles ever allocated */
+    uint32_t used_slots; /* slots not free (live, ended, or waiting for their CLOSED event) */
+    uint32_t poll_slots; /* ... of which readiness watches */
     /* fd -> handle idx+1 (EEXIST checks) */
     uint32_t *fdmap;
     size_t fdmap_len;

@@ -68,6 +68,7 @@ static int env_readiness(void) {
     if (!s || !*s || !strcasecmp(s, "auto")) return MP_READINESS_AUTO;
     if (!strcasecmp(s, "poll")) return MP_READINESS_POLL;
     if (!strcasecmp(s, "epoll")) return MP_READINESS_EPOLL;
+    if (!strcasecmp(s, "epoll-ring")) return MP_READINESS_EPOLL_RING;
     return -2;
 }
 
@@ -109,6 +110,6 @@ int mp__config_valid(const mp_config *c) {
     if (c->balance_threshold < 1) return 0;
     if (c->wait_usec < 0 || c->wait_usec > 1000000) return 0;
     if (c->buf_per_conn < 1) return 0;
-    if (c->readiness < MP_READINESS_AUTO || c->readiness > MP_READINESS_EPOLL) return 0;
+    if (c->readiness < MP_READINESS_AUTO || c->readiness > MP_READINESS_EPOLL_RING) return 0;
     return 1;
 }

@@ -42,6 +42,7 @@ mp_handle *mp__poll_add(mp_channel *ch, int fd, uint32_t events, int flags, void
         return NULL;
     }
     h->kind = HK_POLL;
+    ch->poll_slots++;
     h->fd = h->id = fd;
     h->cookie = cookie;
     h->pw.events = events;

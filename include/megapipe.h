@@ -172,14 +172,18 @@ typedef struct mp_options {
      * copy data out and release buffers.  Default MP_BUF_COUNT/4, at least 16 (or MP_BUF_COUNT
      * when smaller). */
     int buf_per_conn;
-    /* MP_READINESS=auto|poll|epoll: how the io_uring engine serves readiness watches
+    /* MP_READINESS=auto|poll|epoll|epoll-ring: how the io_uring engine serves readiness watches
      * (mp_watch(), mp_poll_add()).  poll: one poll request per watched fd, re-armed after each
      * level-triggered report; epoll: one kernel epoll set per channel, changed through
      * IORING_OP_EPOLL_CTL requests and waited on with IORING_OP_EPOLL_WAIT (Linux 6.15+; on
      * older kernels a poll on the set's fd, then epoll_wait() without blocking).  Both keep the
      * semantics described at mp_watch(); they differ in cost (docs/benchmarks.md, "Readiness")
      * and in one point: a poll request holds its file open, an epoll set does not (see
-     * mp_watch()).  auto = epoll.  The epoll engine always uses an epoll set. */
+     * mp_watch()).  With epoll, a wait that has nothing to submit on a channel whose only
+     * handles are readiness watches is an epoll_wait() on the set instead of an
+     * io_uring_enter() (the cheaper sleep; needs DEFER_TASKRUN); epoll-ring: the same set,
+     * but every wait goes through the ring.  auto = epoll.  The epoll engine always uses an
+     * epoll set and epoll_wait(). */
     int readiness;
 } mp_options;
 
@@ -187,6 +191,7 @@ enum {
     MP_READINESS_AUTO = 0,
     MP_READINESS_POLL = 1,
     MP_READINESS_EPOLL = 2,
+    MP_READINESS_EPOLL_RING = 3,
 };
 
 /* Fill *opt with MP_OPT_DEFAULT everywhere (the environment and built-in defaults apply) and
@@ -624,6 +629,8 @@ typedef struct mp_stats {
     uint64_t epoll_waits;      /* mp_epoll_wait() calls */
     uint64_t epoll_ctls;       /* mp_epoll_ctl() calls (queued or synchronous) */
     uint64_t epoll_ctl_failed; /* queued mp_epoll_ctl() requests the kernel refused */
+    uint64_t set_waits;        /* io_uring engine: waits that were an epoll_wait() on the
+                                  readiness set, not an io_uring_enter() (MP_READINESS) */
 } mp_stats;
 
 /* Copy the channel's counters into *st, at most size bytes (the caller's sizeof(mp_stats):

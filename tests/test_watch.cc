@@ -1,7 +1,7 @@
 // test_watch.cc — the readiness set (mp_watch / mp_unwatch): epoll's semantics on both engines
-// and both io_uring forms (MP_READINESS=epoll, the default, and MP_READINESS=poll, run by
-// ctest as "uring_poll."): one event per fd per dispatch, merging, one-shot, close and fd
-// reuse, and interest changes from threads that do not wait.
+// and the io_uring forms (MP_READINESS=epoll, the default; MP_READINESS=poll, run by ctest
+// as "uring_poll."; MP_READINESS=epoll-ring, "uring_ering."): one event per fd per dispatch,
+// merging, one-shot, close and fd reuse, and interest changes from threads that do not wait.
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -387,4 +387,84 @@ TEST_F(Watch, WatchWithNoDescriptorLeft) {
     ASSERT_EQ(n, 1) << strerror(-n);
     EXPECT_EQ(ev.cmd, MP_EV_POLL);
     EXPECT_EQ(cookie_of(ev), 1);
+}
+
+// io_uring engine, epoll-set form: a wait with nothing to submit, on a channel whose only
+// handles are watches, is an epoll_wait() on the set (mp_stats.set_waits); once a handle with
+// requests of its own exists, waits go through the ring again (its completions must end them),
+// and back to the set when that handle's CLOSED event is handed out.  MP_READINESS=epoll-ring:
+// never on the set.
+TEST_F(Watch, WaitsOnTheSetWhenOnlyWatchesAreLeft) {
+    mp_stats st;
+    mp_get_stats(ch, &st);
+    const char *want = getenv("MP_READINESS");
+    bool direct = is_uring(ch) && mode() == "epoll" && (st.features & MP_FEAT_DEFER_TASKRUN) &&
+                  !(want && !strcmp(want, "epoll-ring"));
+    Pair p, q;
+    ASSERT_TRUE(tcp_pair(p));
+    ASSERT_TRUE(tcp_pair(q));
+    ASSERT_EQ(mp_watch(ch, p.a.get(), EPOLLIN, 0, (void *)1), 0);
+    auto rounds = [&](int n) { // n blocking waits that each end with the watch's event
+        for (int i = 0; i < n; i++) {
+            ASSERT_TRUE(write_all(p.b.get(), "x", 1));
+            auto v = one_dispatch(2000);
+            ASSERT_EQ(polls_of(v, p.a.get()), 1);
+            char c;
+            ASSERT_EQ(read(p.a.get(), &c, 1), 1);
+        }
+    };
+    rounds(4);
+    mp_get_stats(ch, &st);
+    uint64_t set0 = st.set_waits;
+    if (direct) EXPECT_GE(set0, 2u); else EXPECT_EQ(set0, 0u);
+
+    // A registration with a read in flight: the ring must be waited on, or the read's
+    // completion would sit there while epoll_wait sleeps.
+    mp_handle *h = mp_register(ch, q.a.get(), (void *)2, nullptr);
+    ASSERT_NE(h, nullptr) << strerror(errno);
+    char buf[8];
+    ASSERT_EQ(mp_read(h, buf, sizeof buf), 0);
+    std::thread t([&] {
+        sleep_ms(100);
+        write_all(q.b.get(), "hi", 2);
+    });
+    int64_t t0 = now_ms();
+    bool got = false;
+    pump(ch, 3000, [&](const mp_event &e) {
+        if (e.cmd == MP_EV_READ) got = e.result == 2;
+        return got;
+    });
+    t.join();
+    EXPECT_TRUE(got);
+    EXPECT_LT(now_ms() - t0, 2000);
+    mp_get_stats(ch, &st);
+    EXPECT_EQ(st.set_waits, set0);
+    rounds(2);
+    mp_get_stats(ch, &st);
+    EXPECT_EQ(st.set_waits, set0); // the handle still exists
+
+    ASSERT_EQ(mp_unregister(h), 0);
+    bool closed = false;
+    pump(ch, 2000, [&](const mp_event &e) {
+        closed = closed || e.cmd == MP_EV_CLOSED;
+        return closed;
+    });
+    ASSERT_TRUE(closed);
+    rounds(4);
+    mp_get_stats(ch, &st);
+    if (direct) EXPECT_GE(st.set_waits, set0 + 2); else EXPECT_EQ(st.set_waits, 0u);
+
+    // mp_wake() from another thread ends a wait on the set.
+    std::thread w([&] {
+        sleep_ms(100);
+        EXPECT_EQ(mp_wake(ch), 0);
+    });
+    t0 = now_ms();
+    mp_event ev;
+    int n = mp_dispatch(ch, &ev, 5000);
+    w.join();
+    ASSERT_EQ(n, 1);
+    EXPECT_EQ(ev.cmd, MP_EV_WAKE);
+    EXPECT_LT(now_ms() - t0, 2000);
+    EXPECT_EQ(mp_unwatch(ch, p.a.get()), 0);
 }

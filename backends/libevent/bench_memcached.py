@@ -45,7 +45,11 @@ ap.add_argument("--client", choices=["loadgen", "memcaslap"], default="loadgen")
 ap.add_argument("--poll-too", action="store_true",
                 help="a third variant: the megapipe method with MP_READINESS=poll (one poll "
                      "request per fd instead of the epoll set)")
+ap.add_argument("--ring-too", action="store_true",
+                help="another variant: the megapipe method with MP_READINESS=epoll-ring (the "
+                     "epoll set, every wait through the ring instead of epoll_wait on the set)")
 a = ap.parse_args()
+extra = (["megapipe-poll"] if a.poll_too else []) + (["megapipe-ring"] if a.ring_too else [])
 
 perf = shutil.which("perf")
 
@@ -77,6 +81,8 @@ def run_point(variant, txns):
     env.pop("LD_LIBRARY_PATH", None)
     if variant == "megapipe-poll":
         env["MP_READINESS"] = "poll"
+    if variant == "megapipe-ring":
+        env["MP_READINESS"] = "epoll-ring"
     if variant.startswith("megapipe"):
         env["LD_LIBRARY_PATH"] = a.lelib
     srv = subprocess.Popen(["taskset", "-c", a.server_cpu, a.memcached, "-u", "root", "-l",
@@ -126,7 +132,7 @@ if a.from_csv:
     a.reps = 0
 for rep in range(a.reps):
     for txns in txns_list:
-        order = ["stock", "megapipe"] + (["megapipe-poll"] if a.poll_too else [])
+        order = ["stock", "megapipe"] + extra
         k = rep % len(order)
         for variant in order[k:] + order[:k]:  # rotated: no variant always first
             res = run_point(variant, txns)
@@ -150,7 +156,7 @@ print("| requests/conn | variant | req/s | server CPU us/req | syscalls/req | lo
 print("|---|---|---|---|---|---|")
 for txns in txns_list:
     med = {}
-    for v in ["stock", "megapipe"] + (["megapipe-poll"] if a.poll_too else []):
+    for v in ["stock", "megapipe"] + extra:
         sel = [r for r in rows if r["variant"] == v and r["txns"] == txns]
         med[v] = {k: statistics.median(r[k] for r in sel) for k in ("tps", "srv_us", "sys", "lg_us")}
         print(f"| {txns or 'persistent'} | {v} | {med[v]['tps']:.0f} | {med[v]['srv_us']:.2f} | "

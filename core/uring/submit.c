@@ -186,6 +186,7 @@ int mp__u_wait(mp_channel *ch, int timeout_ms) {
             timeout_ms = BALANCE_POLL_MS;
     }
     if (!u->wake_armed) mp__u_arm_wake(ch);
+    if (u->eset && mp__u_eset_direct(ch)) return mp__u_eset_wait_direct(ch, timeout_ms);
     if (u->eset) mp__u_eset_wait_arm(ch);
     mp__u_enable(ch);
     unsigned n = io_uring_sq_ready(&u->ring);

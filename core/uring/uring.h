@@ -44,6 +44,7 @@ enum tag {
 #define BALANCE_POLL_MS 5             /* how often an idle balancing channel looks at siblings */
 #define REAP_MAX 256
 #define EWAIT_MAX 256 /* epoll events one IORING_OP_EPOLL_WAIT may return */
+#define EWAKE_DATA UINT64_MAX /* the set's entry for the mp_wake() eventfd */
 #define FCTL_RING 4096u /* mp_epoll_ctl() records (a power of 2) */
 
 typedef struct uring {
@@ -75,6 +76,7 @@ typedef struct uring {
     bool epoll_wait_op;   /* IORING_OP_EPOLL_WAIT (else a one-shot poll on epfd) */
     int epfd;             /* -1 until the first watch */
     bool ewait_armed;
+    bool direct_wait;     /* the set may be waited on with epoll_wait() (see mp__u_wait) */
     struct epoll_event *ectl_ev; /* per SQ slot: the event an EPOLL_CTL in that slot reads */
     struct epoll_event *ewait_evs; /* EWAIT_MAX: what IORING_OP_EPOLL_WAIT fills */
     struct __kernel_timespec backoff_ts;
@@ -197,6 +199,8 @@ void mp__u_eset_fini(mp_channel *ch);
 int mp__u_eset_arm(mp_channel *ch, mp_handle *h);
 void mp__u_eset_detach(mp_channel *ch, mp_handle *h);
 void mp__u_eset_wait_arm(mp_channel *ch);
+bool mp__u_eset_direct(mp_channel *ch);
+int mp__u_eset_wait_direct(mp_channel *ch, int timeout_ms);
 void mp__u_eset_complete(mp_channel *ch, enum tag t, mp_handle *h, int res);
 /* fepoll.c */
 int mp__u_fepoll_ctl(mp_channel *ch, int epfd, int op, int fd, const struct epoll_event *ev);
