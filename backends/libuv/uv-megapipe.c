@@ -231,6 +231,15 @@ void uv__mp_invalidate_fd(uv_loop_t* loop, int fd) {
   mp_flush(m->ch);
 }
 
+void uv__mp_run_end(uv_loop_t* loop) {
+  struct uvmp* m = uv__mp_of(loop);
+
+  if (m == NULL || !m->bound || !pthread_equal(m->owner, pthread_self()) ||
+      m->forkgen != atomic_load(&uvmp_forkgen))
+    return;
+  mp_flush(m->ch);
+}
+
 /* Apply the watcher queue: new watches, changed interest sets. */
 static void uvmp_apply(uv_loop_t* loop, struct uvmp* m) {
   struct uvmp_fd* f;
