@@ -484,7 +484,18 @@ int uv__mp_tcp_listen(uv_tcp_t* tcp) {
     m->owner = pthread_self();
     m->bound = 1;
   }
-  if (mp_accept(c->h, 0, 0) < 0)
+  /* UV_MEGAPIPE_EXCLUSIVE_ACCEPT=1 (the operator's word that no listening socket of this
+   * process is accepted from by another process or loop: none sent over IPC with uv_write2,
+   * none received that way or inherited across fork): one multishot accept serves every
+   * connection, instead of one accept request (a failed first try, a poll armed anew) per
+   * connection.  Not the default: a multishot accept keeps its place at the head of the
+   * socket's wait queue, so another process accepting from the same socket would get nothing
+   * (libuv's ipc_listen_before_write / ipc_listen_after_write time out), and the backend
+   * cannot tell at uv_listen whether the socket will be shared.  UV_TCP_SINGLE_ACCEPT=1 or
+   * uv_tcp_simultaneous_accepts(h, 0) before uv_listen keep one-shot accepts even so. */
+  if (mp_accept(c->h, 0,
+                m->excl_accept && !(tcp->flags & UV_HANDLE_TCP_SINGLE_ACCEPT)
+                    ? MP_ACCEPT_EXCLUSIVE : 0) < 0)
     abort(); /* a registered listener always accepts */
   c->listener = 1;
   c->stream = (uv_stream_t*) tcp;

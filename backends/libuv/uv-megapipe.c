@@ -111,6 +111,13 @@ static int uvmp_tcp_wanted(void) {
   return v == NULL || strcmp(v, "0") != 0;
 }
 
+/* UV_MEGAPIPE_EXCLUSIVE_ACCEPT=1: no listening socket of this process is shared with another
+ * process or loop, so each may be served by one multishot accept (uv-megapipe-tcp.c). */
+static int uvmp_excl_accept_wanted(void) {
+  const char* v = getenv("UV_MEGAPIPE_EXCLUSIVE_ACCEPT");
+  return v != NULL && strcmp(v, "1") == 0;
+}
+
 int uv__mp_active(const uv_loop_t* loop) {
   return uv__mp_of(loop) != NULL;
 }
@@ -134,6 +141,7 @@ void uv__mp_loop_init(uv_loop_t* loop) {
   }
   m->forkgen = atomic_load(&uvmp_forkgen);
   m->tcp = uvmp_tcp_wanted();
+  m->excl_accept = uvmp_excl_accept_wanted();
   uvmp_set(loop, m);
 }
 
