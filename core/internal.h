@@ -91,6 +91,7 @@ struct mp_handle {
         unsigned left;             /* accepts still wanted (count > 0 calls) */
         bool forever;              /* count 0: until unregistered */
         bool lw;                   /* accept as lwsockets (the latest mp_accept's wish) */
+        bool excl;                 /* MP_ACCEPT_EXCLUSIVE: nobody else accepts from the queue */
         bool backoff;              /* waiting after an accept error */
     } acc;
     /* readiness set (poll.c; engines arm) */

@@ -394,6 +394,16 @@ int mp_listen_socket(const struct sockaddr *addr, socklen_t addrlen, int backlog
 /* mp_accept() flags */
 #define MP_LWSOCKET 0x1 /* accept as lwsockets (direct descriptors) when the engine can;
                            otherwise regular fds, logged once */
+#define MP_ACCEPT_EXCLUSIVE 0x2 /* the caller is the only one accepting from this listener's
+                           queue (no other channel, thread or process accepts from the socket).
+                           A listener registered without a partition is then served as a
+                           partition is: on io_uring one multishot accept stays armed and takes
+                           every connection, instead of one-shot accepts re-armed for each
+                           connection so that channels sharing the queue take turns (each costs
+                           a request, a failed first try and a poll armed anew).  Others that do
+                           accept from the socket get next to nothing while this channel keeps
+                           up.  No effect on partitions (always multishot) nor on the epoll
+                           engine (accept4() at readiness either way). */
 
 /* Accept count connections on listener h (count 0 = keep accepting until h is unregistered).
  * Calls add up: two calls with count 1 accept two connections.  flags apply to accepts started

@@ -29,6 +29,7 @@ struct uvmp {
   pthread_t owner;           /* thread that runs the loop (valid when bound) */
   int bound;
   int tcp;                   /* TCP streams go through completions (UV_MEGAPIPE_TCP) */
+  int excl_accept;           /* UV_MEGAPIPE_EXCLUSIVE_ACCEPT=1: multishot accepts */
   unsigned long forkgen;     /* uvmp_forkgen when the channel was made */
   struct uvmp_fd* fds;       /* readiness watches, indexed by fd */
   unsigned int nfds;

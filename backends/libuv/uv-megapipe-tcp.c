@@ -15,9 +15,11 @@
  *    completes when its last part did, and its callback runs from libuv's pending phase, as
  *    stock libuv's do.  uv_try_write writes directly only when no write is in flight;
  *  - uv_shutdown is mp_disconnect (ordered after the writes issued before it);
- *  - uv_close ends the handle (mp_unregister) and libuv's close machinery (write callbacks
- *    with UV_ECANCELED, then the close callback) runs only at the handle's MP_EV_CLOSED, when
- *    the kernel holds none of its buffers.  The loop stays alive meanwhile.
+ *  - uv_close ends the handle and gives the channel its fd (mp_unregister_close: the channel
+ *    closes it, queued with its next submission, once the kernel let go of the handle; no
+ *    flush, no close() of libuv's), and libuv's close machinery (write callbacks with
+ *    UV_ECANCELED, then the close callback) runs only at the handle's MP_EV_CLOSED, when the
+ *    kernel holds none of its buffers.  The loop stays alive meanwhile.
  *
  *  - uv_listen registers the listening socket and accepts on the channel (mp_accept, count 0:
  *    one multishot accept); a socket with SO_REUSEPORT is registered with the calling
@@ -482,7 +484,18 @@ int uv__mp_tcp_listen(uv_tcp_t* tcp) {
     m->owner = pthread_self();
     m->bound = 1;
   }
-  if (mp_accept(c->h, 0, 0) < 0)
+  /* UV_MEGAPIPE_EXCLUSIVE_ACCEPT=1 (the operator's word that no listening socket of this
+   * process is accepted from by another process or loop: none sent over IPC with uv_write2,
+   * none received that way or inherited across fork): one multishot accept serves every
+   * connection, instead of one accept request (a failed first try, a poll armed anew) per
+   * connection.  Not the default: a multishot accept keeps its place at the head of the
+   * socket's wait queue, so another process accepting from the same socket would get nothing
+   * (libuv's ipc_listen_before_write / ipc_listen_after_write time out), and the backend
+   * cannot tell at uv_listen whether the socket will be shared.  UV_TCP_SINGLE_ACCEPT=1 or
+   * uv_tcp_simultaneous_accepts(h, 0) before uv_listen keep one-shot accepts even so. */
+  if (mp_accept(c->h, 0,
+                m->excl_accept && !(tcp->flags & UV_HANDLE_TCP_SINGLE_ACCEPT)
+                    ? MP_ACCEPT_EXCLUSIVE : 0) < 0)
     abort(); /* a registered listener always accepts */
   c->listener = 1;
   c->stream = (uv_stream_t*) tcp;
@@ -730,9 +743,22 @@ void uv__mp_stream_close(uv_stream_t* s) {
         pre_drop(m, ((uv__stream_queued_fds_t*) s->queued_fds)->fds[i]);
   }
   stash_release(m, c);
-  mp_unregister(c->h);
-  /* Let the kernel drop its references to the socket now, before libuv closes the fd. */
-  mp_flush(m->ch);
+  if (c->listener) {
+    mp_unregister(c->h);
+    /* The listener stops taking connections now, before libuv closes its fd. */
+    mp_flush(m->ch);
+  } else {
+    /* The channel takes the fd and closes it itself, queued with its next submission, when
+     * the kernel holds none of the stream's operations: no flush and no close() of ours.
+     * libuv must then not close it: its watcher forgets the number (stopped first, so no
+     * readiness state of the number is left behind).  The number stays taken until that
+     * close ran; an fd the application took with uv_fileno() is closed then, as stock
+     * closes it at uv_close.  uv_tcp_close_reset's RST goes out with that close too, at the
+     * loop's next wait (or when uv_run returns: uv__mp_run_end). */
+    mp_unregister_close(c->h);
+    uv__io_stop(s->loop, &s->io_watcher, POLLIN | POLLOUT | UV__POLLRDHUP | UV__POLLPRI);
+    s->io_watcher.fd = -1;
+  }
   c->stream = NULL;
   c->stream_closed = s;
   c->closing = 1;

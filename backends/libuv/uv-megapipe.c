@@ -111,6 +111,13 @@ static int uvmp_tcp_wanted(void) {
   return v == NULL || strcmp(v, "0") != 0;
 }
 
+/* UV_MEGAPIPE_EXCLUSIVE_ACCEPT=1: no listening socket of this process is shared with another
+ * process or loop, so each may be served by one multishot accept (uv-megapipe-tcp.c). */
+static int uvmp_excl_accept_wanted(void) {
+  const char* v = getenv("UV_MEGAPIPE_EXCLUSIVE_ACCEPT");
+  return v != NULL && strcmp(v, "1") == 0;
+}
+
 int uv__mp_active(const uv_loop_t* loop) {
   return uv__mp_of(loop) != NULL;
 }
@@ -134,6 +141,7 @@ void uv__mp_loop_init(uv_loop_t* loop) {
   }
   m->forkgen = atomic_load(&uvmp_forkgen);
   m->tcp = uvmp_tcp_wanted();
+  m->excl_accept = uvmp_excl_accept_wanted();
   uvmp_set(loop, m);
 }
 
@@ -228,6 +236,15 @@ void uv__mp_invalidate_fd(uv_loop_t* loop, int fd) {
   }
   uvmp_del(f);
   /* Let the kernel drop its reference to the file now, before libuv closes the fd. */
+  mp_flush(m->ch);
+}
+
+void uv__mp_run_end(uv_loop_t* loop) {
+  struct uvmp* m = uv__mp_of(loop);
+
+  if (m == NULL || !m->bound || !pthread_equal(m->owner, pthread_self()) ||
+      m->forkgen != atomic_load(&uvmp_forkgen))
+    return;
   mp_flush(m->ch);
 }
 

@@ -39,5 +39,9 @@ int uv__mp_try_write(uv_stream_t* stream, const uv_buf_t bufs[], unsigned int nb
 void uv__mp_stream_close(uv_stream_t* stream);
 /* uv_close: 1 = uv__make_close_pending() comes later, at the handle's MP_EV_CLOSED. */
 int uv__mp_close_deferred(uv_handle_t* handle);
+/* uv_run, before it returns: submit what the loop's channel still queues (a stream's fd is
+ * closed by the channel, queued: see uv__mp_stream_close), so that no close waits for a next
+ * uv_run.  No system call when nothing is queued. */
+void uv__mp_run_end(uv_loop_t* loop);
 
 #endif

@@ -139,8 +139,9 @@ int mp__u_arm_accept(mp_channel *ch, mp_handle *h) {
     /* A socket's accept wake-ups are exclusive, first waiter first: a multishot accept keeps
      * its place at the head of the queue, so on a queue that other channels share (no
      * partition of our own) it would take every connection.  One-shot accepts go to the back
-     * of the queue each time they are armed, and the channels take turns. */
-    bool shared = !h->acc.part;
+     * of the queue each time they are armed, and the channels take turns.  A caller that
+     * says nobody else accepts from the queue (MP_ACCEPT_EXCLUSIVE) gets the multishot. */
+    bool shared = !h->acc.part && !h->acc.excl;
     bool ms = h->acc.forever && u->ms_accept && !shared &&
               (!direct || slots > LW_MULTISHOT_HEADROOM);
     if (ms && UH(h)->nflight) return 0; /* one-shots still out: multishot when they are back */

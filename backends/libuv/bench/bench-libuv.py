@@ -32,19 +32,21 @@ from mputil import find_result  # noqa: E402
 
 WORKLOADS = [("rpc", 0), ("rpc", 1), ("http", 0), ("http", 1)]
 # The environment of each variant: stock libuv (no variable); TCP through completions; TCP on
-# the channel's readiness watches; completions without the core's wait-side batching.
+# the channel's readiness watches; completions without the core's wait-side batching;
+# completions with one multishot accept per listener (UV_MEGAPIPE_EXCLUSIVE_ACCEPT=1).
 VARIANT_ENV = {
     "stock": {},
     "megapipe": {"UV_USE_MEGAPIPE": "1"},
     "megapipe-readiness": {"UV_USE_MEGAPIPE": "1", "UV_MEGAPIPE_TCP": "0"},
     "megapipe-nowait": {"UV_USE_MEGAPIPE": "1", "MP_WAIT_USEC": "0"},
+    "megapipe-excl": {"UV_USE_MEGAPIPE": "1", "UV_MEGAPIPE_EXCLUSIVE_ACCEPT": "1"},
 }
 VARIANTS = ["stock", "megapipe", "megapipe-readiness"]
 
 
 def run_point(a, proto, txn, variant):
     env = dict(os.environ)
-    for k in ("UV_USE_MEGAPIPE", "UV_MEGAPIPE_TCP", "MP_WAIT_USEC"):
+    for k in ("UV_USE_MEGAPIPE", "UV_MEGAPIPE_TCP", "MP_WAIT_USEC", "UV_MEGAPIPE_EXCLUSIVE_ACCEPT"):
         env.pop(k, None)
     env.update(VARIANT_ENV[variant])
     srv = subprocess.Popen(["taskset", "-c", str(a.srv_cpu),
