@@ -291,8 +291,8 @@ static void *run(void *arg) {
              * most max(20, min_complete) deferred completions (Linux 6.13+) while sends and
              * receives whose data is there complete inline: with hundreds of connections the
              * generator served those again and again and left the others' responses waiting
-             * for several rounds, which showed as the servers' p99.9 (see submit_run_tw in
-             * core/uring/submit.c, the same fix in the library). */
+             * for several rounds, which showed as the servers' p99.9 (docs/benchmarks.md,
+             * "1,024 connections: why MegaPipe's tail lost there"). */
             struct __kernel_timespec z = {0, 0};
             struct io_uring_getevents_arg arg = {.ts = (uint64_t)(uintptr_t)&z};
             struct io_uring_sq *sq = &t->ring.sq;

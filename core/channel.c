@@ -110,7 +110,8 @@ void mp_destroy(mp_channel *ch) {
     if (ch->eng && !child) {
         mp__detach_all(ch);
         mp__events_drain(ch); /* close accepted connections nobody was told about */
-        ch->eng->flush(ch);   /* closes queued by handles that settled (mp_unregister_close) */
+        mp__handle_close_held(ch);
+        ch->eng->flush(ch); /* the closes of mp_unregister_close()d fds go with it */
     }
     if (ch->eng && ch->cfg.stats) {
         mp_stats st;
@@ -119,7 +120,6 @@ void mp_destroy(mp_channel *ch) {
     }
     if (child) mp__partition_forget_all(ch);
     if (ch->eng) ch->eng->fini(ch); /* the kernel drops whatever was still in flight */
-    if (!child) mp__handle_close_held(ch);
     for (uint32_t c = 0; c < ch->nchunks; c++) {
         for (uint32_t i = 0; i < MP_CHUNK_SIZE; i++) {
             mp_handle *h = &ch->chunks[c][i];

@@ -314,15 +314,16 @@ int mp_unregister_close(mp_handle *h) {
     return 0;
 }
 
-/* mp_destroy(): handles whose operations the kernel dropped unfinished never settled; what
- * mp_unregister_close() gave the channel is closed now. */
+/* mp_destroy(): handles whose operations are still in the kernel will not settle before the
+ * engine goes; what mp_unregister_close() gave the channel is closed with the last flush (the
+ * operations hold their files, not the numbers, until the engine's fini drops them). */
 void mp__handle_close_held(mp_channel *ch) {
     for (uint32_t c = 0; c < ch->nchunks; c++)
         for (uint32_t i = 0; i < MP_CHUNK_SIZE; i++) {
             mp_handle *h = &ch->chunks[c][i];
             if (h->state != H_FREE && h->close_fd) {
                 h->close_fd = false;
-                close(h->id);
+                ch->eng->close_later(ch, h->id);
             }
         }
 }

@@ -212,7 +212,7 @@ static inline int mp__h_enter(mp_handle *h) {
 void mp__handle_end(mp_handle *h); /* LIVE -> DEAD: drop queues, detach; CLOSED when settled */
 void mp__handle_settled(mp_handle *h); /* one kernel op of a dead handle ended */
 void mp__detach_all(mp_channel *ch);
-void mp__handle_close_held(mp_channel *ch); /* mp_destroy(), after the engine's fini */
+void mp__handle_close_held(mp_channel *ch); /* mp_destroy(), before its last flush */
 int mp__fdmap_set(mp_channel *ch, int fd, uint32_t v);
 uint32_t mp__fdmap_get(const mp_channel *ch, int fd);
 int mp__lwmap_set(mp_channel *ch, unsigned slot, uint32_t v);

@@ -20,8 +20,7 @@ static void mp__u_complete(mp_channel *ch, uint64_t data, int res, unsigned flag
     }
     if (t == T_WAKE) {
         if (final) u->wake_armed = false;
-        if (res >= 0 && read(u->efd, &u->efd_val, sizeof u->efd_val) > 0) mp__wake_seen(ch);
-        ch->st.syscalls++;
+        if (res >= 0) mp__u_wake_read(ch);
         if (!u->wake_armed) mp__u_arm_wake(ch);
         return;
     }

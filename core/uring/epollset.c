@@ -105,7 +105,18 @@ void mp__u_eset_wait_arm(mp_channel *ch) {
 
 /* direct: from epoll_wait() on the set, where the wake-up eventfd's report is ours to read
  * (through the ring it is the T_WAKE poll's). */
-static void deliver(mp_channel *ch, const struct epoll_event *evs, int n, bool direct);
+static void deliver(mp_channel *ch, const struct epoll_event *evs, int n, bool direct) {
+    for (int i = 0; i < n; i++) {
+        if (evs[i].data.u64 == EWAKE_DATA) {
+            if (direct) mp__u_wake_read(ch);
+            continue;
+        }
+        mp_handle *h = mp__handle_at(ch, (uint32_t)evs[i].data.u64);
+        if (h && h->state == H_LIVE && h->kind == HK_POLL &&
+            h->gen == (uint32_t)(evs[i].data.u64 >> 32))
+            mp__poll_done(h, evs[i].events);
+    }
+}
 
 /* May this wait be an epoll_wait() on the set instead of an io_uring_enter()?  When the set
  * is all the ring would wait for: nothing to submit, no wait request of the set in the
@@ -127,22 +138,6 @@ int mp__u_eset_wait_direct(mp_channel *ch, int timeout_ms) {
     if (n < 0) return -errno;
     deliver(ch, u->ewait_evs, n, true);
     return 0;
-}
-
-static void deliver(mp_channel *ch, const struct epoll_event *evs, int n, bool direct) {
-    for (int i = 0; i < n; i++) {
-        if (evs[i].data.u64 == EWAKE_DATA) {
-            uring *u = U(ch);
-            if (!direct) continue;
-            ch->st.syscalls++;
-            if (read(u->efd, &u->efd_val, sizeof u->efd_val) > 0) mp__wake_seen(ch);
-            continue;
-        }
-        mp_handle *h = mp__handle_at(ch, (uint32_t)evs[i].data.u64);
-        if (h && h->state == H_LIVE && h->kind == HK_POLL &&
-            h->gen == (uint32_t)(evs[i].data.u64 >> 32))
-            mp__poll_done(h, evs[i].events);
-    }
 }
 
 void mp__u_eset_complete(mp_channel *ch, enum tag t, mp_handle *h, int res) {

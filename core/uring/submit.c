@@ -115,6 +115,14 @@ void mp__u_arm_wake(mp_channel *ch) {
     u->wake_armed = true;
 }
 
+/* The eventfd was reported readable (by the ring's T_WAKE poll or by epoll_wait() on the
+ * readiness set): read it, and say so if it was mp_wake()'s. */
+void mp__u_wake_read(mp_channel *ch) {
+    uring *u = U(ch);
+    ch->st.syscalls++;
+    if (read(u->efd, &u->efd_val, sizeof u->efd_val) > 0) mp__wake_seen(ch);
+}
+
 int mp__u_wake(mp_channel *ch) {
     uint64_t one = 1;
     if (write(U(ch)->efd, &one, sizeof one) < 0 && errno != EAGAIN) return -errno;

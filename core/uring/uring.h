@@ -171,6 +171,7 @@ void mp__u_close_later(mp_channel *ch, int fd);
 unsigned mp__u_ready(const mp_channel *ch);
 void mp__u_arm_wake(mp_channel *ch);
 int mp__u_wake(mp_channel *ch);
+void mp__u_wake_read(mp_channel *ch);
 int mp__u_wait(mp_channel *ch, int timeout_ms);
 unsigned mp__u_publish(mp_channel *ch, int *fd, unsigned *flags);
 /* bufring.c */
