@@ -99,23 +99,26 @@ static mp_channel* uvmp_channel(void) {
   return mp_create(&o);
 }
 
-static int uvmp_wanted(void) {
-  const char* v = getenv("UV_USE_MEGAPIPE");
-  return v != NULL && strcmp(v, "1") == 0;
+/* An on/off environment variable: "1" is on, "0" is off, unset (or anything else) is def.
+ *  UV_USE_MEGAPIPE=1: loops run on a channel (off by default);
+ *  UV_MEGAPIPE_TCP=0|1: TCP streams through completions (1, the default) or through readiness
+ *    watches like every other handle (0: for comparison and diagnosis);
+ *  UV_MEGAPIPE_EXCLUSIVE_ACCEPT=1: no listening socket of this process is shared with another
+ *    process or loop, so each may be served by one multishot accept (uv-megapipe-tcp.c). */
+static int uvmp_env_flag(const char* name, int def) {
+  const char* v = getenv(name);
+  if (v != NULL && strcmp(v, "1") == 0)
+    return 1;
+  if (v != NULL && strcmp(v, "0") == 0)
+    return 0;
+  return def;
 }
 
-/* UV_MEGAPIPE_TCP=0|1: TCP streams through completions (1, the default) or through readiness
- * watches like every other handle (0: for comparison and diagnosis). */
-static int uvmp_tcp_wanted(void) {
-  const char* v = getenv("UV_MEGAPIPE_TCP");
-  return v == NULL || strcmp(v, "0") != 0;
-}
-
-/* UV_MEGAPIPE_EXCLUSIVE_ACCEPT=1: no listening socket of this process is shared with another
- * process or loop, so each may be served by one multishot accept (uv-megapipe-tcp.c). */
-static int uvmp_excl_accept_wanted(void) {
-  const char* v = getenv("UV_MEGAPIPE_EXCLUSIVE_ACCEPT");
-  return v != NULL && strcmp(v, "1") == 0;
+/* The loop's channel may be used from here: it is bound to this thread, and made in this
+ * process (not inherited over fork). */
+static int uvmp_on_owner(const struct uvmp* m) {
+  return m->bound && pthread_equal(m->owner, pthread_self()) &&
+         m->forkgen == atomic_load(&uvmp_forkgen);
 }
 
 int uv__mp_active(const uv_loop_t* loop) {
@@ -125,7 +128,7 @@ int uv__mp_active(const uv_loop_t* loop) {
 void uv__mp_loop_init(uv_loop_t* loop) {
   struct uvmp* m;
 
-  if (!uvmp_wanted())
+  if (!uvmp_env_flag("UV_USE_MEGAPIPE", 0))
     return;
   pthread_once(&uvmp_once, uvmp_init_once);
   m = uv__calloc(1, sizeof(*m));
@@ -140,8 +143,8 @@ void uv__mp_loop_init(uv_loop_t* loop) {
     return;
   }
   m->forkgen = atomic_load(&uvmp_forkgen);
-  m->tcp = uvmp_tcp_wanted();
-  m->excl_accept = uvmp_excl_accept_wanted();
+  m->tcp = uvmp_env_flag("UV_MEGAPIPE_TCP", 1);
+  m->excl_accept = uvmp_env_flag("UV_MEGAPIPE_EXCLUSIVE_ACCEPT", 0);
   uvmp_set(loop, m);
 }
 
@@ -226,8 +229,7 @@ void uv__mp_invalidate_fd(uv_loop_t* loop, int fd) {
   f = &m->fds[fd];
   if (f->h == NULL)
     return;
-  if (!m->bound || !pthread_equal(m->owner, pthread_self()) ||
-      m->forkgen != atomic_load(&uvmp_forkgen)) {
+  if (!uvmp_on_owner(m)) {
     /* Not the loop's thread: the channel is rebuilt when the loop runs here, which drops the
      * watch with everything else. */
     f->h = NULL;
@@ -242,8 +244,7 @@ void uv__mp_invalidate_fd(uv_loop_t* loop, int fd) {
 void uv__mp_run_end(uv_loop_t* loop) {
   struct uvmp* m = uv__mp_of(loop);
 
-  if (m == NULL || !m->bound || !pthread_equal(m->owner, pthread_self()) ||
-      m->forkgen != atomic_load(&uvmp_forkgen))
+  if (m == NULL || !uvmp_on_owner(m))
     return;
   mp_flush(m->ch);
 }
@@ -310,8 +311,7 @@ int uv__mp_io_poll(uv_loop_t* loop, int timeout) {
 
   if (m == NULL)
     return UV_ENOSYS;
-  if (m->bound && (!pthread_equal(m->owner, pthread_self()) ||
-                   m->forkgen != atomic_load(&uvmp_forkgen)))
+  if (m->bound && !uvmp_on_owner(m))
     if (uvmp_rebuild(loop, m) != 0)
       return UV_ENOSYS;
   if (!m->bound) {
