@@ -72,12 +72,15 @@ struct uvmp_conn {
   int listener;         /* a listening stream accepting on the channel */
   int pre;              /* accepted, registered, not yet adopted by a stream (fd below) */
   int fd;
-  /* writes handed to the channel: the first `posted` requests of write_queue; parts[i] is
-   * how many mp_writev calls request i took (0: completes when it reaches the head) */
+  /* writes handed to the channel: the first `posted` requests of write_queue, the last of
+   * them last_posted; parts[parts_head + i] is how many mp_writev calls request i took (0:
+   * completes when it reaches the head).  Both keep each write O(1): a stream can have tens
+   * of thousands of writes queued behind a slow reader. */
   unsigned int posted;
+  QUEUE* last_posted;
   unsigned int parts_done;  /* of the head request */
   unsigned int* parts;
-  unsigned int parts_cap;
+  unsigned int parts_head, parts_cap;
   struct uvmp_stash* stash;
   unsigned int nstash, stash_cap;
 };
@@ -295,16 +298,29 @@ int uv__mp_stream_read_start(uv_stream_t* s) {
 /* ---- writes ------------------------------------------------------------------------ */
 
 static int parts_push(struct uvmp_conn* c, unsigned int parts) {
-  if (c->posted == c->parts_cap) {
-    unsigned int cap = c->parts_cap ? 2 * c->parts_cap : 8;
-    unsigned int* n = uv__realloc(c->parts, cap * sizeof(*n));
-    if (n == NULL)
-      return UV_ENOMEM;
-    c->parts = n;
-    c->parts_cap = cap;
+  if (c->parts_head + c->posted == c->parts_cap) {
+    if (c->parts_head >= c->posted && c->parts_head > 0) {
+      /* slide down: costs no more than the pops that freed the room */
+      memmove(c->parts, c->parts + c->parts_head, c->posted * sizeof(*c->parts));
+      c->parts_head = 0;
+    } else {
+      unsigned int cap = c->parts_cap ? 2 * c->parts_cap : 8;
+      unsigned int* n = uv__realloc(c->parts, cap * sizeof(*n));
+      if (n == NULL)
+        return UV_ENOMEM;
+      c->parts = n;
+      c->parts_cap = cap;
+    }
   }
-  c->parts[c->posted] = parts;
+  c->parts[c->parts_head + c->posted] = parts;
   return 0;
+}
+
+/* The head request was finished or given up: off the posted list. */
+static void parts_pop(struct uvmp_conn* c) {
+  c->posted--;
+  c->parts_head = c->posted ? c->parts_head + 1 : 0;
+  c->parts_done = 0;
 }
 
 /* As stock uv__write_req_finish: off the write queue, onto the completed queue, callback
@@ -327,25 +343,25 @@ static void writes_settle(struct uvmp_conn* c) {
   uv_stream_t* s = c->stream;
   uv_write_t* req;
 
-  while (c->posted > 0 && c->parts_done >= c->parts[0] && !QUEUE_EMPTY(&s->write_queue)) {
+  while (c->posted > 0 && c->parts_done >= c->parts[c->parts_head] &&
+         !QUEUE_EMPTY(&s->write_queue)) {
     req = QUEUE_DATA(QUEUE_HEAD(&s->write_queue), uv_write_t, queue);
-    memmove(c->parts, c->parts + 1, (c->posted - 1) * sizeof(*c->parts));
-    c->posted--;
-    c->parts_done = 0;
+    parts_pop(c);
     write_req_finish(s, req);
   }
 }
 
 static void writes_post(struct uvmp_conn* c) {
   uv_stream_t* s = c->stream;
-  unsigned int i = 0, parts, off, n;
+  unsigned int parts, off, n;
   uv_write_t* req;
   QUEUE* q;
   int r;
 
-  QUEUE_FOREACH(q, &s->write_queue) {
-    if (i++ < c->posted)
-      continue;
+  /* The requests after the last posted one (writes are only added at the tail, and only
+   * taken from the head). */
+  for (q = c->posted ? QUEUE_NEXT(c->last_posted) : QUEUE_HEAD(&s->write_queue);
+       q != &s->write_queue; q = QUEUE_NEXT(q)) {
     req = QUEUE_DATA(q, uv_write_t, queue);
     parts = 0;
     r = 0;
@@ -363,6 +379,7 @@ static void writes_post(struct uvmp_conn* c) {
     if (parts_push(c, parts) < 0)
       abort(); /* out of memory with requests already in the kernel */
     c->posted++;
+    c->last_posted = q;
   }
   writes_settle(c);
 }
@@ -765,6 +782,7 @@ void uv__mp_stream_close(uv_stream_t* s) {
   conn_set(s, c); /* an accepted one adopted just now; uv__mp_close_deferred looks here */
   /* Posted writes are no longer ours to finish: uv__stream_destroy cancels them at close. */
   c->posted = 0;
+  c->parts_head = 0;
   /* The loop stays alive until the handle's MP_EV_CLOSED. */
   s->loop->active_reqs.count++;
 }
@@ -816,8 +834,8 @@ void uv__mp_conns_orphan(uv_loop_t* loop, struct uvmp* m) {
         q = QUEUE_HEAD(&s->write_queue);
         req = QUEUE_DATA(q, uv_write_t, queue);
         req->error = UV_ECANCELED;
+        parts_pop(c);
         write_req_finish(s, req);
-        c->posted--;
       }
       if (s->flags & UV_HANDLE_READING)
         uv__io_start(loop, &s->io_watcher, POLLIN);
