@@ -82,7 +82,7 @@ struct uvmp_conn {
   unsigned int* parts;
   unsigned int parts_head, parts_cap;
   struct uvmp_stash* stash;
-  unsigned int nstash, stash_cap;
+  unsigned int stash_head, nstash, stash_cap; /* entries stash[stash_head ..+nstash) */
 };
 
 static void conn_link(struct uvmp* m, struct uvmp_conn* c) {
@@ -176,29 +176,39 @@ static struct uvmp_conn* conn_get(uv_stream_t* s) {
 /* ---- reads ------------------------------------------------------------------------- */
 
 static int stash_push(struct uvmp_conn* c, const struct uvmp_stash* e) {
-  if (c->nstash == c->stash_cap) {
-    unsigned int cap = c->stash_cap ? 2 * c->stash_cap : 4;
-    struct uvmp_stash* n = uv__realloc(c->stash, cap * sizeof(*n));
-    if (n == NULL)
-      return UV_ENOMEM;
-    c->stash = n;
-    c->stash_cap = cap;
+  if (c->stash_head + c->nstash == c->stash_cap) {
+    if (c->stash_head >= c->nstash && c->stash_head > 0) {
+      memmove(c->stash, c->stash + c->stash_head, c->nstash * sizeof(*c->stash));
+      c->stash_head = 0;
+    } else {
+      unsigned int cap = c->stash_cap ? 2 * c->stash_cap : 4;
+      struct uvmp_stash* n = uv__realloc(c->stash, cap * sizeof(*n));
+      if (n == NULL)
+        return UV_ENOMEM;
+      c->stash = n;
+      c->stash_cap = cap;
+    }
   }
-  c->stash[c->nstash++] = *e;
+  c->stash[c->stash_head + c->nstash++] = *e;
   return 0;
 }
 
+static struct uvmp_stash* stash_first(struct uvmp_conn* c) {
+  return &c->stash[c->stash_head];
+}
+
 static void stash_pop(struct uvmp_conn* c) {
-  memmove(c->stash, c->stash + 1, (c->nstash - 1) * sizeof(*c->stash));
   c->nstash--;
+  c->stash_head = c->nstash ? c->stash_head + 1 : 0;
 }
 
 static void stash_release(struct uvmp* m, struct uvmp_conn* c) {
   unsigned int i;
-  for (i = 0; i < c->nstash; i++)
+  for (i = c->stash_head; i < c->stash_head + c->nstash; i++)
     if (c->stash[i].kind == ST_DATA)
       mp_buffer_release(m->ch, c->stash[i].id);
   c->nstash = 0;
+  c->stash_head = 0;
 }
 
 /* Hand what waits in the stash to read_cb while the application reads. */
@@ -212,7 +222,7 @@ static void deliver(struct uvmp* m, struct uvmp_conn* c) {
          !uv__is_closing(s)) {
     /* Stock libuv shuts down synchronously once the writes drained, so a shutdown callback
      * always precedes the EOF the peer sends in answer: hold EOF and errors until ours came. */
-    if (c->stash[0].kind != ST_DATA && c->shut_posted && s->shutdown_req != NULL)
+    if (stash_first(c)->kind != ST_DATA && c->shut_posted && s->shutdown_req != NULL)
       return;
     /* As stock uv__read: a buffer from alloc_cb before each read, EOF and errors included. */
     b = uv_buf_init(NULL, 0);
@@ -221,16 +231,22 @@ static void deliver(struct uvmp* m, struct uvmp_conn* c) {
       s->read_cb(s, UV_ENOBUFS, &b);
       return;
     }
-    e = &c->stash[0];
+    e = stash_first(c);
     if (e->kind == ST_DATA) {
-      n = e->len - e->off < b.len ? e->len - e->off : b.len;
-      memcpy(b.base, e->buf + e->off, n);
-      e->off += n;
-      if (e->off == e->len) {
+      /* As a stock read(): everything received so far that fits, across the channel's
+       * buffers (one read_cb per 64 KiB rather than per buffer). */
+      size_t got = 0;
+      while (got < b.len && c->nstash > 0 && (e = stash_first(c))->kind == ST_DATA) {
+        n = e->len - e->off < b.len - got ? e->len - e->off : b.len - got;
+        memcpy(b.base + got, e->buf + e->off, n);
+        got += n;
+        e->off += n;
+        if (e->off < e->len)
+          break;
         mp_buffer_release(m->ch, e->id);
         stash_pop(c);
       }
-      s->read_cb(s, (ssize_t) n, &b);
+      s->read_cb(s, (ssize_t) got, &b);
     } else if (e->kind == ST_EOF) {
       stash_pop(c);
       s->flags |= UV_HANDLE_READ_EOF;
@@ -843,6 +859,7 @@ void uv__mp_conns_orphan(uv_loop_t* loop, struct uvmp* m) {
         uv__io_start(loop, &s->io_watcher, POLLOUT);
     }
     c->nstash = 0; /* the buffers die with the channel */
+    c->stash_head = 0;
     conn_free(c);
   }
 }
