@@ -584,6 +584,24 @@ int mp_close(mp_channel *ch, int fd);
 int mp_epoll_wait(mp_channel *ch, int epfd, struct epoll_event *events, int maxevents,
                   int64_t timeout_ns, const sigset_t *sigmask);
 
+/* mp_epoll_wait() with flags (0: exactly mp_epoll_wait()).
+ *   MP_EPOLL_WAIT_CHANNEL: the channel's own events end the wait too.  For a front-end that
+ *   serves some fds through the channel's handles (buffered reads, writes) and leaves the
+ *   others in the application's epoll set, and must wake for either.  When the channel has
+ *   events queued (completions of its handles, MP_EV_WAKE from mp_wake() in another thread)
+ *   before or during the wait, the wait returns at once with the events of epfd the kernel had
+ *   ready (possibly 0, which then is not a timeout); collect the channel's with
+ *   mp_dispatch*() (without blocking: timeout 0).  Receives paused at MP_BUF_PER_CONN and other
+ *   work that waits for the channel's next wait are re-armed first, as mp_dispatch*() does.
+ *   On io_uring it needs IORING_OP_EPOLL_WAIT (Linux 6.15+; mp_stats.features has
+ *   MP_FEAT_EPOLL_WAIT): without it the call fails with -ENOTSUP.  On the epoll engine a
+ *   blocking wait is a ppoll() on epfd and the channel's own epoll set, then epoll_pwait2()
+ *   without blocking on the one that is ready.
+ * Returns as mp_epoll_wait(), and -EINVAL for unknown flags. */
+#define MP_EPOLL_WAIT_CHANNEL 0x1
+int mp_epoll_wait_flags(mp_channel *ch, int epfd, struct epoll_event *events, int maxevents,
+                        int64_t timeout_ns, const sigset_t *sigmask, int flags);
+
 /* ---------------------------------------------------------------------------------------- */
 /* Statistics                                                                                */
 /* ---------------------------------------------------------------------------------------- */
