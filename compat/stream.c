@@ -85,6 +85,8 @@ struct mpr_stream {
     int linger;                    /* -1: off; else seconds */
     bool closing, closed_sent, dirty;
     bool detach; /* the number is closed by someone else (dup2, close_range): unregister only */
+    unsigned hold; /* the owner's close() still uses the record: its CLOSED only marks it dead */
+    bool dead;
     /* epoll */
     int epfd; /* -1: in no set */
     uint32_t events;
@@ -428,7 +430,8 @@ static void route(struct mpr_schan *c, const mp_event *ev) {
     } else if (ev->cmd == MP_EV_CLOSED) {
         c->closing--;
         lists_forget(c, s);
-        stream_free(s);
+        if (s->hold) s->dead = true;
+        else stream_free(s);
         return;
     }
     pthread_mutex_lock(&s->mu);
@@ -520,6 +523,15 @@ static int pump(struct mpr_schan *c, int timeout_ms) {
             timeout_ms = 0;
         }
     }
+}
+
+/* Hand what is queued to the kernel and take what it has done, now: one system call (the
+ * kernel sends inline what fits in the socket).  busy set. */
+static void kick(struct mpr_schan *c) {
+    mp_event evs[64];
+    int n = mp_dispatch_batch(c->ch, evs, 64, 0);
+    for (int i = 0; i < n; i++) route(c, &evs[i]);
+    pump(c, 0);
 }
 
 /* Adopt s into c.  lock held, busy set.  false: it stays a plain fd. */
@@ -869,7 +881,7 @@ static ssize_t s_send(struct mpr_stream *s, const struct iovec *iov, int iovcnt,
         size_t used = s->pend_len + s->inflight;
         size_t space = used < g_wbuf ? g_wbuf - used : 0;
         if (!space) {
-            if (nb || done) {
+            if (nb) { /* what fitted, or EAGAIN */
                 if (!done) err = EAGAIN;
                 break;
             }
@@ -918,6 +930,9 @@ static ssize_t s_send(struct mpr_stream *s, const struct iovec *iov, int iovcnt,
         }
         mark_dirty(s);
     }
+    /* A blocking socket's write returns when its bytes are in the socket, as the kernel's
+     * does: nothing is left queued behind a thread that goes on to block elsewhere. */
+    if (!nb && done) drain(s);
     pthread_mutex_unlock(&s->mu);
     if (done) return (ssize_t)done;
     if (err == EPIPE && !(flags & MSG_NOSIGNAL)) pthread_kill(pthread_self(), SIGPIPE);
@@ -1137,6 +1152,9 @@ int shutdown(int fd, int how) {
         bool was = mpr_t.busy;
         mpr_t.busy = true;
         service(s);
+        pthread_mutex_unlock(&s->mu);
+        kick(s->own); /* shutdown flushes: the bytes and the FIN go now */
+        pthread_mutex_lock(&s->mu);
         mpr_t.busy = was;
     } else {
         mark_dirty(s);
@@ -1153,6 +1171,11 @@ int getsockopt(int fd, int level, int name, void *val, socklen_t *len) {
     pthread_mutex_lock(&s->mu);
     int e = s->so_err;
     s->so_err = 0;
+    if (e && s->rx_err) { /* taken here: reads then see the end, writes EPIPE (the kernel's) */
+        s->rx_err = 0;
+        s->rx_eof = true;
+    }
+    if (e && s->wr_err == ECONNRESET) s->wr_err = EPIPE;
     pthread_mutex_unlock(&s->mu);
     if (!e) return mpr_real.getsockopt(fd, level, name, val, len);
     *(int *)val = e;
@@ -1440,13 +1463,32 @@ int mpr_stream_close(int fd, int *res) {
         }
     }
     if (is_owner(s)) {
+        /* Bytes still to send go to the kernel now (close flushes), and when they are in the
+         * socket the channel lets go of the connection and closes it (the FIN), without
+         * waiting for the thread's next epoll wait: a few system calls, only for a close
+         * with bytes still queued.  What the socket cannot take yet is sent on at the
+         * thread's following waits (the number stays open until then). */
         bool was = mpr_t.busy;
         mpr_t.busy = true;
-        service(s);
+        bool work = (s->pend_len || s->inflight) && s->linger != 0 && !s->wr_err;
+        s->hold++;
+        submit(s);
+        for (int i = 0; work && i < 4 && s->inflight && !s->wr_err; i++) {
+            pthread_mutex_unlock(&s->mu);
+            kick(c);
+            pthread_mutex_lock(&s->mu);
+        }
+        bool sent = s->closed_sent; /* (a completion above may have finished it) */
+        if (!sent) service(s);
+        pthread_mutex_unlock(&s->mu);
+        /* the cancel of its receive, then the close itself */
+        for (int i = 0; work && i < 2; i++) kick(c);
+        if (!--s->hold && s->dead) stream_free(s);
         mpr_t.busy = was;
-    } else {
-        mark_dirty(s);
+        *res = 0;
+        return 1;
     }
+    mark_dirty(s);
     pthread_mutex_unlock(&s->mu);
     *res = 0;
     return 1;
