@@ -559,8 +559,9 @@ int mp_poll_del(mp_handle *h);
  * to timeout_ns nanoseconds (-1: no limit; 0: do not block) for events of epfd, with the signal
  * mask sigmask during the wait (NULL: unchanged), in one io_uring_enter() (IORING_OP_EPOLL_WAIT,
  * Linux 6.15+; the enter's own timeout bounds the wait, and a wait that times out costs a second
- * call, which cancels the request; timeout 0 with requests to hand over uses a linked timeout
- * instead, so it never blocks; timeout 0 with nothing to hand over is epoll_pwait2(2) itself).
+ * call, which cancels the request; timeout 0 with requests to hand over submits the wait and
+ * its cancellation together, so it never blocks and arms no timer; timeout 0 with nothing to
+ * hand over is epoll_pwait2(2) itself).
  * The kernel writes the events straight
  * into events[0..maxevents), which belongs to the kernel until the call returns (it does not
  * return before the wait request has completed, cancelled if a signal interrupted it).  Other

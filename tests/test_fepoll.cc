@@ -426,3 +426,38 @@ TEST_F(Fepoll, ChannelEventsEndTheWaitWithTheFlag) {
     EXPECT_GE(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(250));
     mp_unregister(h);
 }
+
+// A wait that must not block with changes to hand over: one system call, which hands them over
+// and returns what is ready at once (the wait and its cancellation in one submission), and the
+// next wait is not disturbed by that cancellation.
+TEST_F(Fepoll, NonBlockingWaitWithQueuedChangesIsOneCall) {
+    Pair p, q;
+    ASSERT_TRUE(tcp_pair(p));
+    ASSERT_TRUE(tcp_pair(q));
+    epoll_event out[4];
+    ASSERT_EQ(add(q.a.get(), EPOLLIN, 8), 0); // nothing to read on q
+    ASSERT_EQ(mp_epoll_wait(ch, ep.get(), out, 4, 0, nullptr), 0); // warm up (ring enabled)
+    ASSERT_EQ(::write(p.b.get(), "x", 1), 1);
+    ASSERT_EQ(add(p.a.get(), EPOLLIN, 7), 0);
+    uint64_t before = stats().syscalls;
+    ASSERT_EQ(mp_epoll_wait(ch, ep.get(), out, 4, 0, nullptr), 1);
+    EXPECT_EQ(out[0].data.u64, 7u);
+    if (one_call()) {
+        EXPECT_EQ(stats().syscalls - before, 1u);
+    }
+    ASSERT_EQ(add(p.a.get(), 0, 7, EPOLL_CTL_MOD), 0);
+    before = stats().syscalls;
+    auto t0 = std::chrono::steady_clock::now();
+    ASSERT_EQ(mp_epoll_wait(ch, ep.get(), out, 4, 0, nullptr), 0);
+    EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(500));
+    if (one_call()) {
+        EXPECT_EQ(stats().syscalls - before, 1u);
+    }
+    // A blocking wait afterwards still waits for, and gets, q's data.
+    Joiner peer([&] {
+        std::this_thread::sleep_for(std::chrono::milliseconds(30));
+        ::write(q.b.get(), "y", 1);
+    });
+    ASSERT_EQ(mp_epoll_wait(ch, ep.get(), out, 4, 3000000000LL, nullptr), 1);
+    EXPECT_EQ(out[0].data.u64, 8u);
+}

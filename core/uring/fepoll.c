@@ -143,16 +143,24 @@ int mp__u_fepoll_wait(mp_channel *ch, int epfd, struct epoll_event *evs, int max
         int r = mp__u_flush(ch);
         if (r < 0) return r;
     }
-    struct io_uring_sqe *wsqe = io_uring_get_sqe(&u->ring), *tsqe = NULL;
+    struct io_uring_sqe *wsqe = io_uring_get_sqe(&u->ring), *tsqe = NULL, *csqe = NULL;
     io_uring_prep_rw(IORING_OP_EPOLL_WAIT, wsqe, epfd, evs, (unsigned)max, 0);
     io_uring_sqe_set_data64(wsqe, ud(T_FWAIT, 0, 0));
     /* A timeout: the wait's own (io_uring_enter's), which costs nothing unless it expires;
      * then the request is cancelled, a second call.  A wait that must not block (0: changes
-     * to hand over) gets a linked timeout instead, which ends it in the kernel. */
+     * to hand over) is cancelled by the next request of the same submission; without the
+     * enter's own timeout (no EXT_ARG) a timed wait gets a linked timeout. */
     struct timespec t0 = {0, 0};
     bool ext_ts = timeout_ns > 0 && u->ext_arg;
     if (ext_ts) {
         clock_gettime(CLOCK_MONOTONIC, &t0);
+    } else if (timeout_ns == 0) {
+        /* Not blocking: the wait, then its cancellation, in the same submission.  The wait
+         * either finds events at once or is armed and cancelled right after (-ECANCELED: no
+         * event), all inside this one call, with no timer to arm and fire. */
+        csqe = io_uring_get_sqe(&u->ring);
+        io_uring_prep_cancel64(csqe, ud(T_FWAIT, 0, 0), 0);
+        mp__u_set_ignored(ch, csqe);
     } else if (timeout_ns >= 0) {
         wsqe->flags |= IOSQE_IO_LINK;
         u->fw_ts.tv_sec = timeout_ns / 1000000000;
@@ -185,6 +193,10 @@ int mp__u_fepoll_wait(mp_channel *ch, int epfd, struct epoll_event *evs, int max
              * wait back, so that no later submission writes the caller's array. */
             io_uring_prep_nop(wsqe);
             mp__u_set_ignored(ch, wsqe);
+            if (csqe) { /* it must not cancel a later wait */
+                io_uring_prep_nop(csqe);
+                mp__u_set_ignored(ch, csqe);
+            }
             if (tsqe) {
                 io_uring_prep_nop(tsqe);
                 mp__u_set_ignored(ch, tsqe);
