@@ -104,11 +104,18 @@ struct rdy {
 struct mpr_schan {
     mp_channel *ch;
     pthread_t tid;
-    pthread_mutex_t mu; /* dirty and rdy from other threads */
+    /* the owner's lists (only its thread touches them) */
     struct mpr_stream **dirty;
     size_t ndirty, dcap;
     struct rdy *rdy;
     size_t nrdy, rcap;
+    /* what other threads add, under mu; `remote` says there is some */
+    pthread_mutex_t mu;
+    struct mpr_stream **rdirty;
+    size_t nrdirty, rdcap;
+    struct rdy *rrdy;
+    size_t nrrdy, rrcap;
+    atomic_bool remote;
     atomic_bool waiting;
     unsigned closing; /* streams whose close is not finished */
     uint64_t adopted, rx_served, tx_queued, tx_submits, flushes;
@@ -276,53 +283,84 @@ static uint32_t ready_bits(struct mpr_stream *s) {
     return r;
 }
 
+static bool push_rdy(struct rdy **a, size_t *n, size_t *cap, struct rdy e) {
+    if (*n == *cap) {
+        size_t c = *cap ? *cap * 2 : 64;
+        struct rdy *m = realloc(*a, c * sizeof *m);
+        if (!m) return false;
+        *a = m;
+        *cap = c;
+    }
+    (*a)[(*n)++] = e;
+    return true;
+}
+
+static bool push_st(struct mpr_stream ***a, size_t *n, size_t *cap, struct mpr_stream *s) {
+    if (*n == *cap) {
+        size_t c = *cap ? *cap * 2 : 64;
+        struct mpr_stream **m = realloc(*a, c * sizeof *m);
+        if (!m) return false;
+        *a = m;
+        *cap = c;
+    }
+    (*a)[(*n)++] = s;
+    return true;
+}
+
+/* Another thread added to c's lists: wake its owner if it waits (seq_cst: the owner sets
+ * `waiting`, then looks at `remote`; we set `remote`, then look at `waiting`). */
+static void remote_added(struct mpr_schan *c) {
+    atomic_store(&c->remote, true);
+    if (atomic_load(&c->waiting)) mp_wake(c->ch);
+}
+
 /* Something about s changed: its owner's next wait looks at it.  s->mu held. */
 static void mark_rdy(struct mpr_stream *s) {
     s->edge = true;
     if (s->sleepers) pthread_cond_broadcast(&s->cv);
     struct mpr_schan *c = s->own;
     if (!c || s->in_rdy || s->epfd < 0) return;
-    pthread_mutex_lock(&c->mu);
-    if (c->nrdy == c->rcap) {
-        size_t cap = c->rcap ? c->rcap * 2 : 64;
-        struct rdy *n = realloc(c->rdy, cap * sizeof *n);
-        if (!n) {
-            pthread_mutex_unlock(&c->mu);
-            return;
-        }
-        c->rdy = n;
-        c->rcap = cap;
+    if (is_owner(s)) {
+        if (push_rdy(&c->rdy, &c->nrdy, &c->rcap, (struct rdy){s, s->gen})) s->in_rdy = true;
+        return;
     }
-    c->rdy[c->nrdy++] = (struct rdy){s, s->gen};
-    s->in_rdy = true;
+    pthread_mutex_lock(&c->mu);
+    bool ok = push_rdy(&c->rrdy, &c->nrrdy, &c->rrcap, (struct rdy){s, s->gen});
+    if (ok) s->in_rdy = true;
     pthread_mutex_unlock(&c->mu);
+    if (ok) remote_added(c);
 }
 
 /* s has pend bytes or a close to finish: its owner's next wait does it.  s->mu held. */
 static void mark_dirty(struct mpr_stream *s) {
     struct mpr_schan *c = s->own;
     if (!c || s->dirty) return;
-    pthread_mutex_lock(&c->mu);
-    if (c->ndirty == c->dcap) {
-        size_t cap = c->dcap ? c->dcap * 2 : 64;
-        struct mpr_stream **n = realloc(c->dirty, cap * sizeof *n);
-        if (!n) {
-            pthread_mutex_unlock(&c->mu);
-            return;
-        }
-        c->dirty = n;
-        c->dcap = cap;
+    if (is_owner(s)) {
+        if (push_st(&c->dirty, &c->ndirty, &c->dcap, s)) s->dirty = true;
+        return;
     }
-    c->dirty[c->ndirty++] = s;
-    s->dirty = true;
-    bool wake = !is_owner(s) && atomic_load(&c->waiting);
+    pthread_mutex_lock(&c->mu);
+    bool ok = push_st(&c->rdirty, &c->nrdirty, &c->rdcap, s);
+    if (ok) s->dirty = true;
     pthread_mutex_unlock(&c->mu);
-    if (wake) mp_wake(c->ch);
+    if (ok) remote_added(c);
+}
+
+/* The owner takes what other threads added.  (Not under any stream's mutex.) */
+static void take_remote(struct mpr_schan *c) {
+    if (!atomic_load(&c->remote)) return;
+    pthread_mutex_lock(&c->mu);
+    atomic_store(&c->remote, false);
+    for (size_t i = 0; i < c->nrrdy; i++)
+        if (!push_rdy(&c->rdy, &c->nrdy, &c->rcap, c->rrdy[i])) c->rrdy[i].s->in_rdy = false;
+    for (size_t i = 0; i < c->nrdirty; i++)
+        if (!push_st(&c->dirty, &c->ndirty, &c->dcap, c->rdirty[i])) c->rdirty[i]->dirty = false;
+    c->nrrdy = c->nrdirty = 0;
+    pthread_mutex_unlock(&c->mu);
 }
 
 /* s is about to be freed: out of its owner's lists (owner thread). */
 static void lists_forget(struct mpr_schan *c, struct mpr_stream *s) {
-    pthread_mutex_lock(&c->mu);
     size_t k = 0;
     for (size_t i = 0; i < c->nrdy; i++)
         if (c->rdy[i].s != s) c->rdy[k++] = c->rdy[i];
@@ -331,6 +369,15 @@ static void lists_forget(struct mpr_schan *c, struct mpr_stream *s) {
     for (size_t i = 0; i < c->ndirty; i++)
         if (c->dirty[i] != s) c->dirty[k++] = c->dirty[i];
     c->ndirty = k;
+    pthread_mutex_lock(&c->mu);
+    k = 0;
+    for (size_t i = 0; i < c->nrrdy; i++)
+        if (c->rrdy[i].s != s) c->rrdy[k++] = c->rrdy[i];
+    c->nrrdy = k;
+    k = 0;
+    for (size_t i = 0; i < c->nrdirty; i++)
+        if (c->rdirty[i] != s) c->rdirty[k++] = c->rdirty[i];
+    c->nrdirty = k;
     pthread_mutex_unlock(&c->mu);
 }
 
@@ -405,14 +452,9 @@ static void service(struct mpr_stream *s) {
 }
 
 static void service_dirty(struct mpr_schan *c) {
-    for (;;) {
-        pthread_mutex_lock(&c->mu);
-        if (!c->ndirty) {
-            pthread_mutex_unlock(&c->mu);
-            return;
-        }
+    take_remote(c);
+    while (c->ndirty) {
         struct mpr_stream *s = c->dirty[--c->ndirty];
-        pthread_mutex_unlock(&c->mu);
         pthread_mutex_lock(&s->mu);
         bool freed = s->closing && s->closed_sent;
         if (!freed) service(s);
@@ -585,24 +627,21 @@ int mpr_stream_ctl(struct mpr_ep *ep, int op, int fd, struct epoll_event *ev) {
         mark_rdy(s);
     }
     pthread_mutex_unlock(&s->mu);
-    if (r == 0 && op == EPOLL_CTL_ADD && !s->own && mpr_ep_adopt_push(ep, fd) < 0) {
+    if (r == 0 && op == EPOLL_CTL_ADD && !s->own && (ep->waiters || mpr_ep_adopt_push(ep, fd) < 0)) {
+        /* A thread waits on the set now and would not see the candidate until its wait
+         * ends: the connection stays a plain fd, in the kernel's set. */
         s->epfd = -1;
         return -EBUSY; /* the caller makes it a plain fd */
     }
     return r;
 }
 
-/* Up to max events of set epfd from c's streams.  Owner thread, busy set.  (Lock order is
- * s->mu then c->mu: the list is taken out of c while its streams are looked at.) */
+/* Up to max events of set epfd from c's streams.  Owner thread, busy set. */
 static int collect(struct mpr_schan *c, int epfd, struct epoll_event *evs, int max) {
-    pthread_mutex_lock(&c->mu);
-    struct rdy *l = c->rdy;
-    size_t nl = c->nrdy, cap = c->rcap;
-    c->rdy = NULL;
-    c->nrdy = c->rcap = 0;
-    pthread_mutex_unlock(&c->mu);
+    take_remote(c);
     int n = 0;
-    size_t keep = 0;
+    size_t keep = 0, nl = c->nrdy;
+    struct rdy *l = c->rdy;
     for (size_t i = 0; i < nl; i++) {
         struct mpr_stream *s = l[i].s;
         if (n >= max) {
@@ -633,25 +672,8 @@ static int collect(struct mpr_schan *c, int epfd, struct epoll_event *evs, int m
         }
         pthread_mutex_unlock(&s->mu);
     }
-    pthread_mutex_lock(&c->mu);
-    /* entries added meanwhile go behind the ones kept */
-    if (c->nrdy) {
-        if (keep + c->nrdy > cap) {
-            struct rdy *m = realloc(l, (keep + c->nrdy) * sizeof *m);
-            if (m) {
-                l = m;
-                cap = keep + c->nrdy;
-            }
-        }
-        size_t add = keep + c->nrdy <= cap ? c->nrdy : cap - keep;
-        memcpy(l + keep, c->rdy, add * sizeof *l);
-        keep += add;
-        free(c->rdy);
-    }
-    c->rdy = l;
+    /* (nothing in the loop adds to c->rdy: the owner is here, other threads use rrdy) */
     c->nrdy = keep;
-    c->rcap = cap;
-    pthread_mutex_unlock(&c->mu);
     return n;
 }
 
@@ -690,8 +712,10 @@ int mpr_stream_wait(mp_channel *ch, int epfd, struct epoll_event *evs, int max, 
         int n = collect(c, epfd, evs, max);
         if (n == max) return n;
         atomic_store(&c->waiting, true);
-        service_dirty(c); /* what another thread queued before it saw `waiting` */
-        int64_t t = n ? 0 : ns;
+        /* what another thread added before it saw `waiting`: do not sleep on it */
+        bool remote = atomic_load(&c->remote);
+        service_dirty(c);
+        int64_t t = n || remote ? 0 : ns;
         if (t > 0) {
             t = deadline - now_ns();
             if (t < 0) t = 0;
