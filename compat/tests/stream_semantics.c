@@ -14,7 +14,9 @@
  * SO_LINGER 0 close drops it and resets the peer; a blocking socket blocks in read and write
  * until the peer acts; a peer that never reads: writes fail with EAGAIN after a bounded amount,
  * EPOLLOUT is not reported while full, and every accepted byte arrives once the peer reads;
- * sendfile after queued writes keeps the order; poll() on a stream.  Exit 0 when all pass.
+ * sendfile after queued writes keeps the order; poll() on a stream; a thread that is not the
+ * one waiting on the set writes (sent at once, the waiter is woken) and reads.  Exit 0 when all
+ * pass.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -458,6 +460,58 @@ static void t_sendfile_order(void) {
     close(f);
 }
 
+struct other {
+    int s, c;
+    double arrived; /* when the client got the other thread's bytes */
+    char got[16];
+    ssize_t n;
+};
+
+static void *other_writer(void *p) {
+    struct other *o = p;
+    msleep(50);
+    (void)write(o->s, "from-other", 10);
+    return NULL;
+}
+
+static void *client_reader(void *p) {
+    struct other *o = p;
+    ssize_t n = read_full(o->c, o->got, 10, 3);
+    if (n == 10) o->arrived = now();
+    return NULL;
+}
+
+static void *other_reader(void *p) {
+    struct other *o = p;
+    o->n = read(o->s, o->got, sizeof o->got);
+    return NULL;
+}
+
+/* A stream written and read by a thread that is not the one waiting on its set (the owner):
+ * the owner, asleep in epoll_wait, sends the bytes at once; the other thread reads them. */
+static void t_other_thread(void) {
+    int c, s;
+    pair(&c, &s, true, EPOLLIN);
+    struct other o = {s, c, 0, {0}, 0};
+    pthread_t w, r;
+    pthread_create(&r, NULL, client_reader, &o);
+    pthread_create(&w, NULL, other_writer, &o);
+    double t0 = now();
+    struct epoll_event out[4];
+    epoll_wait(ep, out, 4, 600); /* nothing for the set: sleeps while the other thread writes */
+    pthread_join(w, NULL);
+    pthread_join(r, NULL);
+    CHECK(o.arrived > 0 && memcmp(o.got, "from-other", 10) == 0, "another thread's write arrived");
+    CHECK(o.arrived > 0 && o.arrived - t0 < 0.45,
+          "another thread's write waited for the owner's wait to end (%.3f s)", o.arrived - t0);
+    CHECK(write(c, "xyz", 3) == 3, "client write");
+    CHECK(wait_for(s, EPOLLIN, 2000) & EPOLLIN, "EPOLLIN");
+    pthread_create(&r, NULL, other_reader, &o);
+    pthread_join(r, NULL);
+    CHECK(o.n == 3 && memcmp(o.got, "xyz", 3) == 0, "another thread reads the stream: %zd", o.n);
+    done(c, s);
+}
+
 static void t_poll(void) {
     int c, s;
     pair(&c, &s, true, EPOLLIN);
@@ -501,6 +555,7 @@ int main(int argc, char **argv) {
         {"never-reading peer", t_never_reading_peer},
         {"sendfile order", t_sendfile_order},
         {"poll", t_poll},
+        {"another thread", t_other_thread},
     };
     for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
         int before = failures;
