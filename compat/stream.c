@@ -581,7 +581,7 @@ static bool g_nobuf;
 
 static bool adopt(struct mpr_schan *c, struct mpr_stream *s) {
     if (g_nobuf) return false;
-    mp_handle *h = mp_register(c->ch, s->fd, s, NULL);
+    mp_handle *h = mp_register_connected(c->ch, s->fd, s); /* accept() made it: no probe */
     if (!h) return false;
     int r = mp_read_buffered(h);
     if (r < 0) {
@@ -764,8 +764,22 @@ static void block_on(struct mpr_stream *s) {
     }
 }
 
-/* Every byte written so far is in the socket (or failed).  s->mu held. */
+/* Every byte written so far is in the socket (or failed).  s->mu held.  With nothing in
+ * flight, the bytes not yet given to the channel go with one real send (what a program that
+ * mixes writes with sendfile would have made itself), without a round trip through the ring. */
 static void drain(struct mpr_stream *s) {
+    if (s->pend_len && !s->inflight && !s->wr_err) {
+        ssize_t r = mpr_real.send(s->fd, s->pend, s->pend_len, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (r > 0) {
+            memmove(s->pend, s->pend + r, s->pend_len - (size_t)r);
+            s->pend_len -= (size_t)r;
+        } else if (r < 0 && errno != EAGAIN && errno != EINTR) {
+            s->wr_err = s->so_err = errno;
+            free(s->pend);
+            s->pend = NULL;
+            s->pend_len = s->pend_cap = 0;
+        }
+    }
     while ((s->pend_len || s->inflight) && !s->wr_err) {
         if (is_owner(s)) {
             bool was = mpr_t.busy;

@@ -341,6 +341,14 @@ const char *mp_engine_name(const mp_channel *ch);
  * listen(), setsockopt() for a partition. */
 mp_handle *mp_register(mp_channel *ch, int fd, void *cookie, const cpu_set_t *cpu_mask);
 
+/* mp_register() of a connection the caller knows to be a connected stream socket (one it
+ * accepted itself, as the epoll emulation's stream mode does): no probe, no system call on
+ * io_uring (one epoll_ctl() on epoll).  Anything else fails at its first operation, not here.
+ * Errors (NULL, errno): EBADF (bad ch, negative fd or an lwsocket id), EEXIST (fd already
+ * registered on ch), EPERM (not the owning thread or process), ENOMEM; on the epoll engine the
+ * epoll_ctl() error (EBADF for a closed fd). */
+mp_handle *mp_register_connected(mp_channel *ch, int fd, void *cookie);
+
 /* End h (see "Lifetimes" above): returns at once; cancels its pending operations; after this
  * returns no event of h is delivered except its one MP_EV_CLOSED, which comes when the kernel
  * holds none of its operations (on the epoll engine: at once).  lwsockets and partition sockets
