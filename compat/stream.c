@@ -1387,6 +1387,11 @@ static bool any_stream(const struct pollfd *fds, nfds_t n) {
     return false;
 }
 
+/* glibc declares poll/ppoll's array write-only (access attribute: __fortify_function), which
+ * is not true of poll(2) (it reads fd and events) nor of this interposer: some builds (the
+ * sanitizer's) then warn that reading it may see uninitialized memory. */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 int poll(struct pollfd *fds, nfds_t n, int timeout) {
     if (!any_stream(fds, n)) return REAL(poll)(fds, n, timeout);
     return poll_streams(fds, n, timeout < 0 ? -1 : (int64_t)timeout * 1000000, NULL);
@@ -1401,6 +1406,7 @@ int ppoll(struct pollfd *fds, nfds_t n, const struct timespec *ts, const sigset_
     if (!any_stream(fds, n)) return REAL(ppoll)(fds, n, ts, mask);
     return poll_streams(fds, n, ts ? (int64_t)ts->tv_sec * 1000000000 + ts->tv_nsec : -1, mask);
 }
+#pragma GCC diagnostic pop
 
 /* select()/pselect(): when a stream is in the sets, the same as poll() over them. */
 static int select_streams(int nfds, fd_set *r, fd_set *w, fd_set *e, int64_t ns, const sigset_t *mask) {
