@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """bench_preload.py — Debian's memcached and nginx, stock vs under megapipe-run (epoll-only
-mode), same run, interleaved pairs, pinned.  Not a test.
+mode, and stream mode with --streams), same run, interleaved, pinned.  Not a test.
 
     flock -x /tmp/mp-quiet.lock python3 compat/bench_preload.py --build BUILD --out DIR
         [--pairs 5] [--seconds 4] [--conns 64] [--workloads mc-persistent,mc-short,ngx-specweb,ngx-keepalive]
+        [--variants stock,preload,streams]
 
 (Run without the lock, it takes it itself: it re-executes under `flock -x /tmp/mp-quiet.lock`.)
 QUIET_WAIT (env, default 8): before each run, wait up to that many seconds until the other
@@ -11,7 +12,8 @@ users of the machine take < 0.2 CPUs (scripts/mputil.py's wait_quiet, bench/mpbe
 
 Servers: /usr/bin/memcached (-t 1) pinned to CPU 0 with taskset; /usr/sbin/nginx, 1 worker,
 worker_cpu_affinity 01, configured as backends/nginx/bench_nginx.py configures it (its
-server() and ngxlib).  "preload" = the same binary started by BUILD/compat/megapipe-run.
+server() and ngxlib).  "preload" = the same binary started by BUILD/compat/megapipe-run
+(epoll-only mode); "streams" = the same with megapipe-run --streams (stream mode).
 Load: bench's loadgen (BUILD/bench/loadgen) pinned to CPU 1, in memcached mode (64 B keys,
 1 KiB values, 9:1 get:set, as backends/libevent/bench_memcached.py runs it) or in http mode on
 bench/gen_fileset.py's SpecWeb-like file set (through bench_nginx.loadgen).
@@ -20,8 +22,10 @@ Per run: throughput; p99 latency; server CPU per request (loadgen -S: the server
 CPU time over the measured window, all threads — utime+stime at ns resolution from
 schedstat); CPU 0's busy time per request including softirq (loadgen -X 0, /proc/stat); the
 server's system calls per request (perf stat -e raw_syscalls:sys_enter -p PID over warm-up +
-window, divided by tps x that span; skipped with a note when perf cannot count).  PAIRS pairs
-per workload, the order alternating.  Prints a table of medians and paired ratios, writes
+window, divided by tps x that span; skipped with a note when perf cannot count).  PAIRS rounds
+per workload, each running every variant once, the order rotating from round to round.  Prints
+a table of medians, and for each variant against stock the median of the per-round ratios
+("paired") and the ratio of the medians; writes
 DIR/runs.csv, DIR/summary.md and DIR/bench_preload.png (matplotlib when importable, else
 gnuplot; said which).
 """
@@ -57,7 +61,8 @@ WORKLOADS = {
     "ngx-specweb": ("nginx", ["-n", "6"]),
     "ngx-keepalive": ("nginx", ["-n", "0"]),
 }
-VARIANTS = ["stock", "preload"]
+VARIANTS = ["stock", "preload", "streams"]
+LAUNCH = {"stock": [], "preload": ["--no-lib-path"], "streams": ["--no-lib-path", "--streams"]}
 KEYS = ["tps", "p99_us", "srv_us", "core_us", "sys"]
 perf = shutil.which("perf")
 perf_note = None
@@ -85,7 +90,7 @@ def perf_end(pst, tps, span):
 
 def run_memcached(a, variant, extra):
     port = free_port()
-    cmd = ["taskset", "-c", "0"] + ([a.launcher, "--no-lib-path"] if variant == "preload" else []) + \
+    cmd = ["taskset", "-c", "0"] + ([a.launcher] + LAUNCH[variant] if LAUNCH[variant] else []) + \
           [MEMCACHED, "-u", "root", "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-t", "1",
            "-c", "4096", "-m", "256"]
     srv = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -107,7 +112,7 @@ def run_memcached(a, variant, extra):
 
 
 def run_nginx(a, variant, extra):
-    ngxlib.NGINX = a.ngx_wrapper if variant == "preload" else NGINX
+    ngxlib.NGINX = a.ngx_wrapper[variant] if variant != "stock" else NGINX
     port = free_port()
     args = argparse.Namespace(module=None, loadgen=a.loadgen, conns=a.conns, seconds=a.seconds)
     n = bench_nginx.server(args, "epoll", port, os.path.join(a.fileset, "docroot"))
@@ -122,7 +127,7 @@ def run_nginx(a, variant, extra):
         return {"tps": r["tps"], "p99_us": r["p99_us"], "srv_us": r["server_cpu_us_per_txn"],
                 "core_us": r["core_us_per_txn"], "sys": perf_end(pst, r["tps"], span),
                 "errors": r.get("errors", 0) + r.get("timeouts", 0)}, \
-            ("megapipe-run " if variant == "preload" else "") + NGINX
+            ("megapipe-run " + " ".join(LAUNCH[variant]) + " " if variant != "stock" else "") + NGINX
     finally:
         n.cleanup()
 
@@ -140,13 +145,15 @@ def plot(out, rows, wls):
         fig, axes = plt.subplots(1, 4, figsize=(16, 4))
         for ax, (k, t) in zip(axes, titles):
             x = range(len(wls))
+            bw = 0.8 / len(VARIANTS)
             for i, v in enumerate(VARIANTS):
-                ax.bar([j + i * 0.4 for j in x], [med[(w, v)][k] for w in wls], 0.4, label=v)
-            ax.set_xticks([j + 0.2 for j in x])
+                ax.bar([j + i * bw for j in x], [med[(w, v)][k] for w in wls], bw, label=v)
+            ax.set_xticks([j + 0.4 - bw / 2 for j in x])
             ax.set_xticklabels(wls, rotation=20)
             ax.set_title(t)
         axes[0].legend()
-        fig.suptitle("Debian memcached / nginx: stock epoll vs megapipe-run (epoll-only), medians")
+        fig.suptitle("Debian memcached / nginx: stock epoll vs megapipe-run (" + ", ".join(VARIANTS[1:])
+                     + "), medians")
         fig.tight_layout()
         fig.savefig(png)
         return png, "matplotlib"
@@ -163,10 +170,12 @@ def plot(out, rows, wls):
           "set style data histograms", "set style histogram clustered gap 1",
           "set style fill solid 0.8 border -1", "set yrange [0:*]", "set xtics rotate by -20",
           "set key below"]
+    nv = len(VARIANTS)
     for i, (k, t) in enumerate(titles):
-        c = 2 + 2 * i
+        c = 2 + nv * i
         gp.append(f"set title '{t}'")
-        gp.append(f"plot '{dat}' using {c}:xtic(1) title 'stock', '' using {c + 1} title 'preload'")
+        gp.append(f"plot '{dat}' using {c}:xtic(1) title '{VARIANTS[0]}', " +
+                  ", ".join(f"'' using {c + j} title '{VARIANTS[j]}'" for j in range(1, nv)))
     gp.append("unset multiplot")
     r = subprocess.run(["gnuplot"], input="\n".join(gp) + "\n", text=True, capture_output=True)
     os.unlink(dat)
@@ -184,6 +193,8 @@ def main():
     ap.add_argument("--warmup", type=float, default=1)
     ap.add_argument("--conns", type=int, default=64)
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="stock first; any of preload (epoll-only), streams (--streams)")
     a = ap.parse_args()
     a.build = os.path.abspath(a.build)
     a.out = os.path.abspath(a.out)
@@ -194,16 +205,21 @@ def main():
             sys.exit(f"bench_preload: no {f} (build the megapipe-run and loadgen targets)")
     os.makedirs(a.out, exist_ok=True)
     wls = a.workloads.split(",")
+    VARIANTS[:] = a.variants.split(",")
+    if VARIANTS[0] != "stock" or any(v not in LAUNCH for v in VARIANTS):
+        sys.exit("bench_preload: --variants: stock first, then preload and/or streams")
     if any(WORKLOADS[w][0] == "nginx" for w in wls):
         a.fileset = os.path.join(a.out, "fileset")
         if not os.path.exists(os.path.join(a.fileset, "specweb.list")):
             subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gen_fileset.py"), "specweb",
                             a.fileset], check=True, stdout=subprocess.DEVNULL)
         subprocess.run(["chmod", "-R", "a+rX", a.out], check=True)
-        a.ngx_wrapper = os.path.join(a.out, "nginx-preload")
-        with open(a.ngx_wrapper, "w") as f:
-            f.write(f'#!/bin/sh\nexec "{a.launcher}" --no-lib-path "{NGINX}" "$@"\n')
-        os.chmod(a.ngx_wrapper, 0o755)
+        a.ngx_wrapper = {}
+        for v in VARIANTS[1:]:
+            a.ngx_wrapper[v] = os.path.join(a.out, "nginx-" + v)
+            with open(a.ngx_wrapper[v], "w") as f:
+                f.write(f'#!/bin/sh\nexec "{a.launcher}" {" ".join(LAUNCH[v])} "{NGINX}" "$@"\n')
+            os.chmod(a.ngx_wrapper[v], 0o755)
     quiet = float(os.environ.get("QUIET_WAIT", 8))
     # The launcher must find a preload that serves epoll: say so once, loudly, before measuring.
     chk = subprocess.run([a.launcher, "-v", sys.executable, "-c", "import select; select.epoll().poll(0)"],
@@ -216,7 +232,8 @@ def main():
     for w in wls:
         kind, extra = WORKLOADS[w]
         for i in range(a.pairs):
-            for v in (VARIANTS if i % 2 == 0 else VARIANTS[::-1]):
+            k = i % len(VARIANTS)
+            for v in VARIANTS[k:] + VARIANTS[:k]:
                 wait_quiet(quiet)
                 res, cmd = (run_memcached if kind == "memcached" else run_nginx)(a, v, extra)
                 cmds[(w, v)] = cmd
@@ -241,19 +258,25 @@ def main():
             m = med[v]
             lines.append(f"| {w} | {v} | {m['tps']:.0f} | {m['srv_us']:.2f} | {m['core_us']:.2f} | "
                          f"{m['sys']:.2f} | {m['p99_us']:.0f} |")
-        ratio = {}
-        for k in KEYS:
-            pr = []
-            for i in range(a.pairs):
-                s = next(r for r in rows if r["workload"] == w and r["variant"] == "stock" and r["pair"] == i)
-                p = next(r for r in rows if r["workload"] == w and r["variant"] == "preload" and r["pair"] == i)
-                if s[k] and s[k] == s[k] and p[k] == p[k]:
-                    pr.append(p[k] / s[k])
-            ratio[k] = statistics.median(pr) if pr else float("nan")
-        lines.append(f"| {w} | preload / stock (paired medians) | {ratio['tps']:.3f}x | {ratio['srv_us']:.3f}x "
-                     f"| {ratio['core_us']:.3f}x | {ratio['sys']:.3f}x | {ratio['p99_us']:.3f}x |")
+        for v in VARIANTS[1:]:
+            ratio = {}
+            for k in KEYS:
+                pr = []
+                for i in range(a.pairs):
+                    s = next(r for r in rows if r["workload"] == w and r["variant"] == "stock" and r["pair"] == i)
+                    p = next(r for r in rows if r["workload"] == w and r["variant"] == v and r["pair"] == i)
+                    if s[k] and s[k] == s[k] and p[k] == p[k]:
+                        pr.append(p[k] / s[k])
+                ratio[k] = statistics.median(pr) if pr else float("nan")
+            lines.append(f"| {w} | {v} / stock (median of paired ratios) | {ratio['tps']:.3f}x | "
+                         f"{ratio['srv_us']:.3f}x | {ratio['core_us']:.3f}x | {ratio['sys']:.3f}x | "
+                         f"{ratio['p99_us']:.3f}x |")
+            rm = {k: med[v][k] / med["stock"][k] if med["stock"][k] else float("nan") for k in KEYS}
+            lines.append(f"| {w} | {v} / stock (ratio of medians) | {rm['tps']:.3f}x | "
+                         f"{rm['srv_us']:.3f}x | {rm['core_us']:.3f}x | {rm['sys']:.3f}x | "
+                         f"{rm['p99_us']:.3f}x |")
     png, how = plot(a.out, rows, wls)
-    notes = [f"{a.pairs} interleaved pairs per workload, {a.seconds:g} s each after {a.warmup:g} s warm-up, "
+    notes = [f"{a.pairs} interleaved rounds per workload ({', '.join(VARIANTS)}), {a.seconds:g} s each after {a.warmup:g} s warm-up, "
              f"{a.conns} connections; server on CPU 0, loadgen on CPU 1.  Kernel {os.uname().release}, "
              f"{os.cpu_count()} CPUs."]
     if perf_note:

@@ -64,6 +64,19 @@ int epoll_ctl(int epfd, int op, int fd, struct epoll_event *event) {
     mpr_lock();
     struct mpr_ep *ep = mpr_ep_of(epfd);
     int r;
+    if (mpr_streams && mpr_is_stream(fd)) {
+        /* stream mode (stream.c): the stream's interest is kept there, not in the kernel's set,
+         * when the set is one the emulation serves; otherwise the fd is a plain one */
+        bool excl = event && op != EPOLL_CTL_DEL && (event->events & EPOLLEXCLUSIVE);
+        if (ep && !ep->shared && !excl && fd != epfd) {
+            r = mpr_stream_ctl(ep, op, fd, event);
+            if (r != -EBUSY) {
+                mpr_unlock();
+                return r < 0 ? fail(-r) : 0;
+            }
+        }
+        mpr_stream_unstream(fd); /* a candidate only; an adopted stream stays (documented) */
+    }
     if (!ep || ep->shared) {
         r = mpr_real.epoll_ctl(epfd, op, fd, event);
         if (r == 0 && mpr_kind_of(fd) == FK_EPOLL) {
@@ -129,7 +142,8 @@ static int wait_ns(int epfd, struct epoll_event *evs, int max, int64_t ns, const
     ep->waiters++;
     uint32_t gen = ep->gen;
     mpr_unlock();
-    int n = mp_epoll_wait(ch, epfd, evs, max, ns, mask);
+    int n = mpr_streams ? mpr_stream_wait(ch, epfd, evs, max, ns, mask)
+                        : mp_epoll_wait(ch, epfd, evs, max, ns, mask);
     mpr_lock();
     if (ep->gen == gen && ep->waiters) ep->waiters--;
     mpr_unlock();

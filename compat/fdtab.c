@@ -195,6 +195,25 @@ void mpr_drain_into(mp_channel *ch) {
     }
 }
 
+int mpr_ep_adopt_push(struct mpr_ep *ep, int fd) {
+    if (ep->nadopt == ep->adopt_cap) {
+        size_t cap = ep->adopt_cap ? ep->adopt_cap * 2 : 16;
+        int *n = realloc(ep->adopt, cap * sizeof *n);
+        if (!n) return -ENOMEM;
+        ep->adopt = n;
+        ep->adopt_cap = cap;
+    }
+    ep->adopt[ep->nadopt++] = fd;
+    return 0;
+}
+
+int mpr_ep_adopt_pop(struct mpr_ep *ep) { return ep->nadopt ? ep->adopt[--ep->nadopt] : -1; }
+
+size_t mpr_fd_cap(void) {
+    pthread_once(&g_tab_once, tab_init);
+    return g_cap;
+}
+
 void mpr_each_ep(void (*fn)(struct mpr_ep *)) {
     for (size_t i = 0; i < g_neps; i++)
         if (g_eps[i]->live) fn(g_eps[i]);
@@ -206,6 +225,9 @@ static void ep_retire(struct mpr_ep *ep) {
         if (ep->in[fd] && g_fd[fd].nwatch) g_fd[fd].nwatch--;
     free(ep->in);
     free(ep->pend);
+    free(ep->adopt);
+    ep->adopt = NULL;
+    ep->nadopt = ep->adopt_cap = 0;
     ep->in = NULL;
     ep->pend = NULL;
     ep->in_len = ep->npend = ep->pend_cap = 0;
@@ -246,6 +268,7 @@ void mpr_fd_new(int fd, enum mpr_kind k) {
     if (!tracked(fd)) return;
     mpr_lock();
     closing_locked(fd); /* what a close that bypassed us left behind */
+    if (mpr_streams) mpr_stream_forget(fd);
     g_fd[fd].kind = (uint8_t)k;
     mpr_unlock();
 }
@@ -255,7 +278,10 @@ void mpr_fd_new(int fd, enum mpr_kind k) {
 #define PASS (mpr_init(), mpr_state < 0 || mpr_t.busy)
 
 int close(int fd) {
-    if (PASS || !interesting(fd)) return mpr_real.close(fd);
+    if (PASS) return mpr_real.close(fd);
+    int res;
+    if (mpr_streams && mpr_stream_close(fd, &res)) return res; /* stream.c */
+    if (!interesting(fd)) return mpr_real.close(fd);
     /* Changes still queued that name fd (typically the EPOLL_CTL_DEL just before it) go to
      * the kernel with the close itself, in one system call, through this thread's channel. */
     mp_channel *ch = mpr_t.ch;
@@ -278,6 +304,9 @@ int close(int fd) {
 }
 
 static void closing_range(unsigned first, unsigned last) {
+    if (mpr_streams)
+        for (size_t fd = first; fd <= last && fd < g_cap; fd++)
+            if (mpr_is_stream((int)fd)) mpr_stream_detach((int)fd);
     mpr_lock();
     for (size_t fd = first; fd <= last && fd < g_cap; fd++)
         if (interesting((int)fd)) closing_locked((int)fd);
@@ -328,6 +357,7 @@ int dup(int oldfd) {
 
 int dup2(int oldfd, int newfd) {
     if (PASS || oldfd == newfd) return mpr_real.dup2(oldfd, newfd);
+    if (mpr_streams) mpr_stream_detach(newfd);
     mpr_fd_closing(newfd);
     int r = mpr_real.dup2(oldfd, newfd);
     if (r >= 0) dup_done(oldfd, r);
@@ -336,6 +366,7 @@ int dup2(int oldfd, int newfd) {
 
 int dup3(int oldfd, int newfd, int flags) {
     if (PASS || oldfd == newfd) return mpr_real.dup3(oldfd, newfd, flags);
+    if (mpr_streams) mpr_stream_detach(newfd);
     mpr_fd_closing(newfd);
     int r = mpr_real.dup3(oldfd, newfd, flags);
     if (r >= 0) dup_done(oldfd, r);
@@ -364,14 +395,20 @@ int socketpair(int domain, int type, int protocol, int sv[2]) {
 int accept(int fd, struct sockaddr *addr, socklen_t *len) {
     mpr_init();
     int r = mpr_real.accept(fd, addr, len);
-    if (r >= 0 && !PASS) mpr_fd_new(r, FK_POLLABLE);
+    if (r >= 0 && !PASS) {
+        mpr_fd_new(r, FK_POLLABLE);
+        mpr_stream_accepted(fd, r, 0);
+    }
     return r;
 }
 
 int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags) {
     mpr_init();
     int r = mpr_real.accept4(fd, addr, len, flags);
-    if (r >= 0 && !PASS) mpr_fd_new(r, FK_POLLABLE);
+    if (r >= 0 && !PASS) {
+        mpr_fd_new(r, FK_POLLABLE);
+        mpr_stream_accepted(fd, r, flags);
+    }
     return r;
 }
 

@@ -50,7 +50,7 @@ static const char *prog = "megapipe-run";
 
 static void usage_short(FILE *f)
 {
-    fprintf(f, "usage: %s [-v] [--stats] [--disable] [--preload PATH] [--no-lib-path] [--] CMD [ARGS...]\n"
+    fprintf(f, "usage: %s [-v] [--stats] [--streams] [--disable] [--preload PATH] [--no-lib-path] [--] CMD [ARGS...]\n"
                "       %s --help | --version\n", prog, prog);
 }
 
@@ -117,8 +117,25 @@ static void help(void)
 "        program then uses the system's libevent and libuv, whose epoll calls the preload\n"
 "        serves).\n"
 "    --streams\n"
-"        Stream mode (socket reads and writes served by buffered reads and write-behind)\n"
-"        is not available in this build: the launcher says so and exits with status 2.\n"
+"        Set MEGAPIPE_STREAMS=1: stream mode.  TCP connections the program accepts (accept,\n"
+"        accept4 on an IPv4/IPv6 TCP listener) and puts in an epoll set are served by the\n"
+"        channel of the thread that waits on that set: the kernel's data is received into\n"
+"        the channel's buffers (multishot receives), read, recv, recvfrom, recvmsg and readv\n"
+"        copy from them without a system call, and write, send, sendto, sendmsg and writev\n"
+"        copy into a write-behind queue that the thread's next epoll wait hands to the\n"
+"        kernel (one io_uring_enter for every connection's bytes and the wait).  epoll\n"
+"        reports such a connection from that state: EPOLLIN while bytes, end of file or an\n"
+"        error wait; EPOLLOUT while the queue is under its bound (MEGAPIPE_STREAM_WBUF).\n"
+"        A full queue makes writes take what fits and then fail with EAGAIN (a blocking\n"
+"        socket blocks), as a full socket buffer does.  Send and receive errors (EPIPE,\n"
+"        ECONNRESET) come back from the next call and from getsockopt(SO_ERROR).  close\n"
+"        and shutdown send every queued byte first (SO_LINGER 0: dropped, and the peer is\n"
+"        reset); sendfile, splice, TCP_CORK, TCP_NODELAY and MSG_OOB wait until the queued\n"
+"        bytes are in the socket, then make the real call; FIONREAD counts the buffered\n"
+"        bytes; MSG_PEEK and poll/select see the buffers.  Needs IORING_OP_EPOLL_WAIT\n"
+"        (Linux 6.15+), provided-buffer rings and multishot receives; otherwise the\n"
+"        preload says so and runs in epoll-only mode.  docs/megapipe-run.md lists what\n"
+"        differs from the kernel's sockets.\n"
 "    -h, --help\n"
 "        This text.\n"
 "    -V, --version\n"
@@ -144,15 +161,20 @@ static void help(void)
 "    MEGAPIPE_STATS=1\n"
 "        Each channel's statistics on stderr at process and thread exit (see --stats).\n"
 "    MEGAPIPE_STREAMS=1\n"
-"        Asks for stream mode, which this build does not implement: the preload prints one\n"
-"        warning on stderr and runs in epoll-only mode.\n"
+"        Stream mode (see --streams).  With MEGAPIPE_STATS, each channel also prints\n"
+"        \"streams N (reads served R, writes queued W, sends S)\": N connections adopted.\n"
+"    MEGAPIPE_STREAM_WBUF=BYTES\n"
+"        Stream mode's write-behind bound per connection (suffix k or m; at least 4096;\n"
+"        default 256k).  The receive side is bounded by the core's MP_BUF_PER_CONN x\n"
+"        MP_BUF_SIZE (default 256 x 4096 bytes): past it the connection's receive pauses\n"
+"        and the kernel's socket buffer and TCP flow control hold the peer back.\n"
 "    The core's MP_* knobs (MP_ENGINE, MP_BATCH, ...; docs/api.md) apply to the preload's\n"
 "    channels as to any channel.\n"
 "\n"
 "EXIT STATUS\n"
 "    CMD's exit status when CMD was executed.  Otherwise:\n"
 "    1    no preload library found (or another launcher error)\n"
-"    2    usage error, or --streams\n"
+"    2    usage error\n"
 "    126  CMD was found but could not be executed\n"
 "    127  CMD was not found\n"
 "\n"
@@ -168,9 +190,10 @@ static void help(void)
 "    MEGAPIPE_PRELOAD=$PWD/build/compat/" PRELOAD_NAME " megapipe-run ./a.out\n"
 "\n"
 "LIMITATIONS\n"
-"    Only epoll is served (epoll-only mode): select, poll and the socket calls go to the\n"
-"    kernel as before, and a program that does not use epoll gains nothing.  Stream mode\n"
-"    is not built.  Programs that make epoll system calls without going through libc's\n"
+"    Without --streams only epoll is served (epoll-only mode): select, poll and the socket\n"
+"    calls go to the kernel as before, and a program that does not use epoll gains\n"
+"    nothing; with --streams only accepted TCP connections in an epoll set are streams\n"
+"    (connect()ed sockets, UNIX sockets and pipes stay plain fds).  Programs that make epoll system calls without going through libc's\n"
 "    functions (raw syscall(), static binaries, Go programs) are not affected: LD_PRELOAD\n"
 "    only interposes dynamically linked calls.  Set-user-ID and set-group-ID programs ignore\n"
 "    LD_PRELOAD paths outside the trusted directories (secure execution), so the preload\n"
@@ -307,7 +330,7 @@ int main(int argc, char **argv)
         {"version", no_argument, NULL, 'V'},
         {NULL, 0, NULL, 0},
     };
-    bool stats = false, disable = false, lib_path = true;
+    bool stats = false, disable = false, lib_path = true, streams = false;
     const char *preload_opt = NULL;
     opterr = 0;
     int c;
@@ -319,10 +342,7 @@ int main(int argc, char **argv)
         case OPT_DISABLE: disable = true; break;
         case OPT_PRELOAD: preload_opt = optarg; break;
         case OPT_NO_LIB_PATH: lib_path = false; break;
-        case OPT_STREAMS:
-            fprintf(stderr, "%s: stream mode is not available in this build (only epoll-only "
-                            "mode is implemented); run without --streams\n", prog);
-            return EXIT_USAGE;
+        case OPT_STREAMS: streams = true; break;
         case 'h': help(); return 0;
         case 'V': printf("megapipe-run %s\n", MP_RUN_VERSION); return 0;
         case ':':
@@ -397,6 +417,8 @@ int main(int argc, char **argv)
     if (stats && !set_var("MEGAPIPE_STATS", "1"))
         return EXIT_LAUNCHER;
     if (disable && !set_var("MEGAPIPE_DISABLE", "1"))
+        return EXIT_LAUNCHER;
+    if (streams && !set_var("MEGAPIPE_STREAMS", "1"))
         return EXIT_LAUNCHER;
 
     if (verbose) {

@@ -8,7 +8,9 @@
  *                        why the emulation stepped aside).
  *   MEGAPIPE_STATS=1     each channel's statistics on stderr when its thread exits, and those
  *                        of every channel left at process exit.
- *   MEGAPIPE_STREAMS=1   stream mode: not in this build; a warning, then epoll-only mode.
+ *   MEGAPIPE_STREAMS=1   stream mode (stream.c): accepted TCP connections served by buffered
+ *                        reads and write-behind through the waiting thread's channel.
+ *   MEGAPIPE_STREAM_WBUF=<bytes>  stream mode's write-behind bound per connection (256k).
  *   MP_*                 the core's channel options (MP_RING_ENTRIES, MP_BATCH, ...), except
  *                        those the emulation sets itself: no lwsockets, no partitions, no
  *                        readiness set of its own.
@@ -26,7 +28,9 @@ struct real_fns mpr_real;
 int mpr_state;
 __thread struct mpr_thread mpr_t;
 
-static bool g_verbose, g_stats;
+bool mpr_verbose, mpr_stats;
+#define g_verbose mpr_verbose
+#define g_stats mpr_stats
 static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 static pthread_key_t g_key;
 static pthread_mutex_t g_chlock = PTHREAD_MUTEX_INITIALIZER;
@@ -51,6 +55,9 @@ static void print_stats(mp_channel *ch, const char *when) {
         fprintf(stderr, "megapipe-preload[%d] %s: %s\n", (int)getpid(), when, line);
     }
     free(buf);
+    char sl[160];
+    mpr_stream_stats(ch, sl, sizeof sl);
+    if (sl[0]) fprintf(stderr, "megapipe-preload[%d] %s: %s\n", (int)getpid(), when, sl);
 }
 
 static void chan_forget(mp_channel *ch) {
@@ -68,6 +75,7 @@ static void thread_exit(void *p) {
     mp_channel *ch = p;
     if (!ch) return;
     bool was = mpr_t.busy;
+    if (mpr_streams) mpr_stream_chan_done(ch, true); /* queued bytes go out first */
     mpr_t.busy = true;
     if (g_stats) print_stats(ch, "thread exit");
     chan_forget(ch);
@@ -77,6 +85,7 @@ static void thread_exit(void *p) {
 }
 
 static void process_exit(void) {
+    if (mpr_streams && mpr_t.ch) mpr_stream_chan_done(mpr_t.ch, false); /* this thread's */
     if (!g_stats) return;
     mpr_t.busy = true;
     pthread_mutex_lock(&g_chlock);
@@ -88,6 +97,7 @@ static void process_exit(void) {
 /* fork: the child drops its copies of the parent's channels (their rings are the parent's)
  * and makes its own when it waits.  (What fork means for the epoll sets is fdtab.c's.) */
 static void fork_prepare(void) {
+    if (mpr_state > 0) mpr_stream_fork_prepare();
     if (mpr_state > 0) pthread_mutex_lock(&g_chlock);
 }
 
@@ -104,6 +114,7 @@ static void fork_child(void) {
     mpr_t.ch = NULL;
     mpr_t.no_channel = false;
     pthread_setspecific(g_key, NULL);
+    mpr_stream_fork_child();
     pthread_mutex_unlock(&g_chlock);
     mpr_t.busy = was;
 }
@@ -133,6 +144,29 @@ static void init_once(void) {
     RESOLVE(pipe);
     RESOLVE(pipe2);
     RESOLVE(eventfd);
+    RESOLVE(read);
+    RESOLVE(readv);
+    RESOLVE(recv);
+    RESOLVE(recvfrom);
+    RESOLVE(recvmsg);
+    RESOLVE(write);
+    RESOLVE(writev);
+    RESOLVE(send);
+    RESOLVE(sendto);
+    RESOLVE(sendmsg);
+    RESOLVE(shutdown);
+    RESOLVE(getsockopt);
+    RESOLVE(setsockopt);
+    RESOLVE(ioctl);
+    RESOLVE(fcntl);
+    RESOLVE(fcntl64);
+    RESOLVE(sendfile);
+    RESOLVE(sendfile64);
+    RESOLVE(splice);
+    RESOLVE(poll);
+    RESOLVE(ppoll);
+    RESOLVE(select);
+    RESOLVE(pselect);
     g_verbose = env_on("MEGAPIPE_VERBOSE");
     g_stats = env_on("MEGAPIPE_STATS");
     if (!mpr_real.epoll_ctl || !mpr_real.close || !mpr_real.epoll_wait) {
@@ -146,9 +180,7 @@ static void init_once(void) {
         mpr_state = -1;
         return;
     }
-    if (env_on("MEGAPIPE_STREAMS"))
-        fprintf(stderr, "megapipe-preload[%d]: stream mode (MEGAPIPE_STREAMS) is not in this "
-                        "build: epoll-only mode\n", (int)getpid());
+    mpr_streams_init(env_on("MEGAPIPE_STREAMS"));
     pthread_key_create(&g_key, thread_exit);
     pthread_atfork(fork_prepare, fork_parent, fork_child);
     atexit(process_exit);
@@ -205,6 +237,7 @@ mp_channel *mpr_channel(void) {
     pthread_mutex_unlock(&g_chlock);
     pthread_setspecific(g_key, ch);
     mpr_t.ch = ch;
+    if (first) mpr_streams_check(ch);
     if (g_verbose && first) {
         mp_stats st;
         mp_get_stats(ch, &st);

@@ -21,7 +21,10 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/epoll.h>
+#include <poll.h>
+#include <sys/select.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <time.h>
 
 #include "megapipe.h"
@@ -47,6 +50,30 @@ struct real_fns {
     int (*pipe)(int[2]);
     int (*pipe2)(int[2], int);
     int (*eventfd)(unsigned, int);
+    /* stream mode (stream.c) */
+    ssize_t (*read)(int, void *, size_t);
+    ssize_t (*readv)(int, const struct iovec *, int);
+    ssize_t (*recv)(int, void *, size_t, int);
+    ssize_t (*recvfrom)(int, void *, size_t, int, struct sockaddr *, socklen_t *);
+    ssize_t (*recvmsg)(int, struct msghdr *, int);
+    ssize_t (*write)(int, const void *, size_t);
+    ssize_t (*writev)(int, const struct iovec *, int);
+    ssize_t (*send)(int, const void *, size_t, int);
+    ssize_t (*sendto)(int, const void *, size_t, int, const struct sockaddr *, socklen_t);
+    ssize_t (*sendmsg)(int, const struct msghdr *, int);
+    int (*shutdown)(int, int);
+    int (*getsockopt)(int, int, int, void *, socklen_t *);
+    int (*setsockopt)(int, int, int, const void *, socklen_t);
+    int (*ioctl)(int, unsigned long, ...);
+    int (*fcntl)(int, int, ...);
+    int (*fcntl64)(int, int, ...);
+    ssize_t (*sendfile)(int, int, off_t *, size_t);
+    ssize_t (*sendfile64)(int, int, off_t *, size_t);
+    ssize_t (*splice)(int, loff_t *, int, loff_t *, size_t, unsigned);
+    int (*poll)(struct pollfd *, nfds_t, int);
+    int (*ppoll)(struct pollfd *, nfds_t, const struct timespec *, const sigset_t *);
+    int (*select)(int, fd_set *, fd_set *, fd_set *, struct timeval *);
+    int (*pselect)(int, fd_set *, fd_set *, fd_set *, const struct timespec *, const sigset_t *);
 };
 extern struct real_fns mpr_real;
 
@@ -56,10 +83,16 @@ extern int mpr_state;
 /* Resolve mpr_real (idempotent, thread-safe) and read the environment. */
 void mpr_init(void);
 
+/* MEGAPIPE_STREAMS=1 was asked for and the first channel can serve it (stream.c). */
+extern bool mpr_streams;
+extern bool mpr_verbose, mpr_stats;
+
 /* Per-thread state.  busy: the thread is inside the emulation (or the core it calls), so
  * interposed calls it makes go straight to libc. */
+struct mpr_schan;
 struct mpr_thread {
     mp_channel *ch;
+    struct mpr_schan *sc; /* stream mode: this thread's channel's streams (stream.c) */
     bool busy;
     bool no_channel; /* making this thread's channel failed */
 };
@@ -87,6 +120,8 @@ struct mpr_ep {
     size_t in_len;
     struct mpr_pend { int op, fd; struct epoll_event ev; } *pend; /* queued changes, in order */
     size_t npend, pend_cap;
+    int *adopt; /* stream mode: candidate streams added to the set, adopted at its next wait */
+    size_t nadopt, adopt_cap;
 };
 
 /* The global lock: fd knowledge, sets, queued changes. */
@@ -108,6 +143,9 @@ void mpr_pend_flush_sync(struct mpr_ep *ep);
 void mpr_pend_flush_all(void);
 /* Hand every set's queued changes to ch (the waiting thread's channel). */
 void mpr_drain_into(mp_channel *ch);
+/* Stream mode: candidates waiting for the set's next wait. */
+int mpr_ep_adopt_push(struct mpr_ep *ep, int fd); /* 0 or -ENOMEM */
+int mpr_ep_adopt_pop(struct mpr_ep *ep); /* -1: none */
 /* Every set (fork handlers). */
 void mpr_each_ep(void (*fn)(struct mpr_ep *));
 
@@ -115,5 +153,41 @@ void mpr_each_ep(void (*fn)(struct mpr_ep *));
 void mpr_fd_new(int fd, enum mpr_kind k);
 /* fd number n is being closed. */
 void mpr_fd_closing(int fd);
+
+/* Number of fd numbers tracked (fds at or above are never streams nor sets). */
+size_t mpr_fd_cap(void);
+
+/* ---- stream.c ------------------------------------------------------------------------ */
+
+/* Stream mode was asked for: decide with the first channel (features), at init. */
+void mpr_streams_init(bool wanted);
+/* The first channel was made: stream mode stays on only if it has what streams need. */
+void mpr_streams_check(mp_channel *ch);
+/* A connection was accepted from listener lfd (flags: accept4's). */
+void mpr_stream_accepted(int lfd, int fd, int flags);
+/* With the lock held: is fd a stream (adopted or not)? */
+bool mpr_is_stream(int fd);
+/* epoll_ctl on a set this process made for a stream fd (lock held).  Returns 0 / -errno. */
+int mpr_stream_ctl(struct mpr_ep *ep, int op, int fd, struct epoll_event *ev);
+/* A stream fd is being added to a set the emulation cannot serve it in (shared, unknown):
+ * it becomes a plain fd for good (lock held). */
+void mpr_stream_unstream(int fd);
+/* Number fd names a new file (a close bypassed the emulation): forget its stream (lock held). */
+void mpr_stream_forget(int fd);
+/* The wait of a stream-mode process on set ep through ch (lock NOT held; called with
+ * mpr_t.busy set).  Returns as epoll_wait (>= 0 or -errno). */
+int mpr_stream_wait(mp_channel *ch, int epfd, struct epoll_event *evs, int max, int64_t ns,
+                    const sigset_t *mask);
+/* close() of a stream fd: returns 1 when handled (result in *res), 0 when not a stream. */
+int mpr_stream_close(int fd, int *res);
+/* The number fd is about to be closed by dup2/dup3/close_range/closefrom. */
+void mpr_stream_detach(int fd);
+/* A thread's channel is about to be destroyed (thread exit, process exit): flush. */
+void mpr_stream_chan_done(mp_channel *ch, bool destroying);
+/* One line of stream statistics for ch into buf ("" when none). */
+void mpr_stream_stats(mp_channel *ch, char *buf, size_t len);
+/* fork handlers */
+void mpr_stream_fork_prepare(void);
+void mpr_stream_fork_child(void);
 
 #endif

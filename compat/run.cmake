@@ -71,6 +71,30 @@ if(MP_BUILD_TESTS AND NOT MP_SANITIZE)
                 ${CMAKE_SOURCE_DIR}/backends/memcached/tests/run-t.sh)
       list(APPEND _mp_run_tests preload.memcached_t)
     endif()
+    # Stream mode (MEGAPIPE_STREAMS=1, --streams): the same programs and checks, and each must
+    # show connections adopted as streams (the "streams N" statistics line).
+    add_test(NAME preload.stress_streams
+      COMMAND ${Python3_EXECUTABLE} ${_mp_t}/test_stress.py --streams ${_mp_run} $<TARGET_FILE:epoll_echo>)
+    add_test(NAME preload.asyncio_streams
+      COMMAND ${Python3_EXECUTABLE} ${_mp_t}/test_asyncio.py --streams ${_mp_run})
+    add_test(NAME preload.memcached_streams
+      COMMAND ${Python3_EXECUTABLE} ${_mp_t}/test_memcached.py --streams ${_mp_run})
+    set_tests_properties(preload.memcached_streams PROPERTIES
+      ENVIRONMENT "MP_LIBEVENT_LIBDIR=${CMAKE_BINARY_DIR}/libevent/lib")
+    add_test(NAME preload.nginx_streams
+      COMMAND ${Python3_EXECUTABLE} ${_mp_t}/test_nginx.py --streams ${_mp_run})
+    list(APPEND _mp_run_tests preload.stress_streams preload.asyncio_streams
+         preload.memcached_streams preload.nginx_streams)
+    if(MP_PROVE_EXE)
+      add_test(NAME preload.memcached_t_streams
+        COMMAND ${MP_RUN_DIR}/tests/run-memcached-t.sh ${_mp_run} ${CMAKE_BINARY_DIR}/compat/memcached-t
+                ${CMAKE_SOURCE_DIR}/backends/memcached/tests/run-t.sh)
+      # the same work directory as preload.memcached_t: never at the same time
+      set_tests_properties(preload.memcached_t preload.memcached_t_streams PROPERTIES
+        RESOURCE_LOCK mp_memcached_t)
+      set_tests_properties(preload.memcached_t_streams PROPERTIES ENVIRONMENT "MEGAPIPE_STREAMS=1")
+      list(APPEND _mp_run_tests preload.memcached_t_streams)
+    endif()
     set_tests_properties(${_mp_run_tests} PROPERTIES LABELS preload TIMEOUT 240 SKIP_RETURN_CODE 77)
   endif()
 endif()

@@ -71,9 +71,11 @@ typedef struct mp_engine {
     int (*epoll_ctl)(struct mp_channel *ch, int epfd, int op, int fd,
                      const struct epoll_event *ev);
     /* Submit what is queued and wait for events of epfd, as epoll_pwait2(2) (timeout_ns -1:
-     * no limit).  Number of events or -errno. */
+     * no limit).  With MP_EPOLL_WAIT_CHANNEL in flags, also end the wait (with the events of
+     * epfd gathered so far, maybe none) once the channel has events of its own queued.
+     * Number of events or -errno. */
     int (*epoll_wait)(struct mp_channel *ch, int epfd, struct epoll_event *evs, int max,
-                      int64_t timeout_ns, const sigset_t *sigmask);
+                      int64_t timeout_ns, const sigset_t *sigmask, int flags);
     /* close(2) of fd with what is queued, done when it returns: 0 or -errno. */
     int (*close_fd)(struct mp_channel *ch, int fd);
     /* close(2) of fd as a queued request whose result nobody waits for. */

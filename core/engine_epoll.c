@@ -9,6 +9,7 @@
  * attempt is a system call, which is exactly what the io_uring engine saves.
  */
 #include <errno.h>
+#include <poll.h>
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
@@ -338,8 +339,28 @@ static int ep_fepoll_ctl(mp_channel *ch, int epfd, int op, int fd, const struct 
 }
 
 static int ep_fepoll_wait(mp_channel *ch, int epfd, struct epoll_event *evs, int max,
-                          int64_t timeout_ns, const sigset_t *sigmask) {
+                          int64_t timeout_ns, const sigset_t *sigmask, int flags) {
     struct timespec ts = {.tv_sec = timeout_ns / 1000000000, .tv_nsec = timeout_ns % 1000000000};
+    if ((flags & MP_EPOLL_WAIT_CHANNEL) && mp__event_count(ch)) {
+        ts.tv_sec = ts.tv_nsec = 0;
+        timeout_ns = 0;
+    }
+    if ((flags & MP_EPOLL_WAIT_CHANNEL) && timeout_ns != 0) {
+        /* Sleep on both sets: the application's and the channel's own (its handles, its
+         * wake-up eventfd); then collect from whichever is ready without blocking. */
+        struct pollfd pf[2] = {{.fd = epfd, .events = POLLIN}, {.fd = E(ch)->epfd, .events = POLLIN}};
+        ch->st.syscalls++;
+        int r = ppoll(pf, 2, timeout_ns < 0 ? NULL : &ts, sigmask);
+        if (r < 0) return -errno;
+        if (pf[0].revents & POLLNVAL) return -EBADF;
+        if (pf[1].revents & POLLIN) {
+            r = ep_wait(ch, 0);
+            if (r < 0 && r != -ETIME) return r;
+        }
+        if (!(pf[0].revents & (POLLIN | POLLERR | POLLHUP))) return 0;
+        ts.tv_sec = ts.tv_nsec = 0;
+        sigmask = NULL;
+    }
     ch->st.syscalls++;
     int n = epoll_pwait2(epfd, evs, max, timeout_ns < 0 ? NULL : &ts, sigmask);
     return n < 0 ? -errno : n;

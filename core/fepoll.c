@@ -54,15 +54,21 @@ static int take_failed(mp_channel *ch, int epfd, struct epoll_event *evs, int ma
 
 int mp_epoll_wait(mp_channel *ch, int epfd, struct epoll_event *events, int maxevents,
                   int64_t timeout_ns, const sigset_t *sigmask) {
+    return mp_epoll_wait_flags(ch, epfd, events, maxevents, timeout_ns, sigmask, 0);
+}
+
+int mp_epoll_wait_flags(mp_channel *ch, int epfd, struct epoll_event *events, int maxevents,
+                        int64_t timeout_ns, const sigset_t *sigmask, int flags) {
     int r = mp__ch_enter(ch);
     if (r) return r;
+    if (flags & ~MP_EPOLL_WAIT_CHANNEL) return -EINVAL;
     if (maxevents <= 0) return -EINVAL;
     if (!events) return -EFAULT;
     if (epfd < 0) return -EBADF;
     ch->st.epoll_waits++;
     if (ch->nfefail && (r = take_failed(ch, epfd, events, maxevents)) > 0) return r;
     if (timeout_ns < -1) timeout_ns = -1;
-    r = ch->eng->epoll_wait(ch, epfd, events, maxevents, timeout_ns, sigmask);
+    r = ch->eng->epoll_wait(ch, epfd, events, maxevents, timeout_ns, sigmask, flags);
     if (r == 0 && ch->nfefail) r = take_failed(ch, epfd, events, maxevents);
     return r;
 }

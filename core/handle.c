@@ -179,6 +179,20 @@ static mp_handle *register_conn(mp_channel *ch, mp_handle *h) {
     return h;
 }
 
+mp_handle *mp_register_connected(mp_channel *ch, int fd, void *cookie) {
+    int e = mp__ch_enter(ch);
+    if (e < 0) return fail(NULL, -e);
+    if (fd < 0 || mp_is_lwsocket(fd)) return fail(NULL, EBADF);
+    uint32_t known = mp__fdmap_get(ch, fd);
+    if (known && known != MP_FD_ACCEPTED) return fail(NULL, EEXIST);
+    mp_handle *h = mp__handle_alloc(ch); /* the caller vouches: no probe */
+    if (!h) return fail(NULL, ENOMEM);
+    h->kind = HK_CONN;
+    h->id = h->fd = fd;
+    h->cookie = cookie;
+    return register_conn(ch, h);
+}
+
 mp_handle *mp_register(mp_channel *ch, int fd, void *cookie, const cpu_set_t *cpu_mask) {
     int e = mp__ch_enter(ch);
     if (e < 0) return fail(NULL, -e);

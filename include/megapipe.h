@@ -341,6 +341,14 @@ const char *mp_engine_name(const mp_channel *ch);
  * listen(), setsockopt() for a partition. */
 mp_handle *mp_register(mp_channel *ch, int fd, void *cookie, const cpu_set_t *cpu_mask);
 
+/* mp_register() of a connection the caller knows to be a connected stream socket (one it
+ * accepted itself, as the epoll emulation's stream mode does): no probe, no system call on
+ * io_uring (one epoll_ctl() on epoll).  Anything else fails at its first operation, not here.
+ * Errors (NULL, errno): EBADF (bad ch, negative fd or an lwsocket id), EEXIST (fd already
+ * registered on ch), EPERM (not the owning thread or process), ENOMEM; on the epoll engine the
+ * epoll_ctl() error (EBADF for a closed fd). */
+mp_handle *mp_register_connected(mp_channel *ch, int fd, void *cookie);
+
 /* End h (see "Lifetimes" above): returns at once; cancels its pending operations; after this
  * returns no event of h is delivered except its one MP_EV_CLOSED, which comes when the kernel
  * holds none of its operations (on the epoll engine: at once).  lwsockets and partition sockets
@@ -559,8 +567,9 @@ int mp_poll_del(mp_handle *h);
  * to timeout_ns nanoseconds (-1: no limit; 0: do not block) for events of epfd, with the signal
  * mask sigmask during the wait (NULL: unchanged), in one io_uring_enter() (IORING_OP_EPOLL_WAIT,
  * Linux 6.15+; the enter's own timeout bounds the wait, and a wait that times out costs a second
- * call, which cancels the request; timeout 0 with requests to hand over uses a linked timeout
- * instead, so it never blocks; timeout 0 with nothing to hand over is epoll_pwait2(2) itself).
+ * call, which cancels the request; timeout 0 with requests to hand over submits the wait and
+ * its cancellation together, so it never blocks and arms no timer; timeout 0 with nothing to
+ * hand over is epoll_pwait2(2) itself).
  * The kernel writes the events straight
  * into events[0..maxevents), which belongs to the kernel until the call returns (it does not
  * return before the wait request has completed, cancelled if a signal interrupted it).  Other
@@ -583,6 +592,24 @@ int mp_epoll_ctl(mp_channel *ch, int epfd, int op, int fd, const struct epoll_ev
 int mp_close(mp_channel *ch, int fd);
 int mp_epoll_wait(mp_channel *ch, int epfd, struct epoll_event *events, int maxevents,
                   int64_t timeout_ns, const sigset_t *sigmask);
+
+/* mp_epoll_wait() with flags (0: exactly mp_epoll_wait()).
+ *   MP_EPOLL_WAIT_CHANNEL: the channel's own events end the wait too.  For a front-end that
+ *   serves some fds through the channel's handles (buffered reads, writes) and leaves the
+ *   others in the application's epoll set, and must wake for either.  When the channel has
+ *   events queued (completions of its handles, MP_EV_WAKE from mp_wake() in another thread)
+ *   before or during the wait, the wait returns at once with the events of epfd the kernel had
+ *   ready (possibly 0, which then is not a timeout); collect the channel's with
+ *   mp_dispatch*() (without blocking: timeout 0).  Receives paused at MP_BUF_PER_CONN and other
+ *   work that waits for the channel's next wait are re-armed first, as mp_dispatch*() does.
+ *   On io_uring it needs IORING_OP_EPOLL_WAIT (Linux 6.15+; mp_stats.features has
+ *   MP_FEAT_EPOLL_WAIT): without it the call fails with -ENOTSUP.  On the epoll engine a
+ *   blocking wait is a ppoll() on epfd and the channel's own epoll set, then epoll_pwait2()
+ *   without blocking on the one that is ready.
+ * Returns as mp_epoll_wait(), and -EINVAL for unknown flags. */
+#define MP_EPOLL_WAIT_CHANNEL 0x1
+int mp_epoll_wait_flags(mp_channel *ch, int epfd, struct epoll_event *events, int maxevents,
+                        int64_t timeout_ns, const sigset_t *sigmask, int flags);
 
 /* ---------------------------------------------------------------------------------------- */
 /* Statistics                                                                                */

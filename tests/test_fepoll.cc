@@ -352,3 +352,112 @@ TEST_F(Fepoll, CloseWithQueuedChanges) {
     EXPECT_EQ(mp_epoll_wait(ch, ep.get(), out, 4, 0, nullptr), 0);
     EXPECT_EQ(stats().epoll_ctl_failed, 0u);
 }
+
+// MP_EPOLL_WAIT_CHANNEL: a completion of the channel's own handle ends a blocking wait on the
+// foreign set (which has nothing ready), with 0 events and no EINTR; an mp_wake() from another
+// thread does too; without the flag the same completion does not end it.
+TEST_F(Fepoll, ChannelEventsEndTheWaitWithTheFlag) {
+    Pair conn, other;
+    ASSERT_TRUE(tcp_pair(conn));
+    ASSERT_TRUE(tcp_pair(other));
+    ASSERT_EQ(add(other.a.get(), EPOLLIN, 5), 0);
+    mp_handle *h = mp_register(ch, conn.a.get(), nullptr, nullptr);
+    ASSERT_NE(h, nullptr) << strerror(errno);
+    char buf[16];
+    ASSERT_EQ(mp_read(h, buf, sizeof buf), 0);
+    epoll_event out[4];
+    EXPECT_EQ(mp_epoll_wait_flags(ch, ep.get(), out, 4, 0, nullptr, 0x80), -EINVAL);
+    if (is_uring(ch) && !(stats().features & MP_FEAT_EPOLL_WAIT)) {
+        EXPECT_EQ(mp_epoll_wait_flags(ch, ep.get(), out, 4, -1, nullptr, MP_EPOLL_WAIT_CHANNEL),
+                  -ENOTSUP);
+        mp_unregister(h);
+        return;
+    }
+    auto t0 = std::chrono::steady_clock::now();
+    Joiner peer([&] {
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        ::write(conn.b.get(), "data", 4);
+    });
+    int n = mp_epoll_wait_flags(ch, ep.get(), out, 4, 5000000000LL, nullptr, MP_EPOLL_WAIT_CHANNEL);
+    auto took = std::chrono::steady_clock::now() - t0;
+    peer.join();
+    EXPECT_EQ(n, 0);
+    EXPECT_LT(took, std::chrono::milliseconds(4000)); // ended by the read, not the timeout
+    mp_event ev;
+    ASSERT_EQ(mp_dispatch(ch, &ev, 0), 1);
+    EXPECT_EQ(ev.cmd, MP_EV_READ);
+    EXPECT_EQ(ev.result, 4);
+    // Events already queued: the wait does not block at all.
+    ASSERT_EQ(mp_read(h, buf, sizeof buf), 0);
+    ::write(conn.b.get(), "more", 4);
+    ::write(other.b.get(), "x", 1);
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    n = mp_epoll_wait_flags(ch, ep.get(), out, 4, 5000000000LL, nullptr, MP_EPOLL_WAIT_CHANNEL);
+    if (n == 0) // the read's completion ended it first; the set's fd is still ready
+        n = mp_epoll_wait_flags(ch, ep.get(), out, 4, 5000000000LL, nullptr, MP_EPOLL_WAIT_CHANNEL);
+    ASSERT_EQ(n, 1);
+    EXPECT_EQ(out[0].data.u64, 5u);
+    ASSERT_EQ(mp_dispatch(ch, &ev, 1000), 1);
+    EXPECT_EQ(ev.cmd, MP_EV_READ);
+    char c;
+    ASSERT_EQ(::read(other.a.get(), &c, 1), 1);
+    // mp_wake() from another thread ends it.
+    t0 = std::chrono::steady_clock::now();
+    Joiner waker([&] {
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        mp_wake(ch);
+    });
+    n = mp_epoll_wait_flags(ch, ep.get(), out, 4, 5000000000LL, nullptr, MP_EPOLL_WAIT_CHANNEL);
+    waker.join();
+    EXPECT_EQ(n, 0);
+    EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(4000));
+    ASSERT_EQ(mp_dispatch(ch, &ev, 0), 1);
+    EXPECT_EQ(ev.cmd, MP_EV_WAKE);
+    // Without the flag a completion of the channel does not end the wait: the timeout does.
+    ASSERT_EQ(mp_read(h, buf, sizeof buf), 0);
+    Joiner late([&] {
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        ::write(conn.b.get(), "late", 4);
+    });
+    t0 = std::chrono::steady_clock::now();
+    n = mp_epoll_wait(ch, ep.get(), out, 4, 300000000LL, nullptr);
+    late.join();
+    EXPECT_EQ(n, 0);
+    EXPECT_GE(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(250));
+    mp_unregister(h);
+}
+
+// A wait that must not block with changes to hand over: one system call, which hands them over
+// and returns what is ready at once (the wait and its cancellation in one submission), and the
+// next wait is not disturbed by that cancellation.
+TEST_F(Fepoll, NonBlockingWaitWithQueuedChangesIsOneCall) {
+    Pair p, q;
+    ASSERT_TRUE(tcp_pair(p));
+    ASSERT_TRUE(tcp_pair(q));
+    epoll_event out[4];
+    ASSERT_EQ(add(q.a.get(), EPOLLIN, 8), 0); // nothing to read on q
+    ASSERT_EQ(mp_epoll_wait(ch, ep.get(), out, 4, 0, nullptr), 0); // warm up (ring enabled)
+    ASSERT_EQ(::write(p.b.get(), "x", 1), 1);
+    ASSERT_EQ(add(p.a.get(), EPOLLIN, 7), 0);
+    uint64_t before = stats().syscalls;
+    ASSERT_EQ(mp_epoll_wait(ch, ep.get(), out, 4, 0, nullptr), 1);
+    EXPECT_EQ(out[0].data.u64, 7u);
+    if (one_call()) {
+        EXPECT_EQ(stats().syscalls - before, 1u);
+    }
+    ASSERT_EQ(add(p.a.get(), 0, 7, EPOLL_CTL_MOD), 0);
+    before = stats().syscalls;
+    auto t0 = std::chrono::steady_clock::now();
+    ASSERT_EQ(mp_epoll_wait(ch, ep.get(), out, 4, 0, nullptr), 0);
+    EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(500));
+    if (one_call()) {
+        EXPECT_EQ(stats().syscalls - before, 1u);
+    }
+    // A blocking wait afterwards still waits for, and gets, q's data.
+    Joiner peer([&] {
+        std::this_thread::sleep_for(std::chrono::milliseconds(30));
+        ::write(q.b.get(), "y", 1);
+    });
+    ASSERT_EQ(mp_epoll_wait(ch, ep.get(), out, 4, 3000000000LL, nullptr), 1);
+    EXPECT_EQ(out[0].data.u64, 8u);
+}

@@ -387,6 +387,44 @@ TEST_F(Lifetimes, RegisteringAnAcceptedConnectionMakesNoProbe) {
     for (int fd : fds) ::close(fd);
 }
 
+// mp_register_connected(): a connection the caller vouches for is registered without a probe
+// (io_uring: no system call at all) and works; the errors it can tell without one.
+TEST_F(Lifetimes, RegisterConnectedMakesNoProbeAndWorks) {
+    TcpPair &p = pair();
+    mp_stats a, b;
+    mp_get_stats(ch, &a);
+    mp_handle *h = mp_register_connected(ch, p.server.get(), cookie_of(3));
+    mp_get_stats(ch, &b);
+    ASSERT_NE(h, nullptr) << strerror(errno);
+    EXPECT_EQ(b.probes, a.probes);
+    EXPECT_EQ(b.syscalls - a.syscalls, is_uring(ch) ? 0u : 1u);
+    EXPECT_EQ(mp_cookie(h), cookie_of(3));
+    errno = 0;
+    EXPECT_EQ(mp_register_connected(ch, p.server.get(), nullptr), nullptr);
+    EXPECT_EQ(errno, EEXIST);
+    EXPECT_EQ(mp_register_connected(ch, -1, nullptr), nullptr);
+    EXPECT_EQ(errno, EBADF);
+    EXPECT_EQ(mp_register_connected(nullptr, p.server.get(), nullptr), nullptr);
+    EXPECT_EQ(errno, EBADF);
+    // It reads and writes like any registered connection.
+    char buf[8];
+    ASSERT_EQ(mp_read(h, buf, sizeof buf), 0);
+    ASSERT_EQ(::write(p.client.get(), "ping", 4), 4);
+    ASSERT_EQ(mp_write(h, "pong", 4), 0);
+    int got = 0;
+    ASSERT_TRUE(pump(ch, 3000, [&](const mp_event &e) {
+        if (e.cmd == MP_EV_READ || e.cmd == MP_EV_WRITE) {
+            EXPECT_EQ(e.result, 4);
+        }
+        return (e.cmd == MP_EV_READ || e.cmd == MP_EV_WRITE) && ++got == 2;
+    }));
+    EXPECT_EQ(memcmp(buf, "ping", 4), 0);
+    char in[4];
+    ASSERT_EQ(::read(p.client.get(), in, 4), 4);
+    EXPECT_EQ(memcmp(in, "pong", 4), 0);
+    mp_unregister(h);
+}
+
 // ---------------------------------------------------------------------------------------------
 // ABI: one version, sized structs
 // ---------------------------------------------------------------------------------------------

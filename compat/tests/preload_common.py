@@ -7,7 +7,10 @@ Every server listens on 127.0.0.1 on a free port.  Python's subprocess closes in
 
 Proof that the preload served a program: with MEGAPIPE_STATS=1 each process prints its
 channels' statistics on stderr at exit, lines prefixed "megapipe-preload[PID]", one of them
-"epoll_waits N"; `served_waits` sums N per PID.
+"epoll_waits N"; `served_waits` sums N per PID.  In stream mode (MEGAPIPE_STREAMS=1 in the
+environment, or a test's --streams option, which sets it for every process it starts) each
+channel also prints "streams N (...)", N connections it adopted; `check_activity` then also
+requires N > 0 in as many processes (`stream_counts`).
 """
 import atexit
 import concurrent.futures
@@ -121,6 +124,20 @@ stop = mputil.stop_proc  # stop(p, sig=SIGTERM, timeout=10): signal, wait, kill;
 
 
 _STATS_RE = re.compile(r"megapipe-preload\[(\d+)\][^\n]*?\bepoll_waits[\s:=]+(\d+)")
+_STREAMS_RE = re.compile(r"megapipe-preload\[(\d+)\][^\n]*?\bstreams (\d+) \(")
+
+
+def streams_mode():
+    """Stream mode asked for (MEGAPIPE_STREAMS=1, or --streams)."""
+    return os.environ.get("MEGAPIPE_STREAMS", "") not in ("", "0")
+
+
+def stream_counts(text):
+    """{pid: connections adopted as streams} from MEGAPIPE_STATS output (stream mode)."""
+    out = {}
+    for m in _STREAMS_RE.finditer(text):
+        out[int(m.group(1))] = out.get(int(m.group(1)), 0) + int(m.group(2))
+    return out
 
 
 def served_waits(text):
@@ -145,6 +162,14 @@ def check_activity(text, disabled, what, min_procs=1):
         fail(f"{what}: the preload was not active: epoll waits served per process {waits} "
              f"(need > 0 in {min_procs} process(es)); stderr tail:\n{tail}")
     log(f"{what}: preload active: epoll waits served per process {waits}")
+    if streams_mode():
+        st = {p: n for p, n in stream_counts(text).items() if n > 0}
+        if len(st) < min_procs:
+            tail = "\n".join(text.splitlines()[-30:])
+            fail(f"{what}: stream mode asked for, but connections were served as streams in "
+                 f"{len(st)} process(es) (need {min_procs}): {stream_counts(text)}; stderr "
+                 f"tail:\n{tail}")
+        log(f"{what}: stream mode: connections adopted as streams per process {st}")
     return waits
 
 
@@ -176,11 +201,15 @@ def read_text(path):
 
 
 def parse_args(n, doc):
-    """The tests' command line, '[--disable] ARG...' with n ARGs: (disabled, args); prints doc
-    and exits 2 otherwise."""
+    """The tests' command line, '[--disable] [--streams] ARG...' with n ARGs: (disabled, args);
+    prints doc and exits 2 otherwise.  --streams sets MEGAPIPE_STREAMS=1 for every process the
+    test starts (stream mode; the activity check then also wants streams)."""
     args = sys.argv[1:]
     disabled = bool(args) and args[0] == "--disable"
     if disabled:
+        args = args[1:]
+    if args and args[0] == "--streams":
+        os.environ["MEGAPIPE_STREAMS"] = "1"
         args = args[1:]
     if len(args) != n:
         print(doc)
@@ -269,4 +298,5 @@ def payload(rng, n):
 __all__ = ["log", "fail", "skip", "tmpdir", "free_port", "start", "stop", "cleanup", "served_waits",
            "check_activity", "fd_count", "rss_kib", "wait_port", "exchange", "random_size",
            "payload", "alive", "children", "track_pid", "random", "read_text", "parse_args",
-           "start_port_server", "stop_server", "wait_exit", "read_pidfile", "concurrent_errors"]
+           "start_port_server", "stop_server", "wait_exit", "read_pidfile", "concurrent_errors",
+           "streams_mode", "stream_counts"]

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# run-memcached-t.sh MEGAPIPE_RUN WORKDIR RUN_T_SH [TEST...] — preload.memcached_t: a subset of
+# run-memcached-t.sh MEGAPIPE_RUN WORKDIR RUN_T_SH [TEST...] — preload.memcached_t (and, with
+# MEGAPIPE_STREAMS=1 in the environment, preload.memcached_t_streams): a subset of
 # memcached's own t/ suite against Debian's unmodified /usr/bin/memcached started by
 # megapipe-run --stats.  The source (for t/ and timedrun.c) is Debian's memcached source
 # package, fetched once into WORKDIR by scripts/debsrc.sh; the suite itself is run by
@@ -68,7 +69,7 @@ min=5
 MP_T_DIR=$here STATS=$stats MIN=$min python3 -c '
 import os, sys
 sys.path.insert(0, os.environ["MP_T_DIR"])
-from preload_common import served_waits, log, fail
+from preload_common import served_waits, stream_counts, streams_mode, log, fail
 text = open(os.environ["STATS"], errors="replace").read()
 w = served_waits(text)
 active = [p for p, n in w.items() if n > 0]
@@ -77,5 +78,12 @@ if len(active) < int(os.environ["MIN"]):
          f"the preload: {w}; stats.err tail:\n" + "\n".join(text.splitlines()[-20:]))
 log(f"memcached t/: {len(active)} memcached processes served by the preload, "
     f"{sum(w.values())} epoll waits in all")
+if streams_mode():
+    st = [p for p, n in stream_counts(text).items() if n > 0]
+    if len(st) < int(os.environ["MIN"]):
+        fail(f"memcached t/: stream mode, but only {len(st)} memcached process(es) served "
+             f"connections as streams: {stream_counts(text)}")
+    log(f"memcached t/: stream mode: {len(st)} processes served "
+        f"{sum(stream_counts(text).values())} connections as streams")
 '
 echo "PASS: preload.memcached_t"

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """test_launcher.py MEGAPIPE_RUN — preload.launcher: the launcher's own contract.
 
-Options and exit statuses (usage 2, --streams 2, not found 127, not executable 126, no
+Options and exit statuses (usage 2, not found 127, not executable 126, no
 preload 1, otherwise the command's own status and pid), what it puts in the environment
 (LD_PRELOAD first and only once, LD_LIBRARY_PATH with the build tree's libevent/libuv
-directories that exist, MEGAPIPE_VERBOSE/STATS/DISABLE), the preload lookup (--preload,
+directories that exist, MEGAPIPE_VERBOSE/STATS/DISABLE/STREAMS), the preload lookup (--preload,
 MEGAPIPE_PRELOAD, next to the launcher), --help's sections; then one real program (python3
 with select.epoll) under -v --stats: the preload says it serves epoll and counts the waits,
 and under --disable it serves none.
@@ -27,7 +27,7 @@ checks = 0
 
 def launch(args, env=None, **kw):
     e = dict(os.environ)
-    for k in ("MEGAPIPE_PRELOAD", "MEGAPIPE_VERBOSE", "MEGAPIPE_STATS", "MEGAPIPE_DISABLE",
+    for k in ("MEGAPIPE_PRELOAD", "MEGAPIPE_VERBOSE", "MEGAPIPE_STATS", "MEGAPIPE_DISABLE", "MEGAPIPE_STREAMS",
               "LD_PRELOAD"):
         e.pop(k, None)
     e.update(env or {})
@@ -62,8 +62,10 @@ check(r.returncode == 0 and r.stdout.startswith("megapipe-run "), "--version", r
 for bad in ([], ["--bogus", "true"], ["--preload"], ["-x", "true"]):
     r = launch(bad)
     check(r.returncode == 2 and "usage:" in r.stderr, f"usage error {bad} exits 2 with usage", r)
-r = launch(["--streams", "true"])
-check(r.returncode == 2 and "stream mode is not available" in r.stderr, "--streams exits 2", r)
+r = launch(["--streams", "env"])
+check(r.returncode == 0 and env_of(r).get("MEGAPIPE_STREAMS") == "1", "--streams sets MEGAPIPE_STREAMS=1", r)
+r = launch(["-v", "--streams", "true"])
+check(r.returncode == 0 and "megapipe-run: MEGAPIPE_STREAMS=1" in r.stderr, "-v reports MEGAPIPE_STREAMS", r)
 
 # The preload lookup.
 check(os.path.exists(here_preload), f"the build put libmegapipe-preload.so next to the launcher "
@@ -104,7 +106,8 @@ for what in ("LD_PRELOAD=", "MEGAPIPE_VERBOSE=1", "MEGAPIPE_STATS=1", "MEGAPIPE_
     check(f"megapipe-run: {what}" in r.stderr, f"-v reports {what}", r)
 r = launch(["env"])
 e = env_of(r)
-check(not any(k in e for k in ("MEGAPIPE_VERBOSE", "MEGAPIPE_STATS", "MEGAPIPE_DISABLE")),
+check(not any(k in e for k in ("MEGAPIPE_VERBOSE", "MEGAPIPE_STATS", "MEGAPIPE_DISABLE",
+                               "MEGAPIPE_STREAMS")),
       "no MEGAPIPE_* without options", r)
 r = launch(["sh", "-c", 'echo "$@"', "x", "--stats", "-v", "--", "y"])
 check(r.stdout.strip() == "--stats -v -- y", "arguments after CMD are CMD's", r)

@@ -49,6 +49,8 @@ ngxlib.NGINX = wrapper
 
 port = free_port()
 env = {"MEGAPIPE_STATS": "1"}
+if streams_mode():
+    env["MEGAPIPE_STREAMS"] = "1"
 if disabled:
     env["MEGAPIPE_DISABLE"] = "1"
 ngx = ngxlib.Nginx(None, engine="epoll", workers=2, env=env,

@@ -112,9 +112,20 @@ static int enter_wait(mp_channel *ch, const sigset_t *sigmask, unsigned want, in
 }
 
 int mp__u_fepoll_wait(mp_channel *ch, int epfd, struct epoll_event *evs, int max,
-                      int64_t timeout_ns, const sigset_t *sigmask) {
+                      int64_t timeout_ns, const sigset_t *sigmask, int flags) {
     uring *u = U(ch);
+    bool any = flags & MP_EPOLL_WAIT_CHANNEL;
     mp__u_reap(ch); /* what is already there would end the wait at once */
+    if (any) {
+        /* The channel's own completions end this wait: it must be woken by them, and what
+         * waits for a wait (paused buffered receives, level-triggered polls) is re-armed. */
+        if (!u->epoll_wait_op) return -ENOTSUP; /* epoll_pwait2() cannot see the ring */
+        if (mp__event_count(ch)) timeout_ns = 0;
+        else {
+            mp__u_rearm(ch);
+            if (!u->wake_armed) mp__u_arm_wake(ch);
+        }
+    }
     /* The last wait's timeout, if its completion is still to come, would end this wait as if
      * a signal had (it was cancelled when that wait ended: it comes at once). */
     for (int tries = 0; u->ft_pending && tries < 4; tries++) {
@@ -132,16 +143,24 @@ int mp__u_fepoll_wait(mp_channel *ch, int epfd, struct epoll_event *evs, int max
         int r = mp__u_flush(ch);
         if (r < 0) return r;
     }
-    struct io_uring_sqe *wsqe = io_uring_get_sqe(&u->ring), *tsqe = NULL;
+    struct io_uring_sqe *wsqe = io_uring_get_sqe(&u->ring), *tsqe = NULL, *csqe = NULL;
     io_uring_prep_rw(IORING_OP_EPOLL_WAIT, wsqe, epfd, evs, (unsigned)max, 0);
     io_uring_sqe_set_data64(wsqe, ud(T_FWAIT, 0, 0));
     /* A timeout: the wait's own (io_uring_enter's), which costs nothing unless it expires;
      * then the request is cancelled, a second call.  A wait that must not block (0: changes
-     * to hand over) gets a linked timeout instead, which ends it in the kernel. */
+     * to hand over) is cancelled by the next request of the same submission; without the
+     * enter's own timeout (no EXT_ARG) a timed wait gets a linked timeout. */
     struct timespec t0 = {0, 0};
     bool ext_ts = timeout_ns > 0 && u->ext_arg;
     if (ext_ts) {
         clock_gettime(CLOCK_MONOTONIC, &t0);
+    } else if (timeout_ns == 0) {
+        /* Not blocking: the wait, then its cancellation, in the same submission.  The wait
+         * either finds events at once or is armed and cancelled right after (-ECANCELED: no
+         * event), all inside this one call, with no timer to arm and fire. */
+        csqe = io_uring_get_sqe(&u->ring);
+        io_uring_prep_cancel64(csqe, ud(T_FWAIT, 0, 0), 0);
+        mp__u_set_ignored(ch, csqe);
     } else if (timeout_ns >= 0) {
         wsqe->flags |= IOSQE_IO_LINK;
         u->fw_ts.tv_sec = timeout_ns / 1000000000;
@@ -152,7 +171,7 @@ int mp__u_fepoll_wait(mp_channel *ch, int epfd, struct epoll_event *evs, int max
         u->ft_pending = true;
     }
     u->fw_done = false;
-    bool cancelled = false, submitted = false, timed_out = false;
+    bool cancelled = false, submitted = false, timed_out = false, woken = false;
     while (!u->fw_done) {
         unsigned n = io_uring_sq_ready(&u->ring);
         uint64_t cqes = ch->st.cqes, noise = u->fw_noise;
@@ -174,6 +193,10 @@ int mp__u_fepoll_wait(mp_channel *ch, int epfd, struct epoll_event *evs, int max
              * wait back, so that no later submission writes the caller's array. */
             io_uring_prep_nop(wsqe);
             mp__u_set_ignored(ch, wsqe);
+            if (csqe) { /* it must not cancel a later wait */
+                io_uring_prep_nop(csqe);
+                mp__u_set_ignored(ch, csqe);
+            }
             if (tsqe) {
                 io_uring_prep_nop(tsqe);
                 mp__u_set_ignored(ch, tsqe);
@@ -187,7 +210,15 @@ int mp__u_fepoll_wait(mp_channel *ch, int epfd, struct epoll_event *evs, int max
          * submitted returns the number submitted even then: no completion that can end a
          * wait (ctl refusals and ignored requests cannot) means a signal or the timeout. */
         bool empty = r == -EINTR || r == -ETIME || (r >= 0 && ch->st.cqes - cqes == u->fw_noise - noise);
-        if (empty && !cancelled && !u->fw_done) {
+        if (any && !cancelled && !u->fw_done && mp__event_count(ch)) {
+            /* The channel has events of its own: the caller wants them now. */
+            struct io_uring_sqe *c = mp__u_sqe(ch);
+            if (c) {
+                io_uring_prep_cancel64(c, ud(T_FWAIT, 0, 0), 0);
+                mp__u_set_ignored(ch, c);
+            }
+            cancelled = woken = true;
+        } else if (empty && !cancelled && !u->fw_done) {
             /* Take the wait back; it may still complete with events first. */
             timed_out = ext_ts && (r == -ETIME || elapsed_ns(&t0) >= timeout_ns);
             struct io_uring_sqe *c = mp__u_sqe(ch);
@@ -201,7 +232,7 @@ int mp__u_fepoll_wait(mp_channel *ch, int epfd, struct epoll_event *evs, int max
     int res = u->fw_res;
     if (res >= 0) return res;
     if (res == -ECANCELED || res == -EINTR || res == -ETIME)
-        return cancelled && !timed_out ? -EINTR : 0; /* interrupted, or timed out */
+        return cancelled && !timed_out && !woken ? -EINTR : 0; /* interrupted, or timed out */
     return res;
 }
 

@@ -169,13 +169,10 @@ static int enter_batched(mp_channel *ch, int timeout_ms) {
     return r;
 }
 
-int mp__u_wait(mp_channel *ch, int timeout_ms) {
-    uring *u = U(ch);
-    mp__u_reap(ch); /* completions already in the ring cost no system call */
-    if (mp__event_count(ch)) return 0;
-    /* Level-triggered polls whose event was handed out, receives starved of buffers, accepts
-     * paused for want of lwsocket slots.  What is still stuck goes back on the list for the
-     * next wait. */
+/* Level-triggered polls whose event was handed out, receives starved of buffers, accepts
+ * paused for want of lwsocket slots: re-armed before a wait.  What is still stuck goes back on
+ * the list for the next wait. */
+void mp__u_rearm(mp_channel *ch) {
     uint32_t list = mp__rearm_take(ch);
     mp_handle *h;
     while ((h = mp__rearm_next(ch, &list))) {
@@ -188,6 +185,13 @@ int mp__u_wait(mp_channel *ch, int timeout_ms) {
             mp__pump_reads(h);
         }
     }
+}
+
+int mp__u_wait(mp_channel *ch, int timeout_ms) {
+    uring *u = U(ch);
+    mp__u_reap(ch); /* completions already in the ring cost no system call */
+    if (mp__event_count(ch)) return 0;
+    mp__u_rearm(ch);
     if (u->balancing) {
         mp__u_balance(ch);
         if (u->balancing && (timeout_ms < 0 || timeout_ms > BALANCE_POLL_MS))

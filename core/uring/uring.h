@@ -206,11 +206,13 @@ void mp__u_eset_complete(mp_channel *ch, enum tag t, mp_handle *h, int res);
 /* fepoll.c */
 int mp__u_fepoll_ctl(mp_channel *ch, int epfd, int op, int fd, const struct epoll_event *ev);
 int mp__u_fepoll_wait(mp_channel *ch, int epfd, struct epoll_event *evs, int max,
-                      int64_t timeout_ns, const sigset_t *sigmask);
+                      int64_t timeout_ns, const sigset_t *sigmask, int flags);
 void mp__u_fepoll_complete(mp_channel *ch, enum tag t, uint32_t idx, int res);
 void mp__u_fepoll_fini(mp_channel *ch);
 int mp__u_close_fd(mp_channel *ch, int fd);
 /* complete.c */
 void mp__u_reap(mp_channel *ch);
+/* submit.c: re-arm what waits for the next wait (rearm list) */
+void mp__u_rearm(mp_channel *ch);
 
 #endif

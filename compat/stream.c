@@ -1,0 +1,1652 @@
+/*
+ * compat/stream.c — stream mode (MEGAPIPE_STREAMS=1, megapipe-run --streams): TCP connections
+ * accepted through the interposed accept/accept4 are served by the core's buffered multishot
+ * reads and by write-behind through mp_write(), and their readiness in the application's epoll
+ * sets is derived from that state.
+ *
+ * A connection is a *candidate* from its accept until a thread waits on an epoll set this
+ * process made that holds it; that thread's channel then *adopts* it (mp_register +
+ * mp_read_buffered) and owns it for good.  Before that (and for a connection never put in a
+ * set, or put in a set the emulation does not serve) it is a plain fd: every call is the real
+ * one.  A stream's fd is never in the kernel's epoll set: its interest (events, data, ET,
+ * one-shot) is kept here, and a wait reports it from the stream's state.
+ *
+ * State of a stream (per-stream mutex; the owner thread does every channel call):
+ *   rx: channel buffers received and not yet read (a FIFO), EOF, a receive error;
+ *   tx: bytes written and not yet given to the channel (pend), bytes given and not yet
+ *       completed (inflight, a FIFO of chunks), a send error;
+ *   pend + inflight <= MEGAPIPE_STREAM_WBUF (the write-behind bound): past it a write takes
+ *   what fits, or fails with EAGAIN (blocks, on a blocking socket), as a full socket buffer.
+ * The owner's channel (struct mpr_schan) keeps the streams that have pend bytes or a close to
+ * finish (dirty), and the streams whose readiness may have changed (rdy), which its waits
+ * look at.  Other threads append under the stream's mutex and wake the owner (mp_wake).
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/sendfile.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "preload.h"
+
+bool mpr_streams;
+static bool g_wanted;
+static size_t g_wbuf = 256 * 1024;      /* MEGAPIPE_STREAM_WBUF */
+static size_t g_flush_at = 64 * 1024;   /* pend bytes that go to the channel at once */
+
+struct rxb {
+    unsigned id;
+    char *p;
+    uint32_t len, off;
+};
+struct txc {
+    char *p;
+    size_t len;
+};
+
+struct mpr_schan;
+
+struct mpr_stream {
+    int fd;
+    uint32_t gen;
+    struct mpr_schan *own; /* NULL: candidate (plain fd) */
+    mp_handle *h;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    unsigned sleepers; /* threads blocked on cv */
+    /* rx */
+    struct rxb *rx;
+    size_t rx_head, rx_n, rx_cap, rx_bytes;
+    bool rx_eof;
+    int rx_err;
+    unsigned *rel; /* consumed by another thread: released by the owner */
+    size_t nrel, rel_cap;
+    /* tx */
+    char *pend;
+    size_t pend_len, pend_cap;
+    struct txc *tx;
+    size_t tx_head, tx_n, tx_cap, inflight;
+    int wr_err;
+    bool shut_wr, shut_sent;
+    int so_err; /* for SO_ERROR and EPOLLERR, until read */
+    bool nonblock;
+    bool kout_blocked, kout_watch; /* a real send got EAGAIN: OUT waits for POLLOUT */
+    int linger;                    /* -1: off; else seconds */
+    bool closing, closed_sent, dirty;
+    bool detach; /* the number is closed by someone else (dup2, close_range): unregister only */
+    unsigned hold; /* the owner's close() still uses the record: its CLOSED only marks it dead */
+    bool dead;
+    /* epoll */
+    int epfd; /* -1: in no set */
+    uint32_t events;
+    uint64_t data;
+    bool fired; /* one-shot reported */
+    bool edge;  /* something happened since the last ET report */
+    bool in_rdy;
+};
+
+struct rdy {
+    struct mpr_stream *s;
+    uint32_t gen;
+};
+
+struct mpr_schan {
+    mp_channel *ch;
+    pthread_t tid;
+    /* the owner's lists (only its thread touches them) */
+    struct mpr_stream **dirty;
+    size_t ndirty, dcap;
+    struct rdy *rdy;
+    size_t nrdy, rcap;
+    /* what other threads add, under mu; `remote` says there is some */
+    pthread_mutex_t mu;
+    struct mpr_stream **rdirty;
+    size_t nrdirty, rdcap;
+    struct rdy *rrdy;
+    size_t nrrdy, rrcap;
+    atomic_bool remote;
+    atomic_bool waiting;
+    unsigned closing; /* streams whose close is not finished */
+    uint64_t adopted, rx_served, tx_queued, tx_submits, flushes;
+    struct mpr_schan *next;
+};
+
+static struct mpr_stream **g_st; /* fd -> stream */
+static uint8_t *g_lcls;          /* listener fd -> 0 unknown, 1 TCP, 2 other */
+static size_t g_cap;
+static pthread_mutex_t g_sclock = PTHREAD_MUTEX_INITIALIZER;
+static struct mpr_schan *g_schans;
+static uint32_t g_gen;
+
+/* ---- helpers --------------------------------------------------------------------------- */
+
+static int fail(int err) {
+    errno = err;
+    return -1;
+}
+
+static size_t env_size(const char *name, size_t def) {
+    const char *v = getenv(name);
+    if (!v || !*v) return def;
+    char *end;
+    unsigned long long n = strtoull(v, &end, 0);
+    if (*end == 'k' || *end == 'K') n <<= 10;
+    else if (*end == 'm' || *end == 'M') n <<= 20;
+    return n >= 4096 ? (size_t)n : def;
+}
+
+void mpr_streams_init(bool wanted) {
+    g_wanted = wanted;
+    if (!wanted) return;
+    g_wbuf = env_size("MEGAPIPE_STREAM_WBUF", g_wbuf);
+    g_flush_at = g_wbuf / 4 < g_flush_at ? g_wbuf / 4 : g_flush_at;
+    g_cap = mpr_fd_cap();
+    if (!g_cap) return;
+    void *p = mmap(NULL, g_cap * sizeof *g_st, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    void *q = mmap(NULL, g_cap, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                   -1, 0);
+    if (p == MAP_FAILED || q == MAP_FAILED) return;
+    g_st = p;
+    g_lcls = q;
+    mpr_streams = true; /* until the first channel says otherwise */
+}
+
+void mpr_streams_check(mp_channel *ch) {
+    if (!mpr_streams) return;
+    mp_stats st;
+    mp_get_stats(ch, &st);
+    /* (buffered reads are probed at the first one: see adopt()) */
+    if (!(st.features & MP_FEAT_EPOLL_WAIT)) {
+        mpr_streams = false;
+        fprintf(stderr, "megapipe-preload[%d]: stream mode needs IORING_OP_EPOLL_WAIT "
+                        "(Linux 6.15+): epoll-only mode\n", (int)getpid());
+    } else if (mpr_verbose) {
+        fprintf(stderr, "megapipe-preload[%d]: stream mode: write-behind bound %zu bytes\n",
+                (int)getpid(), g_wbuf);
+    }
+}
+
+static inline struct mpr_stream *st_of(int fd) {
+    if (!mpr_streams || fd < 0 || (size_t)fd >= g_cap) return NULL;
+    return g_st[fd];
+}
+
+/* An adopted stream, or NULL (then the caller makes the real call). */
+static inline struct mpr_stream *adopted(int fd) {
+    struct mpr_stream *s = st_of(fd);
+    return s && s->own && !mpr_t.busy ? s : NULL;
+}
+
+bool mpr_is_stream(int fd) { return st_of(fd) != NULL; }
+
+static struct mpr_schan *schan_of(mp_channel *ch) {
+    if (mpr_t.sc && mpr_t.sc->ch == ch) return mpr_t.sc;
+    struct mpr_schan *c = calloc(1, sizeof *c);
+    if (!c) return NULL;
+    c->ch = ch;
+    c->tid = pthread_self();
+    pthread_mutex_init(&c->mu, NULL);
+    pthread_mutex_lock(&g_sclock);
+    c->next = g_schans;
+    g_schans = c;
+    pthread_mutex_unlock(&g_sclock);
+    mpr_t.sc = c;
+    return c;
+}
+
+static inline bool is_owner(const struct mpr_stream *s) {
+    return s->own && s->own == mpr_t.sc && mpr_t.ch == s->own->ch;
+}
+
+/* ---- candidates -------------------------------------------------------------------------- */
+
+static bool tcp_listener(int lfd) {
+    if (lfd < 0 || (size_t)lfd >= g_cap) return false;
+    if (!g_lcls[lfd]) {
+        int proto = 0, dom = 0;
+        socklen_t l1 = sizeof proto, l2 = sizeof dom;
+        bool tcp = mpr_real.getsockopt(lfd, SOL_SOCKET, SO_PROTOCOL, &proto, &l1) == 0 &&
+                   mpr_real.getsockopt(lfd, SOL_SOCKET, SO_DOMAIN, &dom, &l2) == 0 &&
+                   proto == IPPROTO_TCP && (dom == AF_INET || dom == AF_INET6);
+        g_lcls[lfd] = tcp ? 1 : 2;
+    }
+    return g_lcls[lfd] == 1;
+}
+
+static void stream_free(struct mpr_stream *s) {
+    free(s->rx);
+    free(s->rel);
+    free(s->pend);
+    for (size_t i = 0; i < s->tx_n; i++) free(s->tx[(s->tx_head + i) % s->tx_cap].p);
+    free(s->tx);
+    pthread_mutex_destroy(&s->mu);
+    pthread_cond_destroy(&s->cv);
+    s->gen = 0;
+    free(s);
+}
+
+void mpr_stream_accepted(int lfd, int fd, int flags) {
+    if (!mpr_streams || fd < 0 || (size_t)fd >= g_cap) return;
+    if (!tcp_listener(lfd)) return; /* (a stale record of the number: mpr_fd_new) */
+    struct mpr_stream *s = calloc(1, sizeof *s);
+    if (!s) return;
+    s->fd = fd;
+    s->epfd = -1;
+    s->linger = -1;
+    s->nonblock = (flags & SOCK_NONBLOCK) != 0;
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->cv, NULL);
+    mpr_lock();
+    s->gen = ++g_gen ? g_gen : ++g_gen;
+    g_st[fd] = s;
+    mpr_unlock();
+}
+
+/* lock held */
+void mpr_stream_unstream(int fd) {
+    struct mpr_stream *s = st_of(fd);
+    if (!s || s->own) return; /* adopted: stays a stream (documented) */
+    g_st[fd] = NULL;
+    stream_free(s);
+}
+
+/* lock held */
+void mpr_stream_forget(int fd) {
+    struct mpr_stream *s = st_of(fd);
+    if (!s) return;
+    g_st[fd] = NULL;
+    if (!s->own) stream_free(s); /* an adopted one stays its channel's (unreachable) */
+}
+
+/* ---- readiness ------------------------------------------------------------------------- */
+
+static uint32_t ready_bits(struct mpr_stream *s) {
+    uint32_t r = 0;
+    if (s->rx_bytes || s->rx_eof || s->rx_err) r |= EPOLLIN | EPOLLRDNORM;
+    if (s->rx_eof || s->rx_err) r |= EPOLLRDHUP;
+    if (!s->kout_blocked && (s->wr_err || s->shut_wr || s->pend_len + s->inflight < g_wbuf))
+        r |= EPOLLOUT | EPOLLWRNORM;
+    if (s->so_err) r |= EPOLLERR;
+    if ((s->rx_eof && s->shut_wr) || s->rx_err) r |= EPOLLHUP;
+    return r;
+}
+
+static bool push_rdy(struct rdy **a, size_t *n, size_t *cap, struct rdy e) {
+    if (*n == *cap) {
+        size_t c = *cap ? *cap * 2 : 64;
+        struct rdy *m = realloc(*a, c * sizeof *m);
+        if (!m) return false;
+        *a = m;
+        *cap = c;
+    }
+    (*a)[(*n)++] = e;
+    return true;
+}
+
+static bool push_st(struct mpr_stream ***a, size_t *n, size_t *cap, struct mpr_stream *s) {
+    if (*n == *cap) {
+        size_t c = *cap ? *cap * 2 : 64;
+        struct mpr_stream **m = realloc(*a, c * sizeof *m);
+        if (!m) return false;
+        *a = m;
+        *cap = c;
+    }
+    (*a)[(*n)++] = s;
+    return true;
+}
+
+/* Another thread added to c's lists: wake its owner if it waits (seq_cst: the owner sets
+ * `waiting`, then looks at `remote`; we set `remote`, then look at `waiting`). */
+static void remote_added(struct mpr_schan *c) {
+    atomic_store(&c->remote, true);
+    if (atomic_load(&c->waiting)) mp_wake(c->ch);
+}
+
+/* Something about s changed: its owner's next wait looks at it.  s->mu held. */
+static void mark_rdy(struct mpr_stream *s) {
+    s->edge = true;
+    if (s->sleepers) pthread_cond_broadcast(&s->cv);
+    struct mpr_schan *c = s->own;
+    if (!c || s->in_rdy || s->epfd < 0) return;
+    if (is_owner(s)) {
+        if (push_rdy(&c->rdy, &c->nrdy, &c->rcap, (struct rdy){s, s->gen})) s->in_rdy = true;
+        return;
+    }
+    pthread_mutex_lock(&c->mu);
+    bool ok = push_rdy(&c->rrdy, &c->nrrdy, &c->rrcap, (struct rdy){s, s->gen});
+    if (ok) s->in_rdy = true;
+    pthread_mutex_unlock(&c->mu);
+    if (ok) remote_added(c);
+}
+
+/* s has pend bytes or a close to finish: its owner's next wait does it.  s->mu held. */
+static void mark_dirty(struct mpr_stream *s) {
+    struct mpr_schan *c = s->own;
+    if (!c || s->dirty) return;
+    if (is_owner(s)) {
+        if (push_st(&c->dirty, &c->ndirty, &c->dcap, s)) s->dirty = true;
+        return;
+    }
+    pthread_mutex_lock(&c->mu);
+    bool ok = push_st(&c->rdirty, &c->nrdirty, &c->rdcap, s);
+    if (ok) s->dirty = true;
+    pthread_mutex_unlock(&c->mu);
+    if (ok) remote_added(c);
+}
+
+/* The owner takes what other threads added.  (Not under any stream's mutex.) */
+static void take_remote(struct mpr_schan *c) {
+    if (!atomic_load(&c->remote)) return;
+    pthread_mutex_lock(&c->mu);
+    atomic_store(&c->remote, false);
+    for (size_t i = 0; i < c->nrrdy; i++)
+        if (!push_rdy(&c->rdy, &c->nrdy, &c->rcap, c->rrdy[i])) c->rrdy[i].s->in_rdy = false;
+    for (size_t i = 0; i < c->nrdirty; i++)
+        if (!push_st(&c->dirty, &c->ndirty, &c->dcap, c->rdirty[i])) c->rdirty[i]->dirty = false;
+    c->nrrdy = c->nrdirty = 0;
+    pthread_mutex_unlock(&c->mu);
+}
+
+/* s is about to be freed: out of its owner's lists (owner thread). */
+static void lists_forget(struct mpr_schan *c, struct mpr_stream *s) {
+    size_t k = 0;
+    for (size_t i = 0; i < c->nrdy; i++)
+        if (c->rdy[i].s != s) c->rdy[k++] = c->rdy[i];
+    c->nrdy = k;
+    k = 0;
+    for (size_t i = 0; i < c->ndirty; i++)
+        if (c->dirty[i] != s) c->dirty[k++] = c->dirty[i];
+    c->ndirty = k;
+    pthread_mutex_lock(&c->mu);
+    k = 0;
+    for (size_t i = 0; i < c->nrrdy; i++)
+        if (c->rrdy[i].s != s) c->rrdy[k++] = c->rrdy[i];
+    c->nrrdy = k;
+    k = 0;
+    for (size_t i = 0; i < c->nrdirty; i++)
+        if (c->rdirty[i] != s) c->rdirty[k++] = c->rdirty[i];
+    c->nrdirty = k;
+    pthread_mutex_unlock(&c->mu);
+}
+
+/* ---- the owner's side: channel calls ---------------------------------------------------- */
+
+/* Give s's pend bytes to the channel (owner, s->mu held, busy set). */
+static void submit(struct mpr_stream *s) {
+    if (!s->pend_len || s->wr_err) return;
+    if (s->tx_n == s->tx_cap) {
+        size_t cap = s->tx_cap ? s->tx_cap * 2 : 8;
+        struct txc *n = malloc(cap * sizeof *n);
+        if (!n) return; /* stays pending; tried again at the next wait */
+        for (size_t i = 0; i < s->tx_n; i++) n[i] = s->tx[(s->tx_head + i) % s->tx_cap];
+        free(s->tx);
+        s->tx = n;
+        s->tx_head = 0;
+        s->tx_cap = cap;
+    }
+    int r = mp_write(s->h, s->pend, s->pend_len);
+    if (r < 0) {
+        if (r == -ENOMEM) return;
+        s->wr_err = -r;
+        return;
+    }
+    s->tx[(s->tx_head + s->tx_n++) % s->tx_cap] = (struct txc){s->pend, s->pend_len};
+    s->inflight += s->pend_len;
+    s->own->tx_submits++;
+    s->pend = NULL;
+    s->pend_len = s->pend_cap = 0;
+}
+
+static void release_rx(struct mpr_stream *s) {
+    mp_channel *ch = s->own->ch;
+    for (size_t i = 0; i < s->nrel; i++) mp_buffer_release(ch, s->rel[i]);
+    s->nrel = 0;
+}
+
+/* The close of s can finish: no byte left to send (or an error / SO_LINGER 0 drops them). */
+static void finish_close(struct mpr_stream *s) {
+    if (s->closed_sent) return;
+    s->closed_sent = true;
+    release_rx(s);
+    for (size_t i = 0; i < s->rx_n; i++) mp_buffer_release(s->own->ch, s->rx[(s->rx_head + i) % s->rx_cap].id);
+    s->rx_n = s->rx_bytes = 0;
+    if (s->kout_watch) mp_unwatch(s->own->ch, s->fd);
+    s->kout_watch = false;
+    /* The fd is the channel's now: closed when the kernel let go of the handle (its CLOSED
+     * event frees the record). */
+    int r = s->detach ? mp_unregister(s->h) : mp_unregister_close(s->h);
+    if (r < 0) {
+        /* Cannot happen for a live handle; if it did, no CLOSED event would come: the fd is
+         * closed here and the record (its caller holds its mutex) is left, unreachable. */
+        if (!s->detach) mpr_real.close(s->fd);
+        s->own->closing--;
+        lists_forget(s->own, s);
+    }
+}
+
+/* What the owner does for a dirty stream.  s->mu held, busy set. */
+static void service(struct mpr_stream *s) {
+    s->dirty = false;
+    release_rx(s);
+    submit(s);
+    if (s->closing) {
+        if (s->linger == 0 || s->wr_err || (!s->pend_len && !s->inflight)) finish_close(s);
+        return;
+    }
+    if (s->shut_wr && !s->shut_sent && !s->pend_len && !s->wr_err) {
+        s->shut_sent = true;
+        mp_disconnect(s->h);
+    }
+}
+
+static void service_dirty(struct mpr_schan *c) {
+    take_remote(c);
+    while (c->ndirty) {
+        struct mpr_stream *s = c->dirty[--c->ndirty];
+        pthread_mutex_lock(&s->mu);
+        bool freed = s->closing && s->closed_sent;
+        if (!freed) service(s);
+        pthread_mutex_unlock(&s->mu);
+    }
+}
+
+/* One event of the owner's channel.  busy set. */
+static void route(struct mpr_schan *c, const mp_event *ev) {
+    struct mpr_stream *s = ev->cookie;
+    if (!s) return; /* MP_EV_WAKE */
+    if ((uintptr_t)s & 1) { /* the stream's POLLOUT watch (see kout_wait) */
+        if (ev->cmd != MP_EV_POLL) return; /* its CLOSED: the stream may be gone */
+        s = (struct mpr_stream *)((char *)s - 1);
+    } else if (ev->cmd == MP_EV_CLOSED) {
+        c->closing--;
+        lists_forget(c, s);
+        if (s->hold) s->dead = true;
+        else stream_free(s);
+        return;
+    }
+    pthread_mutex_lock(&s->mu);
+    switch (ev->cmd) {
+    case MP_EV_READ:
+        if ((ev->flags & MP_EVF_BUFFER) && ev->result > 0) {
+            if (s->closing) {
+                mp_buffer_release(c->ch, ev->u.read.buf_id);
+                break;
+            }
+            if (s->rx_n == s->rx_cap) {
+                size_t cap = s->rx_cap ? s->rx_cap * 2 : 8;
+                struct rxb *n = malloc(cap * sizeof *n);
+                if (!n) { /* cannot keep it: the connection is broken rather than lose it */
+                    mp_buffer_release(c->ch, ev->u.read.buf_id);
+                    s->rx_err = s->so_err = ENOMEM;
+                    break;
+                }
+                for (size_t i = 0; i < s->rx_n; i++) n[i] = s->rx[(s->rx_head + i) % s->rx_cap];
+                free(s->rx);
+                s->rx = n;
+                s->rx_head = 0;
+                s->rx_cap = cap;
+            }
+            s->rx[(s->rx_head + s->rx_n++) % s->rx_cap] =
+                (struct rxb){ev->u.read.buf_id, ev->u.read.buf, (uint32_t)ev->result, 0};
+            s->rx_bytes += (size_t)ev->result;
+            /* one request per event: the next one (the multishot receive stays armed, and
+             * what arrived meanwhile is handed out from the core's stash) */
+            int r = mp_read_buffered(s->h);
+            if (r < 0 && !s->rx_err) s->rx_err = s->so_err = -r;
+        } else if (ev->result < 0) {
+            s->rx_err = s->so_err = (int)-ev->result;
+        }
+        break;
+    case MP_EV_DISCONNECT:
+        if (ev->flags & MP_EVF_LOCAL) {
+            if (ev->result < 0 && !s->wr_err) s->wr_err = (int)-ev->result;
+        } else if (ev->result == 0) {
+            s->rx_eof = true;
+        } else {
+            s->rx_err = s->so_err = (int)-ev->result;
+            if (!s->wr_err) s->wr_err = (int)-ev->result;
+        }
+        break;
+    case MP_EV_WRITE:
+        if (s->tx_n) {
+            struct txc t = s->tx[s->tx_head];
+            s->tx_head = (s->tx_head + 1) % s->tx_cap;
+            s->tx_n--;
+            s->inflight -= t.len;
+            free(t.p);
+        }
+        if (ev->result < 0 && !s->wr_err) {
+            s->wr_err = (int)-ev->result;
+            if (!s->so_err) s->so_err = s->wr_err;
+        }
+        if (s->wr_err) { /* nothing more can be sent: what is pending goes */
+            free(s->pend);
+            s->pend = NULL;
+            s->pend_len = s->pend_cap = 0;
+        }
+        if (s->closing && !s->inflight) service(s);
+        else if (s->shut_wr && !s->shut_sent) service(s);
+        break;
+    case MP_EV_POLL:
+        s->kout_blocked = false;
+        break;
+    default:
+        break;
+    }
+    mark_rdy(s);
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* Hand out and route the channel's events: without blocking (timeout 0: only what is known to
+ * be there, no system call), or waiting up to timeout_ms for at least one.  busy set. */
+static int pump(struct mpr_schan *c, int timeout_ms) {
+    mp_event evs[64];
+    int total = 0;
+    for (;;) {
+        if (timeout_ms == 0 && mp_pending(c->ch) <= 0) return total;
+        int n = mp_dispatch_batch(c->ch, evs, 64, timeout_ms);
+        if (n < 0) return total ? total : n;
+        for (int i = 0; i < n; i++) route(c, &evs[i]);
+        total += n;
+        if (n < 64) {
+            if (timeout_ms != 0 && mp_pending(c->ch) <= 0) return total;
+            timeout_ms = 0;
+        }
+    }
+}
+
+/* Hand what is queued to the kernel and take what it has done, now: one system call (the
+ * kernel sends inline what fits in the socket).  busy set. */
+static void kick(struct mpr_schan *c) {
+    mp_event evs[64];
+    int n = mp_dispatch_batch(c->ch, evs, 64, 0);
+    for (int i = 0; i < n; i++) route(c, &evs[i]);
+    pump(c, 0);
+}
+
+/* Adopt s into c.  lock held, busy set.  false: it stays a plain fd. */
+static bool g_nobuf;
+
+static bool adopt(struct mpr_schan *c, struct mpr_stream *s) {
+    if (g_nobuf) return false;
+    mp_handle *h = mp_register_connected(c->ch, s->fd, s); /* accept() made it: no probe */
+    if (!h) return false;
+    int r = mp_read_buffered(h);
+    if (r < 0) {
+        mp_unregister(h);
+        if (r == -ENOTSUP && !g_nobuf) {
+            g_nobuf = true; /* no provided-buffer rings: no streams from now on */
+            fprintf(stderr, "megapipe-preload[%d]: stream mode needs provided-buffer rings and "
+                            "multishot receives: connections stay plain fds\n", (int)getpid());
+        }
+        return false;
+    }
+    pthread_mutex_lock(&s->mu);
+    s->h = h;
+    s->own = c;
+    c->adopted++;
+    mark_rdy(s);
+    pthread_mutex_unlock(&s->mu);
+    return true;
+}
+
+/* ---- epoll ------------------------------------------------------------------------------ */
+
+/* lock held */
+int mpr_stream_ctl(struct mpr_ep *ep, int op, int fd, struct epoll_event *ev) {
+    struct mpr_stream *s = st_of(fd);
+    if (op != EPOLL_CTL_ADD && op != EPOLL_CTL_MOD && op != EPOLL_CTL_DEL) return -EINVAL;
+    if (op != EPOLL_CTL_DEL && !ev) return -EFAULT;
+    pthread_mutex_lock(&s->mu);
+    int r = 0;
+    if (op == EPOLL_CTL_ADD) {
+        if (s->epfd == ep->epfd) r = -EEXIST;
+        else if (s->epfd >= 0) r = -EBUSY; /* in another set: the caller decides */
+        else s->epfd = ep->epfd;
+    } else if (s->epfd != ep->epfd) {
+        r = -ENOENT;
+    } else if (op == EPOLL_CTL_DEL) {
+        s->epfd = -1;
+    }
+    if (r == 0 && op != EPOLL_CTL_DEL) {
+        s->events = ev->events;
+        s->data = ev->data.u64;
+        s->fired = false;
+        mark_rdy(s);
+    }
+    pthread_mutex_unlock(&s->mu);
+    if (r == 0 && op == EPOLL_CTL_ADD && !s->own && (ep->waiters || mpr_ep_adopt_push(ep, fd) < 0)) {
+        /* A thread waits on the set now and would not see the candidate until its wait
+         * ends: the connection stays a plain fd, in the kernel's set. */
+        s->epfd = -1;
+        return -EBUSY; /* the caller makes it a plain fd */
+    }
+    return r;
+}
+
+/* Up to max events of set epfd from c's streams.  Owner thread, busy set. */
+static int collect(struct mpr_schan *c, int epfd, struct epoll_event *evs, int max) {
+    take_remote(c);
+    int n = 0;
+    size_t keep = 0, nl = c->nrdy;
+    struct rdy *l = c->rdy;
+    for (size_t i = 0; i < nl; i++) {
+        struct mpr_stream *s = l[i].s;
+        if (n >= max) {
+            l[keep++] = l[i];
+            continue;
+        }
+        pthread_mutex_lock(&s->mu);
+        if (s->epfd != epfd) {
+            if (s->epfd >= 0 && !s->closing) l[keep++] = l[i];
+            else s->in_rdy = false;
+            pthread_mutex_unlock(&s->mu);
+            continue;
+        }
+        uint32_t want = (s->events & (EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLRDNORM | EPOLLWRNORM |
+                                      EPOLLPRI)) | EPOLLERR | EPOLLHUP;
+        uint32_t got = ready_bits(s) & want;
+        bool et = s->events & EPOLLET, one = s->events & EPOLLONESHOT;
+        if (!got || s->closing || (one && s->fired) || (et && !s->edge)) {
+            s->in_rdy = false;
+        } else {
+            evs[n].events = got;
+            evs[n].data.u64 = s->data;
+            n++;
+            s->edge = false;
+            if (one) s->fired = true;
+            if (et || one) s->in_rdy = false;
+            else l[keep++] = l[i];
+        }
+        pthread_mutex_unlock(&s->mu);
+    }
+    /* (nothing in the loop adds to c->rdy: the owner is here, other threads use rrdy) */
+    c->nrdy = keep;
+    return n;
+}
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+int mpr_stream_wait(mp_channel *ch, int epfd, struct epoll_event *evs, int max, int64_t ns,
+                    const sigset_t *mask) {
+    struct mpr_schan *c = schan_of(ch);
+    if (!c) return mp_epoll_wait(ch, epfd, evs, max, ns, mask);
+    /* Candidates of this set become this channel's. */
+    mpr_lock();
+    struct mpr_ep *ep = mpr_ep_of(epfd);
+    if (ep) {
+        int fd;
+        while ((fd = mpr_ep_adopt_pop(ep)) >= 0) {
+            struct mpr_stream *s = st_of(fd);
+            if (!s || s->own || s->epfd != epfd) continue;
+            if (!adopt(c, s)) {
+                /* a plain fd after all: into the kernel's set with its interest */
+                struct epoll_event e = {.events = s->events, .data.u64 = s->data};
+                g_st[fd] = NULL;
+                stream_free(s);
+                if (mpr_real.epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &e) == 0) mpr_set_present(ep, fd, true);
+            }
+        }
+    }
+    mpr_unlock();
+    int64_t deadline = ns > 0 ? now_ns() + ns : 0;
+    for (;;) {
+        service_dirty(c);
+        pump(c, 0);
+        int n = collect(c, epfd, evs, max);
+        if (n == max) return n;
+        atomic_store(&c->waiting, true);
+        /* what another thread added before it saw `waiting`: do not sleep on it */
+        bool remote = atomic_load(&c->remote);
+        service_dirty(c);
+        int64_t t = n || remote ? 0 : ns;
+        if (t > 0) {
+            t = deadline - now_ns();
+            if (t < 0) t = 0;
+        }
+        int r = mp_epoll_wait_flags(ch, epfd, evs + n, max - n, t, mask, MP_EPOLL_WAIT_CHANNEL);
+        atomic_store(&c->waiting, false);
+        c->flushes++;
+        if (r < 0) return n ? n : r;
+        if (n || r) {
+            pump(c, 0);
+            return n + r;
+        }
+        pump(c, 0);
+        n = collect(c, epfd, evs, max);
+        if (n) return n;
+        if (ns == 0 || (ns > 0 && now_ns() >= deadline)) return 0;
+        /* woken for something no interest of this set wanted: wait again */
+    }
+}
+
+/* ---- blocking ---------------------------------------------------------------------------- */
+
+/* Wait for s to change (s->mu held; released meanwhile).  The owner pumps its channel; other
+ * threads sleep on the stream's condition variable (the owner's waits route its events). */
+static void block_on(struct mpr_stream *s) {
+    if (is_owner(s)) {
+        struct mpr_schan *c = s->own;
+        pthread_mutex_unlock(&s->mu);
+        bool was = mpr_t.busy;
+        mpr_t.busy = true;
+        service_dirty(c);
+        pump(c, 1000);
+        mpr_t.busy = was;
+        pthread_mutex_lock(&s->mu);
+    } else {
+        s->sleepers++;
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 50 * 1000000;
+        if (ts.tv_nsec >= 1000000000) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000;
+        }
+        pthread_cond_timedwait(&s->cv, &s->mu, &ts);
+        s->sleepers--;
+    }
+}
+
+/* Every byte written so far is in the socket (or failed).  s->mu held.  With nothing in
+ * flight, the bytes not yet given to the channel go with one real send (what a program that
+ * mixes writes with sendfile would have made itself), without a round trip through the ring. */
+static void drain(struct mpr_stream *s) {
+    if (s->pend_len && !s->inflight && !s->wr_err) {
+        ssize_t r = mpr_real.send(s->fd, s->pend, s->pend_len, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (r > 0) {
+            memmove(s->pend, s->pend + r, s->pend_len - (size_t)r);
+            s->pend_len -= (size_t)r;
+        } else if (r < 0 && errno != EAGAIN && errno != EINTR) {
+            s->wr_err = s->so_err = errno;
+            free(s->pend);
+            s->pend = NULL;
+            s->pend_len = s->pend_cap = 0;
+        }
+    }
+    while ((s->pend_len || s->inflight) && !s->wr_err) {
+        if (is_owner(s)) {
+            bool was = mpr_t.busy;
+            mpr_t.busy = true;
+            submit(s);
+            mpr_t.busy = was;
+        } else {
+            mark_dirty(s);
+        }
+        if (!s->pend_len && !s->inflight) break;
+        block_on(s);
+    }
+}
+
+/* ---- reading ----------------------------------------------------------------------------- */
+
+/* Copy up to len bytes of s's received data into the iovecs (peek: leave them).  s->mu held. */
+static size_t take(struct mpr_stream *s, const struct iovec *iov, int iovcnt, bool peek) {
+    size_t done = 0, bi = 0, boff = s->rx_n ? s->rx[s->rx_head].off : 0;
+    for (int v = 0; v < iovcnt && bi < s->rx_n; v++) {
+        size_t vo = 0;
+        while (vo < iov[v].iov_len && bi < s->rx_n) {
+            struct rxb *b = &s->rx[(s->rx_head + bi) % s->rx_cap];
+            size_t avail = b->len - boff, k = iov[v].iov_len - vo;
+            if (k > avail) k = avail;
+            memcpy((char *)iov[v].iov_base + vo, b->p + boff, k);
+            vo += k;
+            done += k;
+            boff += k;
+            if (boff == b->len) {
+                bi++;
+                boff = bi < s->rx_n ? s->rx[(s->rx_head + bi) % s->rx_cap].off : 0;
+            }
+        }
+    }
+    if (peek) return done;
+    /* consume */
+    bool owner = is_owner(s);
+    for (size_t i = 0; i < bi; i++) {
+        struct rxb *b = &s->rx[s->rx_head];
+        if (owner) {
+            bool was = mpr_t.busy;
+            mpr_t.busy = true;
+            mp_buffer_release(s->own->ch, b->id);
+            mpr_t.busy = was;
+        } else if (s->nrel < s->rel_cap || (s->rel = realloc(s->rel, (s->rel_cap = s->rel_cap ? s->rel_cap * 2 : 16) * sizeof *s->rel))) {
+            s->rel[s->nrel++] = b->id;
+            mark_dirty(s);
+        }
+        s->rx_head = (s->rx_head + 1) % s->rx_cap;
+        s->rx_n--;
+    }
+    if (s->rx_n) s->rx[s->rx_head].off = (uint32_t)boff;
+    s->rx_bytes -= done;
+    return done;
+}
+
+static ssize_t s_recv(struct mpr_stream *s, const struct iovec *iov, int iovcnt, int flags) {
+    size_t want = 0;
+    for (int i = 0; i < iovcnt; i++) want += iov[i].iov_len;
+    pthread_mutex_lock(&s->mu);
+    bool nb = s->nonblock || (flags & MSG_DONTWAIT);
+    ssize_t r;
+    size_t got = 0;
+    struct iovec local[64];
+    for (;;) {
+        if (s->rx_bytes) {
+            if (got == 0) {
+                got = take(s, iov, iovcnt, flags & MSG_PEEK);
+            } else { /* MSG_WAITALL continuing: the iovecs past what was filled */
+                int k = 0;
+                size_t skip = got;
+                for (int i = 0; i < iovcnt && k < 64; i++) {
+                    if (skip >= iov[i].iov_len) {
+                        skip -= iov[i].iov_len;
+                        continue;
+                    }
+                    local[k].iov_base = (char *)iov[i].iov_base + skip;
+                    local[k++].iov_len = iov[i].iov_len - skip;
+                    skip = 0;
+                }
+                got += take(s, local, k, false);
+            }
+            s->own->rx_served++;
+            if (!(flags & MSG_WAITALL) || (flags & MSG_PEEK) || got >= want || nb) {
+                r = (ssize_t)got;
+                break;
+            }
+            continue;
+        }
+        if (got) { /* WAITALL: what came before EOF / an error */
+            if (s->rx_eof || s->rx_err) {
+                r = (ssize_t)got;
+                break;
+            }
+        } else if (s->rx_err) {
+            r = -s->rx_err;
+            if (!(flags & MSG_PEEK)) {
+                s->rx_err = 0;
+                s->so_err = 0;
+                s->rx_eof = true; /* then end of file, as after a reset */
+            }
+            break;
+        } else if (s->rx_eof || want == 0) {
+            r = 0;
+            break;
+        }
+        if (nb && !got) {
+            r = -EAGAIN;
+            break;
+        }
+        drain(s); /* a blocking reader may wait for the answer to what it wrote */
+        block_on(s);
+    }
+    pthread_mutex_unlock(&s->mu);
+    if (r < 0) return fail((int)-r);
+    return r;
+}
+
+/* ---- writing ----------------------------------------------------------------------------- */
+
+static ssize_t s_send(struct mpr_stream *s, const struct iovec *iov, int iovcnt, int flags) {
+    size_t want = 0;
+    for (int i = 0; i < iovcnt; i++) want += iov[i].iov_len;
+    if (!want) return 0;
+    pthread_mutex_lock(&s->mu);
+    bool nb = s->nonblock || (flags & MSG_DONTWAIT);
+    size_t done = 0;
+    int err = 0;
+    while (done < want) {
+        if (s->wr_err || s->shut_wr) {
+            err = s->shut_wr && !s->wr_err ? EPIPE : s->wr_err;
+            if (s->wr_err == ECONNRESET) s->wr_err = EPIPE; /* reported once, as the kernel */
+            s->so_err = 0;
+            break;
+        }
+        size_t used = s->pend_len + s->inflight;
+        size_t space = used < g_wbuf ? g_wbuf - used : 0;
+        if (!space) {
+            if (nb) { /* what fitted, or EAGAIN */
+                if (!done) err = EAGAIN;
+                break;
+            }
+            if (is_owner(s)) {
+                bool was = mpr_t.busy;
+                mpr_t.busy = true;
+                submit(s);
+                mpr_t.busy = was;
+            }
+            block_on(s);
+            continue;
+        }
+        size_t k = want - done < space ? want - done : space;
+        if (s->pend_len + k > s->pend_cap) {
+            size_t cap = s->pend_cap ? s->pend_cap : 4096;
+            while (cap < s->pend_len + k) cap *= 2;
+            char *p = realloc(s->pend, cap);
+            if (!p) {
+                if (!done) err = ENOBUFS;
+                break;
+            }
+            s->pend = p;
+            s->pend_cap = cap;
+        }
+        /* copy k bytes from the iovecs, starting at offset done */
+        size_t skip = done, left = k;
+        for (int i = 0; i < iovcnt && left; i++) {
+            if (skip >= iov[i].iov_len) {
+                skip -= iov[i].iov_len;
+                continue;
+            }
+            size_t m = iov[i].iov_len - skip;
+            if (m > left) m = left;
+            memcpy(s->pend + s->pend_len, (const char *)iov[i].iov_base + skip, m);
+            s->pend_len += m;
+            left -= m;
+            skip = 0;
+        }
+        done += k;
+        s->own->tx_queued++;
+        if (is_owner(s) && s->pend_len >= g_flush_at) {
+            bool was = mpr_t.busy;
+            mpr_t.busy = true;
+            submit(s);
+            mpr_t.busy = was;
+        }
+        mark_dirty(s);
+    }
+    /* A blocking socket's write returns when its bytes are in the socket, as the kernel's
+     * does: nothing is left queued behind a thread that goes on to block elsewhere. */
+    if (!nb && done) drain(s);
+    pthread_mutex_unlock(&s->mu);
+    if (done) return (ssize_t)done;
+    if (err == EPIPE && !(flags & MSG_NOSIGNAL)) pthread_kill(pthread_self(), SIGPIPE);
+    return fail(err);
+}
+
+/* ---- the interposed calls ------------------------------------------------------------------ */
+
+#define REAL(name) (mpr_real.name ? mpr_real.name : (mpr_init(), mpr_real.name))
+
+ssize_t read(int fd, void *buf, size_t n) {
+    struct mpr_stream *s = adopted(fd);
+    if (!s) return REAL(read)(fd, buf, n);
+    struct iovec v = {buf, n};
+    return s_recv(s, &v, 1, 0);
+}
+
+ssize_t __read_chk(int fd, void *buf, size_t n, size_t buflen) {
+    if (n > buflen) __builtin_trap();
+    return read(fd, buf, n);
+}
+
+ssize_t readv(int fd, const struct iovec *iov, int cnt) {
+    struct mpr_stream *s = adopted(fd);
+    if (!s || cnt <= 0 || cnt > IOV_MAX) return REAL(readv)(fd, iov, cnt);
+    return s_recv(s, iov, cnt, 0);
+}
+
+ssize_t recv(int fd, void *buf, size_t n, int flags) {
+    struct mpr_stream *s = adopted(fd);
+    if (!s || (flags & (MSG_OOB | MSG_ERRQUEUE))) return REAL(recv)(fd, buf, n, flags);
+    struct iovec v = {buf, n};
+    return s_recv(s, &v, 1, flags);
+}
+
+ssize_t __recv_chk(int fd, void *buf, size_t n, size_t buflen, int flags) {
+    if (n > buflen) __builtin_trap();
+    return recv(fd, buf, n, flags);
+}
+
+ssize_t recvfrom(int fd, void *buf, size_t n, int flags, struct sockaddr *a, socklen_t *al) {
+    struct mpr_stream *s = adopted(fd);
+    if (!s || (flags & (MSG_OOB | MSG_ERRQUEUE))) return REAL(recvfrom)(fd, buf, n, flags, a, al);
+    struct iovec v = {buf, n};
+    ssize_t r = s_recv(s, &v, 1, flags);
+    if (r >= 0 && a && al) *al = 0; /* a connected TCP socket names no sender */
+    return r;
+}
+
+ssize_t __recvfrom_chk(int fd, void *buf, size_t n, size_t buflen, int flags, struct sockaddr *a,
+                       socklen_t *al) {
+    if (n > buflen) __builtin_trap();
+    return recvfrom(fd, buf, n, flags, a, al);
+}
+
+ssize_t recvmsg(int fd, struct msghdr *m, int flags) {
+    struct mpr_stream *s = adopted(fd);
+    if (!s || !m || (flags & (MSG_OOB | MSG_ERRQUEUE)) || m->msg_iovlen > IOV_MAX)
+        return REAL(recvmsg)(fd, m, flags);
+    ssize_t r = s_recv(s, m->msg_iov, (int)m->msg_iovlen, flags);
+    if (r >= 0) {
+        m->msg_namelen = 0;
+        m->msg_controllen = 0;
+        m->msg_flags = 0;
+    }
+    return r;
+}
+
+ssize_t write(int fd, const void *buf, size_t n) {
+    struct mpr_stream *s = adopted(fd);
+    if (!s) return REAL(write)(fd, buf, n);
+    struct iovec v = {(void *)buf, n};
+    return s_send(s, &v, 1, 0);
+}
+
+ssize_t writev(int fd, const struct iovec *iov, int cnt) {
+    struct mpr_stream *s = adopted(fd);
+    if (!s || cnt <= 0 || cnt > IOV_MAX) return REAL(writev)(fd, iov, cnt);
+    return s_send(s, iov, cnt, 0);
+}
+
+/* A send the stream cannot queue (out-of-band data, ancillary data): after every byte queued
+ * before it.  s->mu not held. */
+static void drain_unlocked(struct mpr_stream *s) {
+    pthread_mutex_lock(&s->mu);
+    drain(s);
+    pthread_mutex_unlock(&s->mu);
+}
+
+ssize_t send(int fd, const void *buf, size_t n, int flags) {
+    struct mpr_stream *s = adopted(fd);
+    if (!s) return REAL(send)(fd, buf, n, flags);
+    if (flags & MSG_OOB) {
+        drain_unlocked(s);
+        return mpr_real.send(fd, buf, n, flags);
+    }
+    struct iovec v = {(void *)buf, n};
+    return s_send(s, &v, 1, flags);
+}
+
+ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *a, socklen_t al) {
+    struct mpr_stream *s = adopted(fd);
+    if (!s) return REAL(sendto)(fd, buf, n, flags, a, al);
+    if (flags & MSG_OOB) {
+        drain_unlocked(s);
+        return mpr_real.sendto(fd, buf, n, flags, a, al);
+    }
+    struct iovec v = {(void *)buf, n};
+    return s_send(s, &v, 1, flags);
+}
+
+ssize_t sendmsg(int fd, const struct msghdr *m, int flags) {
+    struct mpr_stream *s = adopted(fd);
+    if (!s) return REAL(sendmsg)(fd, m, flags);
+    if (!m || (flags & MSG_OOB) || m->msg_controllen || m->msg_iovlen > IOV_MAX) {
+        drain_unlocked(s);
+        return mpr_real.sendmsg(fd, m, flags);
+    }
+    return s_send(s, m->msg_iov, (int)m->msg_iovlen, flags);
+}
+
+/* A real send on a stream returned EAGAIN: OUT is reported again when the kernel says so. */
+static void kout_wait(struct mpr_stream *s) {
+    pthread_mutex_lock(&s->mu);
+    if (is_owner(s)) {
+        bool was = mpr_t.busy;
+        mpr_t.busy = true;
+        if (mp_watch(s->own->ch, s->fd, EPOLLOUT, MP_POLL_ONESHOT, (char *)s + 1) == 0) {
+            s->kout_blocked = true;
+            s->kout_watch = true;
+        }
+        mpr_t.busy = was;
+    }
+    pthread_mutex_unlock(&s->mu);
+}
+
+ssize_t sendfile(int out, int in, off_t *off, size_t n) {
+    struct mpr_stream *s = adopted(out);
+    if (!s) return REAL(sendfile)(out, in, off, n);
+    drain_unlocked(s);
+    ssize_t r = mpr_real.sendfile(out, in, off, n);
+    if (r < 0 && errno == EAGAIN) kout_wait(s);
+    return r;
+}
+
+ssize_t sendfile64(int out, int in, off_t *off, size_t n) {
+    struct mpr_stream *s = adopted(out);
+    ssize_t (*fn)(int, int, off_t *, size_t) = mpr_real.sendfile64 ? mpr_real.sendfile64 : REAL(sendfile);
+    if (!s) return (mpr_real.sendfile64 ? mpr_real.sendfile64 : REAL(sendfile))(out, in, off, n);
+    drain_unlocked(s);
+    ssize_t r = fn(out, in, off, n);
+    if (r < 0 && errno == EAGAIN) kout_wait(s);
+    return r;
+}
+
+ssize_t splice(int in, loff_t *offin, int out, loff_t *offout, size_t n, unsigned flags) {
+    struct mpr_stream *si = adopted(in), *so = adopted(out);
+    if (!si && !so) return REAL(splice)(in, offin, out, offout, n, flags);
+    if (si) {
+        /* From a stream: the bytes it holds, written to out (a pipe) with the real call. */
+        pthread_mutex_lock(&si->mu);
+        ssize_t r;
+        for (;;) {
+            if (si->rx_bytes) {
+                struct rxb *b = &si->rx[si->rx_head];
+                size_t k = b->len - b->off < n ? b->len - b->off : n;
+                r = mpr_real.write(out, b->p + b->off, k);
+                if (r > 0) { /* consume the r bytes written */
+                    char tmp[4096];
+                    size_t left = (size_t)r;
+                    while (left) {
+                        size_t m = left < sizeof tmp ? left : sizeof tmp;
+                        struct iovec tv = {tmp, m};
+                        take(si, &tv, 1, false);
+                        left -= m;
+                    }
+                } else if (r < 0) {
+                    r = -errno;
+                }
+                break;
+            }
+            if (si->rx_err) {
+                r = -si->rx_err;
+                si->rx_err = si->so_err = 0;
+                si->rx_eof = true;
+                break;
+            }
+            if (si->rx_eof || n == 0) {
+                r = 0;
+                break;
+            }
+            if (si->nonblock || (flags & SPLICE_F_NONBLOCK)) {
+                r = -EAGAIN;
+                break;
+            }
+            block_on(si);
+        }
+        pthread_mutex_unlock(&si->mu);
+        if (r < 0) return fail((int)-r);
+        return r;
+    }
+    drain_unlocked(so);
+    ssize_t r = mpr_real.splice(in, offin, out, offout, n, flags);
+    if (r < 0 && errno == EAGAIN) kout_wait(so);
+    return r;
+}
+
+int shutdown(int fd, int how) {
+    struct mpr_stream *s = adopted(fd);
+    if (!s) return REAL(shutdown)(fd, how);
+    if (how != SHUT_RD && how != SHUT_WR && how != SHUT_RDWR) return fail(EINVAL);
+    if (how != SHUT_WR && mpr_real.shutdown(fd, SHUT_RD) < 0) return -1;
+    if (how == SHUT_RD) return 0;
+    pthread_mutex_lock(&s->mu);
+    s->shut_wr = true; /* the FIN follows every byte queued before it */
+    if (is_owner(s)) {
+        bool was = mpr_t.busy;
+        mpr_t.busy = true;
+        service(s);
+        pthread_mutex_unlock(&s->mu);
+        kick(s->own); /* shutdown flushes: the bytes and the FIN go now */
+        pthread_mutex_lock(&s->mu);
+        mpr_t.busy = was;
+    } else {
+        mark_dirty(s);
+    }
+    mark_rdy(s);
+    pthread_mutex_unlock(&s->mu);
+    return 0;
+}
+
+int getsockopt(int fd, int level, int name, void *val, socklen_t *len) {
+    struct mpr_stream *s = adopted(fd);
+    if (!s || level != SOL_SOCKET || name != SO_ERROR || !val || !len || *len < sizeof(int))
+        return REAL(getsockopt)(fd, level, name, val, len);
+    pthread_mutex_lock(&s->mu);
+    int e = s->so_err;
+    s->so_err = 0;
+    if (e && s->rx_err) { /* taken here: reads then see the end, writes EPIPE (the kernel's) */
+        s->rx_err = 0;
+        s->rx_eof = true;
+    }
+    if (e && s->wr_err == ECONNRESET) s->wr_err = EPIPE;
+    pthread_mutex_unlock(&s->mu);
+    if (!e) return mpr_real.getsockopt(fd, level, name, val, len);
+    *(int *)val = e;
+    *len = sizeof(int);
+    return 0;
+}
+
+int setsockopt(int fd, int level, int name, const void *val, socklen_t len) {
+    struct mpr_stream *s = st_of(fd);
+    if (!s || mpr_t.busy) return REAL(setsockopt)(fd, level, name, val, len);
+    if (level == SOL_SOCKET && name == SO_LINGER && val && len >= sizeof(struct linger)) {
+        int r = mpr_real.setsockopt(fd, level, name, val, len);
+        if (r == 0) {
+            const struct linger *l = val;
+            pthread_mutex_lock(&s->mu);
+            s->linger = l->l_onoff ? l->l_linger : -1;
+            pthread_mutex_unlock(&s->mu);
+        }
+        return r;
+    }
+    if (s->own && level == IPPROTO_TCP && (name == TCP_CORK || name == TCP_NODELAY))
+        drain_unlocked(s); /* the option applies after the bytes written before it */
+    return mpr_real.setsockopt(fd, level, name, val, len);
+}
+
+static void set_nonblock(int fd, bool on) {
+    struct mpr_stream *s = st_of(fd);
+    if (!s) return;
+    pthread_mutex_lock(&s->mu);
+    s->nonblock = on;
+    pthread_mutex_unlock(&s->mu);
+}
+
+int ioctl(int fd, unsigned long req, ...) {
+    va_list ap;
+    va_start(ap, req);
+    void *arg = va_arg(ap, void *);
+    va_end(ap);
+    struct mpr_stream *s = st_of(fd);
+    if (!s || mpr_t.busy) return REAL(ioctl)(fd, req, arg);
+    if (req == FIONREAD && s->own && arg) {
+        int k = 0;
+        if (mpr_real.ioctl(fd, req, &k) < 0) k = 0;
+        pthread_mutex_lock(&s->mu);
+        size_t tot = s->rx_bytes + (size_t)k;
+        pthread_mutex_unlock(&s->mu);
+        *(int *)arg = tot > INT_MAX ? INT_MAX : (int)tot;
+        return 0;
+    }
+    int r = mpr_real.ioctl(fd, req, arg);
+    if (r == 0 && req == FIONBIO && arg) set_nonblock(fd, *(int *)arg != 0);
+    return r;
+}
+
+static int fcntl_common(int (*fn)(int, int, ...), int fd, int cmd, void *arg) {
+    int r = fn(fd, cmd, arg);
+    if (r >= 0 && cmd == F_SETFL && mpr_streams && !mpr_t.busy)
+        set_nonblock(fd, ((long)(intptr_t)arg & O_NONBLOCK) != 0);
+    return r;
+}
+
+int fcntl(int fd, int cmd, ...) {
+    va_list ap;
+    va_start(ap, cmd);
+    void *arg = va_arg(ap, void *);
+    va_end(ap);
+    return fcntl_common(REAL(fcntl), fd, cmd, arg);
+}
+
+int fcntl64(int fd, int cmd, ...) {
+    va_list ap;
+    va_start(ap, cmd);
+    void *arg = va_arg(ap, void *);
+    va_end(ap);
+    REAL(fcntl);
+    return fcntl_common(mpr_real.fcntl64 ? mpr_real.fcntl64 : mpr_real.fcntl, fd, cmd, arg);
+}
+
+/* ---- poll / select ---------------------------------------------------------------------- */
+
+static short poll_bits(struct mpr_stream *s, short events) {
+    pthread_mutex_lock(&s->mu);
+    uint32_t r = ready_bits(s);
+    pthread_mutex_unlock(&s->mu);
+    short out = 0;
+    if ((r & EPOLLIN) && (events & (POLLIN | POLLRDNORM))) out |= events & (POLLIN | POLLRDNORM);
+    if ((r & EPOLLOUT) && (events & (POLLOUT | POLLWRNORM))) out |= events & (POLLOUT | POLLWRNORM);
+    if ((r & EPOLLRDHUP) && (events & POLLRDHUP)) out |= POLLRDHUP;
+    if (r & EPOLLERR) out |= POLLERR;
+    if (r & EPOLLHUP) out |= POLLHUP;
+    return out;
+}
+
+/* poll() over a set that holds streams: streams answer from their state, the other fds from
+ * the kernel.  The calling thread's own streams are waited for on its channel; anything else
+ * is looked at again every 10 ms while nothing is ready. */
+static int poll_streams(struct pollfd *fds, nfds_t n, int64_t ns, const sigset_t *mask) {
+    int64_t deadline = ns > 0 ? now_ns() + ns : 0;
+    struct pollfd *k = n <= 64 ? (struct pollfd[64]){{0}} : calloc(n, sizeof *k);
+    if (!k) return fail(ENOMEM);
+    for (;;) {
+        int ready = 0;
+        nfds_t nk = 0;
+        bool own_only = true;
+        for (nfds_t i = 0; i < n; i++) {
+            struct mpr_stream *s = adopted(fds[i].fd);
+            if (s) {
+                fds[i].revents = poll_bits(s, fds[i].events);
+                if (fds[i].revents) ready++;
+                if (!is_owner(s)) own_only = false;
+            } else {
+                k[nk] = fds[i];
+                k[nk++].revents = 0;
+            }
+        }
+        int64_t t = ready ? 0 : ns;
+        if (t > 0) {
+            t = deadline - now_ns();
+            if (t < 0) t = 0;
+        }
+        int kr = 0;
+        if (nk) {
+            int64_t slice = t < 0 || t > 10000000 ? 10000000 : t;
+            struct timespec ts = {slice / 1000000000, slice % 1000000000};
+            kr = mpr_real.ppoll(k, nk, &ts, mask);
+            if (kr < 0 && !ready) {
+                if (k != (struct pollfd *)fds && n > 64) free(k);
+                return -1;
+            }
+        } else if (t != 0 && own_only && mpr_t.sc) {
+            bool was = mpr_t.busy;
+            mpr_t.busy = true;
+            service_dirty(mpr_t.sc);
+            pump(mpr_t.sc, t < 0 || t > 1000000000 ? 1000 : (int)(t / 1000000) + 1);
+            mpr_t.busy = was;
+        }
+        if (mpr_t.sc) {
+            bool was = mpr_t.busy;
+            mpr_t.busy = true;
+            service_dirty(mpr_t.sc);
+            pump(mpr_t.sc, 0);
+            mpr_t.busy = was;
+        }
+        if (kr > 0 || ready) {
+            nfds_t j = 0;
+            int total = 0;
+            for (nfds_t i = 0; i < n; i++) {
+                if (adopted(fds[i].fd)) {
+                    if (fds[i].revents) total++;
+                } else {
+                    fds[i].revents = kr > 0 ? k[j].revents : 0;
+                    if (fds[i].revents) total++;
+                    j++;
+                }
+            }
+            if (n > 64) free(k);
+            return total;
+        }
+        if (ns == 0 || (ns > 0 && now_ns() >= deadline)) {
+            for (nfds_t i = 0; i < n; i++) fds[i].revents = 0;
+            if (n > 64) free(k);
+            return 0;
+        }
+    }
+}
+
+static bool any_stream(const struct pollfd *fds, nfds_t n) {
+    if (!mpr_streams || mpr_t.busy) return false;
+    for (nfds_t i = 0; i < n; i++)
+        if (adopted(fds[i].fd)) return true;
+    return false;
+}
+
+/* glibc declares poll/ppoll's array write-only (access attribute: __fortify_function), which
+ * is not true of poll(2) (it reads fd and events) nor of this interposer: some builds (the
+ * sanitizer's) then warn that reading it may see uninitialized memory. */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+int poll(struct pollfd *fds, nfds_t n, int timeout) {
+    if (!any_stream(fds, n)) return REAL(poll)(fds, n, timeout);
+    return poll_streams(fds, n, timeout < 0 ? -1 : (int64_t)timeout * 1000000, NULL);
+}
+
+int __poll_chk(struct pollfd *fds, nfds_t n, int timeout, size_t fdslen) {
+    if (fdslen / sizeof *fds < n) __builtin_trap();
+    return poll(fds, n, timeout);
+}
+
+int ppoll(struct pollfd *fds, nfds_t n, const struct timespec *ts, const sigset_t *mask) {
+    if (!any_stream(fds, n)) return REAL(ppoll)(fds, n, ts, mask);
+    return poll_streams(fds, n, ts ? (int64_t)ts->tv_sec * 1000000000 + ts->tv_nsec : -1, mask);
+}
+#pragma GCC diagnostic pop
+
+/* select()/pselect(): when a stream is in the sets, the same as poll() over them. */
+static int select_streams(int nfds, fd_set *r, fd_set *w, fd_set *e, int64_t ns, const sigset_t *mask) {
+    struct pollfd *p = calloc((size_t)nfds, sizeof *p);
+    if (!p) return fail(ENOMEM);
+    nfds_t n = 0;
+    for (int fd = 0; fd < nfds; fd++) {
+        short ev = 0;
+        if (r && FD_ISSET(fd, r)) ev |= POLLIN;
+        if (w && FD_ISSET(fd, w)) ev |= POLLOUT;
+        if (e && FD_ISSET(fd, e)) ev |= POLLPRI;
+        if (ev) p[n++] = (struct pollfd){.fd = fd, .events = ev};
+    }
+    int k = poll_streams(p, n, ns, mask);
+    if (k < 0) {
+        free(p);
+        return -1;
+    }
+    if (r) FD_ZERO(r);
+    if (w) FD_ZERO(w);
+    if (e) FD_ZERO(e);
+    int total = 0;
+    for (nfds_t i = 0; i < n; i++) {
+        short rv = p[i].revents;
+        if (rv & POLLNVAL) {
+            free(p);
+            return fail(EBADF);
+        }
+        if (r && (p[i].events & POLLIN) && (rv & (POLLIN | POLLHUP | POLLERR))) FD_SET(p[i].fd, r), total++;
+        if (w && (p[i].events & POLLOUT) && (rv & (POLLOUT | POLLERR))) FD_SET(p[i].fd, w), total++;
+        if (e && (p[i].events & POLLPRI) && (rv & POLLPRI)) FD_SET(p[i].fd, e), total++;
+    }
+    free(p);
+    return total;
+}
+
+static bool select_has_stream(int nfds, fd_set *r, fd_set *w) {
+    if (!mpr_streams || mpr_t.busy || nfds <= 0 || nfds > FD_SETSIZE) return false;
+    for (int fd = 0; fd < nfds; fd++)
+        if (((r && FD_ISSET(fd, r)) || (w && FD_ISSET(fd, w))) && adopted(fd)) return true;
+    return false;
+}
+
+int select(int nfds, fd_set *r, fd_set *w, fd_set *e, struct timeval *tv) {
+    if (!select_has_stream(nfds, r, w)) return REAL(select)(nfds, r, w, e, tv);
+    return select_streams(nfds, r, w, e, tv ? (int64_t)tv->tv_sec * 1000000000 + tv->tv_usec * 1000 : -1,
+                          NULL);
+}
+
+int pselect(int nfds, fd_set *r, fd_set *w, fd_set *e, const struct timespec *ts, const sigset_t *mask) {
+    if (!select_has_stream(nfds, r, w)) return REAL(pselect)(nfds, r, w, e, ts, mask);
+    return select_streams(nfds, r, w, e, ts ? (int64_t)ts->tv_sec * 1000000000 + ts->tv_nsec : -1, mask);
+}
+
+/* ---- close, threads, fork, statistics ---------------------------------------------------- */
+
+int mpr_stream_close(int fd, int *res) {
+    struct mpr_stream *s = st_of(fd);
+    if (!s || mpr_t.busy) return 0;
+    mpr_lock();
+    if (g_st[fd] != s) {
+        mpr_unlock();
+        return 0;
+    }
+    g_st[fd] = NULL;
+    mpr_unlock();
+    mpr_fd_closing(fd); /* the emulation's own bookkeeping of the number */
+    if (!s->own) { /* a candidate: a plain fd */
+        stream_free(s);
+        *res = mpr_real.close(fd);
+        return 1;
+    }
+    /* The number stays open (the channel holds it) until every byte queued is sent. */
+    pthread_mutex_lock(&s->mu);
+    s->closing = true;
+    s->epfd = -1;
+    if (s->linger == 0) { /* SO_LINGER 0: queued bytes are dropped, the kernel resets */
+        free(s->pend);
+        s->pend = NULL;
+        s->pend_len = s->pend_cap = 0;
+    }
+    struct mpr_schan *c = s->own;
+    pthread_mutex_lock(&c->mu);
+    c->closing++;
+    pthread_mutex_unlock(&c->mu);
+    if (s->linger > 0 && !s->nonblock) { /* SO_LINGER n: wait up to n seconds for the bytes */
+        int64_t until = now_ns() + (int64_t)s->linger * 1000000000;
+        while ((s->pend_len || s->inflight) && !s->wr_err && now_ns() < until) {
+            if (is_owner(s)) {
+                bool was = mpr_t.busy;
+                mpr_t.busy = true;
+                submit(s);
+                mpr_t.busy = was;
+            } else {
+                mark_dirty(s);
+            }
+            block_on(s);
+        }
+    }
+    if (is_owner(s)) {
+        /* Bytes still to send go to the kernel now (close flushes), and when they are in the
+         * socket the channel lets go of the connection and closes it (the FIN), without
+         * waiting for the thread's next epoll wait: a few system calls, only for a close
+         * with bytes still queued.  What the socket cannot take yet is sent on at the
+         * thread's following waits (the number stays open until then). */
+        bool was = mpr_t.busy;
+        mpr_t.busy = true;
+        bool work = (s->pend_len || s->inflight) && s->linger != 0 && !s->wr_err;
+        s->hold++;
+        submit(s);
+        for (int i = 0; work && i < 4 && s->inflight && !s->wr_err; i++) {
+            pthread_mutex_unlock(&s->mu);
+            kick(c);
+            pthread_mutex_lock(&s->mu);
+        }
+        bool sent = s->closed_sent; /* (a completion above may have finished it) */
+        if (!sent) service(s);
+        pthread_mutex_unlock(&s->mu);
+        /* the cancel of its receive, then the close itself */
+        for (int i = 0; work && i < 2; i++) kick(c);
+        if (!--s->hold && s->dead) stream_free(s);
+        mpr_t.busy = was;
+        *res = 0;
+        return 1;
+    }
+    mark_dirty(s);
+    pthread_mutex_unlock(&s->mu);
+    *res = 0;
+    return 1;
+}
+
+/* The number fd is about to be closed by another call (dup2/dup3 over it, close_range,
+ * closefrom): every byte queued is sent first (a queued write names the number, which must
+ * not name another file when it runs), then the channel lets go without closing it. */
+void mpr_stream_detach(int fd) {
+    struct mpr_stream *s = st_of(fd);
+    if (!s || mpr_t.busy) return;
+    mpr_lock();
+    if (g_st[fd] != s) {
+        mpr_unlock();
+        return;
+    }
+    g_st[fd] = NULL;
+    mpr_unlock();
+    if (!s->own) {
+        stream_free(s);
+        return;
+    }
+    pthread_mutex_lock(&s->mu);
+    drain(s);
+    s->closing = s->detach = true;
+    s->epfd = -1;
+    struct mpr_schan *c = s->own;
+    pthread_mutex_lock(&c->mu);
+    c->closing++;
+    pthread_mutex_unlock(&c->mu);
+    if (is_owner(s)) {
+        bool was = mpr_t.busy;
+        mpr_t.busy = true;
+        service(s);
+        mpr_t.busy = was;
+    } else {
+        mark_dirty(s);
+        while (!s->closed_sent) block_on(s); /* the owner has unregistered it */
+    }
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* Streams of ch are flushed before it goes (at most 2 s: a peer that never reads must not
+ * hold the thread's exit forever). */
+void mpr_stream_chan_done(mp_channel *ch, bool destroying) {
+    struct mpr_schan *c = mpr_t.sc;
+    if (!c || c->ch != ch) return;
+    int64_t until = now_ns() + 2000000000LL;
+    bool was = mpr_t.busy;
+    mpr_t.busy = true;
+    for (;;) {
+        service_dirty(c);
+        bool left = false;
+        for (size_t fd = 0; fd < g_cap && !left; fd++) {
+            struct mpr_stream *s = g_st[fd];
+            if (s && s->own == c && (s->pend_len || s->inflight) && !s->wr_err) left = true;
+        }
+        if ((!left && !c->closing) || now_ns() >= until) break;
+        pump(c, 50);
+    }
+    mpr_t.busy = was;
+    if (!destroying) return;
+    /* The channel goes: its streams become plain fds (what they had received and nobody read
+     * goes with the channel's buffers). */
+    mpr_lock();
+    for (size_t fd = 0; fd < g_cap; fd++) {
+        struct mpr_stream *s = g_st[fd];
+        if (s && s->own == c) {
+            g_st[fd] = NULL;
+            s->gen = 0;
+        }
+    }
+    mpr_unlock();
+    mpr_t.sc = NULL;
+    c->ch = NULL;
+}
+
+void mpr_stream_stats(mp_channel *ch, char *buf, size_t len) {
+    buf[0] = '\0';
+    if (!mpr_streams) return;
+    pthread_mutex_lock(&g_sclock);
+    for (struct mpr_schan *c = g_schans; c; c = c->next)
+        if (c->ch == ch)
+            snprintf(buf, len, "streams %llu (reads served %llu, writes queued %llu, sends %llu)",
+                     (unsigned long long)c->adopted, (unsigned long long)c->rx_served,
+                     (unsigned long long)c->tx_queued, (unsigned long long)c->tx_submits);
+    pthread_mutex_unlock(&g_sclock);
+}
+
+void mpr_stream_fork_prepare(void) {
+    if (!mpr_streams || !mpr_t.sc || !mpr_t.ch) return;
+    /* What this thread's streams queued reaches the kernel before the child exists. */
+    struct mpr_schan *c = mpr_t.sc;
+    int64_t until = now_ns() + 2000000000LL;
+    bool was = mpr_t.busy;
+    mpr_t.busy = true;
+    for (;;) {
+        service_dirty(c);
+        bool left = false;
+        for (size_t fd = 0; fd < g_cap && !left; fd++) {
+            struct mpr_stream *s = g_st[fd];
+            if (s && s->own == c && (s->pend_len || s->inflight) && !s->wr_err) left = true;
+        }
+        if (!left || now_ns() >= until) break;
+        pump(c, 50);
+    }
+    mpr_t.busy = was;
+}
+
+void mpr_stream_fork_child(void) {
+    if (!mpr_streams) return;
+    /* The child's streams are plain fds: the channels are the parent's. */
+    for (size_t fd = 0; fd < g_cap; fd++) g_st[fd] = NULL;
+    g_schans = NULL;
+    mpr_t.sc = NULL;
+    pthread_mutex_init(&g_sclock, NULL);
+}
