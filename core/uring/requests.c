@@ -170,6 +170,16 @@ int mp__u_arm_accept(mp_channel *ch, mp_handle *h) {
     return 0;
 }
 
+/* mp_accept_share: a multishot accept armed because the listener was exclusive is cancelled;
+ * its -ECANCELED end re-arms (mp__u_arm_accept) with one-shot accepts, which take turns with
+ * the queue's other waiters.  Connections it took before the cancel are still completions,
+ * delivered as ACCEPT events.  A partition keeps its multishot (the queue is its own). */
+int mp__u_share_accept(mp_channel *ch, mp_handle *h) {
+    if (h->acc.part || !UH(h)->ms_armed) return 0;
+    mp__u_cancel_accepts(ch, h);
+    return 0;
+}
+
 /* Stop every accept of h in the kernel (both kinds). */
 void mp__u_cancel_accepts(mp_channel *ch, mp_handle *h) {
     mp__u_cancel_all(ch, ud(T_ACCEPT, h->gen, h->idx));

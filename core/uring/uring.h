@@ -188,6 +188,7 @@ void mp__u_cancel_accepts(mp_channel *ch, mp_handle *h);
 unsigned mp__u_lw_free(const mp_channel *ch);
 void mp__u_accept_pause(mp_channel *ch, mp_handle *h);
 int mp__u_arm_accept(mp_channel *ch, mp_handle *h);
+int mp__u_share_accept(mp_channel *ch, mp_handle *h);
 void mp__u_accept_backoff(mp_channel *ch, mp_handle *h);
 void mp__u_balance(mp_channel *ch);
 int mp__u_poll_arm(mp_channel *ch, mp_handle *h);
