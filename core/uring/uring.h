@@ -112,6 +112,7 @@ typedef struct uhandle {
     bool rb_capped;     /* receive paused: MP_BUF_PER_CONN buffers held */
     bool rb_multishot;  /* the receive in the kernel is multishot (else one buffer) */
     bool rb_cancelling; /* we cancelled the multishot: its -ECANCELED end is ours */
+    bool rb_started;    /* a receive was armed before (the first one polls first) */
     uint32_t bufs_held; /* channel buffers this connection holds (stashed + handed out) */
     /* readiness watches in poll-request form */
     uint32_t poll_seq;  /* arm sequence, carried in user_data */
