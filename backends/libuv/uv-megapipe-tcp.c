@@ -65,6 +65,9 @@ struct uvmp_stash {
   unsigned int id;
 };
 
+#define UVMP_PARTS_INLINE 8
+#define UVMP_STASH_INLINE 4
+
 struct uvmp_conn {
   struct uvmp_conn* next;
   struct uvmp_conn* prev;
@@ -87,6 +90,9 @@ struct uvmp_conn {
   unsigned int parts_cap;
   struct uvmp_stash* stash;
   unsigned int nstash, stash_cap;
+  /* parts and stash start here: no allocation per connection for the usual few entries */
+  unsigned int parts_inline[UVMP_PARTS_INLINE];
+  struct uvmp_stash stash_inline[UVMP_STASH_INLINE];
 };
 
 static void conn_link(struct uvmp* m, struct uvmp_conn* c) {
@@ -106,10 +112,40 @@ static void conn_unlink(struct uvmp* m, struct uvmp_conn* c) {
     c->next->prev = c->prev;
 }
 
+static struct uvmp_conn* conn_new(void) {
+  struct uvmp_conn* c = uv__calloc(1, sizeof(*c));
+  if (c == NULL)
+    return NULL;
+  c->parts = c->parts_inline;
+  c->parts_cap = UVMP_PARTS_INLINE;
+  c->stash = c->stash_inline;
+  c->stash_cap = UVMP_STASH_INLINE;
+  return c;
+}
+
 static void conn_free(struct uvmp_conn* c) {
-  uv__free(c->parts);
-  uv__free(c->stash);
+  if (c->parts != c->parts_inline)
+    uv__free(c->parts);
+  if (c->stash != c->stash_inline)
+    uv__free(c->stash);
   uv__free(c);
+}
+
+/* Room for twice as many entries of size sz in *arr (its inline storage is not freed). */
+static int grow(void** arr, unsigned int* cap, const void* inl, size_t sz) {
+  void* n;
+  if (*arr == inl) {
+    n = uv__malloc(2 * *cap * sz);
+    if (n != NULL)
+      memcpy(n, *arr, *cap * sz);
+  } else {
+    n = uv__realloc(*arr, 2 * *cap * sz);
+  }
+  if (n == NULL)
+    return UV_ENOMEM;
+  *arr = n;
+  *cap *= 2;
+  return 0;
 }
 
 /* The stream's record, where the stream keeps it: in the handle's spare union (unused by the
@@ -156,7 +192,7 @@ static struct uvmp_conn* conn_get(uv_stream_t* s) {
     conn_set(s, c);
     return c;
   }
-  c = uv__calloc(1, sizeof(*c));
+  c = conn_new();
   if (c == NULL)
     return NULL;
   c->h = mp_register(m->ch, fd, c, NULL);
@@ -180,13 +216,11 @@ static struct uvmp_conn* conn_get(uv_stream_t* s) {
 /* ---- reads ------------------------------------------------------------------------- */
 
 static int stash_push(struct uvmp_conn* c, const struct uvmp_stash* e) {
+  void* p = c->stash;
   if (c->nstash == c->stash_cap) {
-    unsigned int cap = c->stash_cap ? 2 * c->stash_cap : 4;
-    struct uvmp_stash* n = uv__realloc(c->stash, cap * sizeof(*n));
-    if (n == NULL)
+    if (grow(&p, &c->stash_cap, c->stash_inline, sizeof(*c->stash)) < 0)
       return UV_ENOMEM;
-    c->stash = n;
-    c->stash_cap = cap;
+    c->stash = p;
   }
   c->stash[c->nstash++] = *e;
   return 0;
@@ -302,13 +336,11 @@ int uv__mp_stream_read_start(uv_stream_t* s) {
 /* ---- writes ------------------------------------------------------------------------ */
 
 static int parts_push(struct uvmp_conn* c, unsigned int parts) {
+  void* p = c->parts;
   if (c->posted == c->parts_cap) {
-    unsigned int cap = c->parts_cap ? 2 * c->parts_cap : 8;
-    unsigned int* n = uv__realloc(c->parts, cap * sizeof(*n));
-    if (n == NULL)
+    if (grow(&p, &c->parts_cap, c->parts_inline, sizeof(*c->parts)) < 0)
       return UV_ENOMEM;
-    c->parts = n;
-    c->parts_cap = cap;
+    c->parts = p;
   }
   c->parts[c->posted] = parts;
   return 0;
@@ -520,7 +552,7 @@ int uv__mp_tcp_listen(uv_tcp_t* tcp) {
     return 0;
   if (m->bound && !pthread_equal(m->owner, pthread_self()))
     return 0;
-  c = uv__calloc(1, sizeof(*c));
+  c = conn_new();
   if (c == NULL)
     return 0;
   len = sizeof(reuseport);
@@ -631,7 +663,7 @@ static void accept_event(struct uvmp* m, struct uvmp_conn* c, const mp_event* ev
   }
   fd = (int) ev->result;
   /* Registered now, before the next dispatch: the core needs no system call for it. */
-  pc = uv__calloc(1, sizeof(*pc));
+  pc = conn_new();
   f = uv__mp_slot(m, fd);
   if (pc != NULL && f != NULL) {
     pc->h = mp_register(m->ch, fd, pc, NULL);
