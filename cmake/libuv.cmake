@@ -50,7 +50,7 @@ target_link_libraries(uv_megapipe_test PRIVATE ${MP_LIBUV_LIBDIR}/libuv.so.1 Thr
 set_target_properties(uv_megapipe_test PROPERTIES BUILD_RPATH ${MP_LIBUV_LIBDIR})
 
 if(MP_BUILD_TESTS)
-  foreach(c switch fork setuid fd_reuse cq_overflow seccomp tcp tcp_readiness reuseport)
+  foreach(c switch fork setuid fd_reuse cq_overflow seccomp tcp tcp_readiness reuseport share)
     add_test(NAME libuv.${c} COMMAND uv_megapipe_test ${c})
     set_tests_properties(libuv.${c} PROPERTIES TIMEOUT 120 SKIP_RETURN_CODE 77)
   endforeach()

@@ -24,6 +24,22 @@ int mp_accept(mp_handle *h, unsigned count, int flags) {
     return ch->eng->arm_accept(ch, h);
 }
 
+int mp_accept_share(mp_handle *h) {
+    int e = mp__h_enter(h);
+    if (e < 0) return e;
+    if (h->kind != HK_LISTENER) return -EINVAL;
+    if (!h->acc.excl) return 0;
+    mp_channel *ch = h->ch;
+    h->acc.excl = false;
+    if (!ch->eng->share_accept) return 0;
+    int r = ch->eng->share_accept(ch, h);
+    if (r < 0) return r;
+    /* As at a listener's end (mp__handle_end): the queue's other waiters get their turn from
+     * now on, not from this thread's next wait. */
+    if (h->inflight) ch->eng->flush(ch);
+    return 0;
+}
+
 void mp__accept_done(mp_handle *h, int res, bool more, bool stolen) {
     mp_channel *ch = h->ch;
     if (res >= 0) {

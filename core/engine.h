@@ -45,6 +45,10 @@ typedef struct mp_engine {
     ssize_t (*start_write)(struct mp_channel *ch, struct mp_handle *h, struct mp_op *op);
     /* (Re)arm accepting on listener h as h->acc describes.  0 or -errno. */
     int (*arm_accept)(struct mp_channel *ch, struct mp_handle *h);
+    /* Listener h stopped being exclusive (mp_accept_share: h->acc.excl is now false): accept
+     * from its queue so that others accepting from it take turns, without losing what the
+     * engine already took.  0 or -errno.  NULL: the engine accepts the same way either way. */
+    int (*share_accept)(struct mp_channel *ch, struct mp_handle *h);
     /* Readiness adapter: (re)arm or change the watch h (h->pw describes it).  0 or -errno. */
     int (*poll_arm)(struct mp_channel *ch, struct mp_handle *h);
     /* Submit every queued request.  Number submitted or -errno. */

@@ -385,6 +385,7 @@ const mp_engine mp__engine_epoll = {
     .start_read = ep_start_read,
     .start_write = ep_start_write,
     .arm_accept = ep_arm_accept,
+    .share_accept = NULL, /* accept4() at readiness either way */
     .poll_arm = ep_poll_arm,
     .flush = ep_flush,
     .wait = ep_wait,

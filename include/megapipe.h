@@ -411,7 +411,8 @@ int mp_listen_socket(const struct sockaddr *addr, socklen_t addrlen, int backlog
                            a request, a failed first try and a poll armed anew).  Others that do
                            accept from the socket get next to nothing while this channel keeps
                            up.  No effect on partitions (always multishot) nor on the epoll
-                           engine (accept4() at readiness either way). */
+                           engine (accept4() at readiness either way).  mp_accept_share()
+                           drops it again when the socket becomes shared. */
 
 /* Accept count connections on listener h (count 0 = keep accepting until h is unregistered).
  * Calls add up: two calls with count 1 accept two connections.  flags apply to accepts started
@@ -427,6 +428,18 @@ int mp_listen_socket(const struct sockaddr *addr, socklen_t addrlen, int backlog
  * 0, -EBADF (bad handle), -EPERM (not the owning thread), -EINVAL (h is not a listener, or
  * unknown flags). */
 int mp_accept(mp_handle *h, unsigned count, int flags);
+
+/* Listener h may no longer be the only one accepting from its queue (its socket was passed to
+ * another process, inherited across fork(), ...): drop MP_ACCEPT_EXCLUSIVE, so that from now
+ * on it accepts as a listener without a partition does, taking turns with the others.  On
+ * io_uring the armed multishot accept is cancelled (the cancel is submitted before this
+ * returns) and one-shot accepts take over; no connection is lost: those the multishot took
+ * before the cancel are still delivered as ACCEPT events, and the count given to mp_accept()
+ * (or "until unregistered") carries on.  On the epoll engine only the flag changes.  No effect
+ * on partitions (their queue is their own).  A later mp_accept() with MP_ACCEPT_EXCLUSIVE makes
+ * h exclusive again.  Idempotent.  Returns 0, -EBADF (bad or ended handle), -EPERM (not the
+ * owning thread, forked child), -EINVAL (h is not a listener). */
+int mp_accept_share(mp_handle *h);
 
 /* Connect h (a socket the caller created; non-blocking is fine) to addr.  Completes with
  * MP_EV_CONNECT, result 0 or -errno.  Returns 0, -EBADF, -EINVAL (addrlen too big). */

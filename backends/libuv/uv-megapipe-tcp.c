@@ -21,9 +21,14 @@
  *    UV_ECANCELED, then the close callback) runs only at the handle's MP_EV_CLOSED, when the
  *    kernel holds none of its buffers.  The loop stays alive meanwhile.
  *
- *  - uv_listen registers the listening socket and accepts on the channel (mp_accept, count 0:
- *    one multishot accept); a socket with SO_REUSEPORT is registered with the calling
- *    thread's CPUs, so loops on several threads listening on one address are partitioned.
+ *  - uv_listen registers the listening socket and accepts on the channel (mp_accept, count 0);
+ *    a socket with SO_REUSEPORT is registered with the calling thread's CPUs, so loops on
+ *    several threads listening on one address are partitioned (one multishot accept each).
+ *    Without it, a socket the process made itself (uv_tcp_bind, uv_listen on a fresh handle)
+ *    is accepted from exclusively (one multishot accept) until it may be shared: sent with
+ *    uv_write2, or a fork() (then mp_accept_share: one-shot accepts that take turns with the
+ *    other process).  A socket opened from an fd (uv_tcp_open, received over IPC) may be
+ *    shared from birth: one-shot accepts from the start.
  *    Each connection is registered on the channel at its ACCEPT event (no system call) and
  *    handed to connection_cb through server->accepted_fd (more wait in server->queued_fds, as
  *    uv_accept expects).  EMFILE/ENFILE run stock libuv's emfile trick.  The accepted fds are
@@ -40,6 +45,7 @@
 #include <limits.h>
 #include <sched.h>
 #include <sys/socket.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
@@ -59,6 +65,9 @@ struct uvmp_stash {
   unsigned int id;
 };
 
+#define UVMP_PARTS_INLINE 8
+#define UVMP_STASH_INLINE 4
+
 struct uvmp_conn {
   struct uvmp_conn* next;
   struct uvmp_conn* prev;
@@ -70,6 +79,7 @@ struct uvmp_conn {
   int shut_posted;      /* mp_disconnect() issued for stream->shutdown_req */
   int closing;          /* handle ended, close callback waits for MP_EV_CLOSED */
   int listener;         /* a listening stream accepting on the channel */
+  int excl;             /* ... with MP_ACCEPT_EXCLUSIVE (until mp_accept_share) */
   int pre;              /* accepted, registered, not yet adopted by a stream (fd below) */
   int fd;
   /* writes handed to the channel: the first `posted` requests of write_queue, the last of
@@ -83,6 +93,9 @@ struct uvmp_conn {
   unsigned int parts_head, parts_cap;
   struct uvmp_stash* stash;
   unsigned int stash_head, nstash, stash_cap; /* entries stash[stash_head ..+nstash) */
+  /* parts and stash start here: no allocation per connection for the usual few entries */
+  unsigned int parts_inline[UVMP_PARTS_INLINE];
+  struct uvmp_stash stash_inline[UVMP_STASH_INLINE];
 };
 
 static void conn_link(struct uvmp* m, struct uvmp_conn* c) {
@@ -102,10 +115,40 @@ static void conn_unlink(struct uvmp* m, struct uvmp_conn* c) {
     c->next->prev = c->prev;
 }
 
+static struct uvmp_conn* conn_new(void) {
+  struct uvmp_conn* c = uv__calloc(1, sizeof(*c));
+  if (c == NULL)
+    return NULL;
+  c->parts = c->parts_inline;
+  c->parts_cap = UVMP_PARTS_INLINE;
+  c->stash = c->stash_inline;
+  c->stash_cap = UVMP_STASH_INLINE;
+  return c;
+}
+
 static void conn_free(struct uvmp_conn* c) {
-  uv__free(c->parts);
-  uv__free(c->stash);
+  if (c->parts != c->parts_inline)
+    uv__free(c->parts);
+  if (c->stash != c->stash_inline)
+    uv__free(c->stash);
   uv__free(c);
+}
+
+/* Room for twice as many entries of size sz in *arr (its inline storage is not freed). */
+static int grow(void** arr, unsigned int* cap, const void* inl, size_t sz) {
+  void* n;
+  if (*arr == inl) {
+    n = uv__malloc(2 * *cap * sz);
+    if (n != NULL)
+      memcpy(n, *arr, *cap * sz);
+  } else {
+    n = uv__realloc(*arr, 2 * *cap * sz);
+  }
+  if (n == NULL)
+    return UV_ENOMEM;
+  *arr = n;
+  *cap *= 2;
+  return 0;
 }
 
 /* The stream's record, where the stream keeps it: in the handle's spare union (unused by the
@@ -152,7 +195,7 @@ static struct uvmp_conn* conn_get(uv_stream_t* s) {
     conn_set(s, c);
     return c;
   }
-  c = uv__calloc(1, sizeof(*c));
+  c = conn_new();
   if (c == NULL)
     return NULL;
   c->h = mp_register(m->ch, fd, c, NULL);
@@ -178,15 +221,14 @@ static struct uvmp_conn* conn_get(uv_stream_t* s) {
 static int stash_push(struct uvmp_conn* c, const struct uvmp_stash* e) {
   if (c->stash_head + c->nstash == c->stash_cap) {
     if (c->stash_head >= c->nstash && c->stash_head > 0) {
+      /* slide down: costs no more than the pops that freed the room */
       memmove(c->stash, c->stash + c->stash_head, c->nstash * sizeof(*c->stash));
       c->stash_head = 0;
     } else {
-      unsigned int cap = c->stash_cap ? 2 * c->stash_cap : 4;
-      struct uvmp_stash* n = uv__realloc(c->stash, cap * sizeof(*n));
-      if (n == NULL)
+      void* p = c->stash;
+      if (grow(&p, &c->stash_cap, c->stash_inline, sizeof(*c->stash)) < 0)
         return UV_ENOMEM;
-      c->stash = n;
-      c->stash_cap = cap;
+      c->stash = p;
     }
   }
   c->stash[c->stash_head + c->nstash++] = *e;
@@ -320,12 +362,10 @@ static int parts_push(struct uvmp_conn* c, unsigned int parts) {
       memmove(c->parts, c->parts + c->parts_head, c->posted * sizeof(*c->parts));
       c->parts_head = 0;
     } else {
-      unsigned int cap = c->parts_cap ? 2 * c->parts_cap : 8;
-      unsigned int* n = uv__realloc(c->parts, cap * sizeof(*n));
-      if (n == NULL)
+      void* p = c->parts;
+      if (grow(&p, &c->parts_cap, c->parts_inline, sizeof(*c->parts)) < 0)
         return UV_ENOMEM;
-      c->parts = n;
-      c->parts_cap = cap;
+      c->parts = p;
     }
   }
   c->parts[c->parts_head + c->posted] = parts;
@@ -476,6 +516,56 @@ static void shutdown_done(uv_stream_t* s, int err) {
 
 /* ---- listening ------------------------------------------------------------------- */
 
+/* A socket's mark (the handle's spare u.reserved[1], cleared by uv__stream_init): NULL, or
+ * the share generation when new_socket made it, plus one (so never NULL). */
+static void* made_here_mark(void) {
+  return (void*) (uintptr_t) (uv__mp_sharegen() + 1);
+}
+
+static int made_here_ok(const uv_stream_t* s) {
+  return s->u.reserved[1] != NULL && s->u.reserved[1] == made_here_mark();
+}
+
+void uv__mp_tcp_socket_made(uv_tcp_t* tcp) {
+  tcp->u.reserved[1] = made_here_mark();
+}
+
+static void listener_share(struct uvmp_conn* c) {
+  if (mp_accept_share(c->h) == 0)
+    c->excl = 0;
+}
+
+void uv__mp_handle_sent(uv_stream_t* s) {
+  struct uvmp_conn* c;
+  struct uvmp* m;
+
+  if (s->type != UV_TCP)
+    return;
+  s->u.reserved[1] = NULL; /* not exclusive if it listens later */
+  c = conn_of(s);
+  if (c == NULL || !c->listener || !c->excl)
+    return;
+  m = uv__mp_of(s->loop);
+  if (m != NULL && uv__mp_on_owner(m)) {
+    listener_share(c);
+    return;
+  }
+  /* The listener's loop runs on another thread: it shares its exclusive listeners before it
+   * waits again (woken now, so that is soon). */
+  uv__mp_sharegen_bump();
+  if (m != NULL)
+    mp_wake(m->ch);
+}
+
+void uv__mp_listeners_share(struct uvmp* m) {
+  struct uvmp_conn* c;
+
+  m->sharegen = uv__mp_sharegen();
+  for (c = m->conns; c != NULL; c = c->next)
+    if (c->listener && c->excl && c->stream != NULL)
+      listener_share(c);
+}
+
 void uv__mp_server_io(uv_loop_t* loop, uv__io_t* w, unsigned int events) {
   /* Never called: the poller does not watch listeners that accept on the channel (their
    * connections come as MP_EV_ACCEPT).  Present so the watcher has a callback of its own. */
@@ -496,7 +586,7 @@ int uv__mp_tcp_listen(uv_tcp_t* tcp) {
     return 0;
   if (m->bound && !pthread_equal(m->owner, pthread_self()))
     return 0;
-  c = uv__calloc(1, sizeof(*c));
+  c = conn_new();
   if (c == NULL)
     return 0;
   len = sizeof(reuseport);
@@ -517,18 +607,17 @@ int uv__mp_tcp_listen(uv_tcp_t* tcp) {
     m->owner = pthread_self();
     m->bound = 1;
   }
-  /* UV_MEGAPIPE_EXCLUSIVE_ACCEPT=1 (the operator's word that no listening socket of this
-   * process is accepted from by another process or loop: none sent over IPC with uv_write2,
-   * none received that way or inherited across fork): one multishot accept serves every
-   * connection, instead of one accept request (a failed first try, a poll armed anew) per
-   * connection.  Not the default: a multishot accept keeps its place at the head of the
-   * socket's wait queue, so another process accepting from the same socket would get nothing
-   * (libuv's ipc_listen_before_write / ipc_listen_after_write time out), and the backend
-   * cannot tell at uv_listen whether the socket will be shared.  UV_TCP_SINGLE_ACCEPT=1 or
-   * uv_tcp_simultaneous_accepts(h, 0) before uv_listen keep one-shot accepts even so. */
-  if (mp_accept(c->h, 0,
-                m->excl_accept && !(tcp->flags & UV_HANDLE_TCP_SINGLE_ACCEPT)
-                    ? MP_ACCEPT_EXCLUSIVE : 0) < 0)
+  /* One multishot accept serves every connection of a listener nobody else accepts from,
+   * instead of one accept request (a failed first try, a poll armed anew) per connection.
+   * But a multishot accept keeps its place at the head of the socket's wait queue, so another
+   * process accepting from the same socket would get nothing (libuv's ipc_listen_* tests).
+   * So only a socket this process made itself, with no fork() since (made_here_ok), and
+   * until it may become shared (uv__mp_handle_sent, uv__mp_listeners_share);
+   * UV_MEGAPIPE_EXCLUSIVE_ACCEPT=0, UV_TCP_SINGLE_ACCEPT=1 or
+   * uv_tcp_simultaneous_accepts(h, 0) before uv_listen keep one-shot accepts. */
+  c->excl = m->excl_accept && !(tcp->flags & UV_HANDLE_TCP_SINGLE_ACCEPT) &&
+            made_here_ok((uv_stream_t*) tcp);
+  if (mp_accept(c->h, 0, c->excl ? MP_ACCEPT_EXCLUSIVE : 0) < 0)
     abort(); /* a registered listener always accepts */
   c->listener = 1;
   c->stream = (uv_stream_t*) tcp;
@@ -608,7 +697,7 @@ static void accept_event(struct uvmp* m, struct uvmp_conn* c, const mp_event* ev
   }
   fd = (int) ev->result;
   /* Registered now, before the next dispatch: the core needs no system call for it. */
-  pc = uv__calloc(1, sizeof(*pc));
+  pc = conn_new();
   f = uv__mp_slot(m, fd);
   if (pc != NULL && f != NULL) {
     pc->h = mp_register(m->ch, fd, pc, NULL);

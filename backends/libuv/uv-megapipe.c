@@ -59,15 +59,33 @@
 #define UVMP_EVENTS (POLLIN | POLLOUT | UV__POLLRDHUP | UV__POLLPRI)
 
 static atomic_ulong uvmp_forkgen;
+static atomic_ulong uvmp_sharegen;
 static pthread_once_t uvmp_once = PTHREAD_ONCE_INIT;
 static atomic_flag uvmp_logged = ATOMIC_FLAG_INIT;
 
+static void uvmp_parent(void) {
+  /* The child holds every listening socket of ours (uv_spawn forks too): each loop shares its
+   * exclusive listeners before it waits again. */
+  atomic_fetch_add(&uvmp_sharegen, 1);
+}
+
 static void uvmp_child(void) {
   atomic_fetch_add(&uvmp_forkgen, 1);
+  /* ... and the parent holds every socket the child inherited (a prefork worker that listens
+   * on its parent's socket shares it with its siblings). */
+  atomic_fetch_add(&uvmp_sharegen, 1);
 }
 
 static void uvmp_init_once(void) {
-  pthread_atfork(NULL, NULL, uvmp_child);
+  pthread_atfork(NULL, uvmp_parent, uvmp_child);
+}
+
+unsigned long uv__mp_sharegen(void) {
+  return atomic_load(&uvmp_sharegen);
+}
+
+void uv__mp_sharegen_bump(void) {
+  atomic_fetch_add(&uvmp_sharegen, 1);
 }
 
 struct uvmp* uv__mp_of(const uv_loop_t* loop) {
@@ -103,8 +121,9 @@ static mp_channel* uvmp_channel(void) {
  *  UV_USE_MEGAPIPE=1: loops run on a channel (off by default);
  *  UV_MEGAPIPE_TCP=0|1: TCP streams through completions (1, the default) or through readiness
  *    watches like every other handle (0: for comparison and diagnosis);
- *  UV_MEGAPIPE_EXCLUSIVE_ACCEPT=1: no listening socket of this process is shared with another
- *    process or loop, so each may be served by one multishot accept (uv-megapipe-tcp.c). */
+ *  UV_MEGAPIPE_EXCLUSIVE_ACCEPT=0|1: a listener whose socket this process made itself is
+ *    served by one multishot accept until it may be shared (1, the default), or every
+ *    listener by one-shot accepts that take turns with other processes (0; uv-megapipe-tcp.c). */
 static int uvmp_env_flag(const char* name, int def) {
   const char* v = getenv(name);
   if (v != NULL && strcmp(v, "1") == 0)
@@ -119,6 +138,10 @@ static int uvmp_env_flag(const char* name, int def) {
 static int uvmp_on_owner(const struct uvmp* m) {
   return m->bound && pthread_equal(m->owner, pthread_self()) &&
          m->forkgen == atomic_load(&uvmp_forkgen);
+}
+
+int uv__mp_on_owner(const struct uvmp* m) {
+  return uvmp_on_owner(m);
 }
 
 int uv__mp_active(const uv_loop_t* loop) {
@@ -144,7 +167,8 @@ void uv__mp_loop_init(uv_loop_t* loop) {
   }
   m->forkgen = atomic_load(&uvmp_forkgen);
   m->tcp = uvmp_env_flag("UV_MEGAPIPE_TCP", 1);
-  m->excl_accept = uvmp_env_flag("UV_MEGAPIPE_EXCLUSIVE_ACCEPT", 0);
+  m->excl_accept = uvmp_env_flag("UV_MEGAPIPE_EXCLUSIVE_ACCEPT", 1);
+  m->sharegen = atomic_load(&uvmp_sharegen);
   uvmp_set(loop, m);
 }
 
@@ -323,6 +347,11 @@ int uv__mp_io_poll(uv_loop_t* loop, int timeout) {
     assert(QUEUE_EMPTY(&loop->watcher_queue));
     return 0;
   }
+
+  /* A fork() since the last wait (or a listener sent from another thread): the exclusive
+   * listeners take turns with the other processes from now on. */
+  if (m->sharegen != atomic_load(&uvmp_sharegen))
+    uv__mp_listeners_share(m);
 
   uvmp_apply(loop, m);
 

@@ -33,6 +33,11 @@ int uv__mp_stream_write(uv_stream_t* stream);
 int uv__mp_stream_io(uv_stream_t* stream);
 /* uv__tcp_listen: after listen() succeeded, before the readiness watch starts. */
 int uv__mp_tcp_listen(uv_tcp_t* tcp);
+/* new_socket (tcp.c): the process made this socket itself, so no other process holds it yet
+ * (fork() may change that: see uv__mp_tcp_listen). */
+void uv__mp_tcp_socket_made(uv_tcp_t* tcp);
+/* uv_write2 / uv_try_write2 with a send_handle: another process may accept from it now. */
+void uv__mp_handle_sent(uv_stream_t* handle);
 /* uv_try_write2: a non-blocking write for streams on the channel (their fds may be blocking). */
 int uv__mp_try_write(uv_stream_t* stream, const uv_buf_t bufs[], unsigned int nbufs, int* result);
 /* uv__stream_close: first thing. */

@@ -46,6 +46,13 @@ ssize_t mp__u_start_read(mp_channel *ch, mp_handle *h, mp_op *op) {
         else io_uring_prep_recv(sqe, h->fd, NULL, 0, 0);
         sqe->flags |= IOSQE_BUFFER_SELECT;
         sqe->buf_group = BUF_GROUP;
+        /* A connection's first receive usually comes before its first data (a connection just
+         * accepted: the client's request follows its handshake): the kernel arms the poll at
+         * once instead of trying the receive first (a socket lock, a buffer picked and put
+         * back, -EAGAIN).  Data already there is found by the poll's own first look.  Every
+         * kernel with buffer rings (5.19) knows the flag. */
+        if (!UH(h)->rb_started) sqe->ioprio |= IORING_RECVSEND_POLL_FIRST;
+        UH(h)->rb_started = true;
         UH(h)->readbuf_armed = true;
     } else {
         if (!(sqe = mp__u_sqe(ch))) return -EAGAIN;
@@ -67,6 +74,10 @@ ssize_t mp__u_start_write(mp_channel *ch, mp_handle *h, mp_op *op) {
                            MSG_NOSIGNAL);
         break;
     case OP_WRITEV:
+        if (op->iovcnt == 1) { /* what is left is one buffer: a send, no message header */
+            io_uring_prep_send(sqe, h->fd, op->iov[0].iov_base, op->iov[0].iov_len, MSG_NOSIGNAL);
+            break;
+        }
         memset(&op->msg, 0, sizeof op->msg);
         op->msg.msg_iov = op->iov;
         op->msg.msg_iovlen = (size_t)op->iovcnt;
@@ -167,6 +178,16 @@ int mp__u_arm_accept(mp_channel *ch, mp_handle *h) {
     }
     if (ch->cfg.balance && h->acc.part && h->acc.forever) u->balancing = true;
     mp__u_batch_check(ch);
+    return 0;
+}
+
+/* mp_accept_share: a multishot accept armed because the listener was exclusive is cancelled;
+ * its -ECANCELED end re-arms (mp__u_arm_accept) with one-shot accepts, which take turns with
+ * the queue's other waiters.  Connections it took before the cancel are still completions,
+ * delivered as ACCEPT events.  A partition keeps its multishot (the queue is its own). */
+int mp__u_share_accept(mp_channel *ch, mp_handle *h) {
+    if (h->acc.part || !UH(h)->ms_armed) return 0;
+    mp__u_cancel_accepts(ch, h);
     return 0;
 }
 

@@ -179,6 +179,7 @@ const mp_engine mp__engine_uring = {
     .start_read = mp__u_start_read,
     .start_write = mp__u_start_write,
     .arm_accept = mp__u_arm_accept,
+    .share_accept = mp__u_share_accept,
     .poll_arm = mp__u_poll_arm,
     .flush = mp__u_flush,
     .wait = mp__u_wait,

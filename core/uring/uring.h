@@ -112,6 +112,7 @@ typedef struct uhandle {
     bool rb_capped;     /* receive paused: MP_BUF_PER_CONN buffers held */
     bool rb_multishot;  /* the receive in the kernel is multishot (else one buffer) */
     bool rb_cancelling; /* we cancelled the multishot: its -ECANCELED end is ours */
+    bool rb_started;    /* a receive was armed before (the first one polls first) */
     uint32_t bufs_held; /* channel buffers this connection holds (stashed + handed out) */
     /* readiness watches in poll-request form */
     uint32_t poll_seq;  /* arm sequence, carried in user_data */
@@ -188,6 +189,7 @@ void mp__u_cancel_accepts(mp_channel *ch, mp_handle *h);
 unsigned mp__u_lw_free(const mp_channel *ch);
 void mp__u_accept_pause(mp_channel *ch, mp_handle *h);
 int mp__u_arm_accept(mp_channel *ch, mp_handle *h);
+int mp__u_share_accept(mp_channel *ch, mp_handle *h);
 void mp__u_accept_backoff(mp_channel *ch, mp_handle *h);
 void mp__u_balance(mp_channel *ch);
 int mp__u_poll_arm(mp_channel *ch, mp_handle *h);

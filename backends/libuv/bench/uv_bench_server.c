@@ -63,7 +63,10 @@ static void on_write(uv_write_t *w, int status) {
     conn *c = w->data;
     c->writing = 0;
     if (status < 0) {
-        uv_close((uv_handle_t *)&c->tcp, on_close);
+        /* UV_ECANCELED: the stream is being closed already (libuv cancels its writes at the
+         * close, e.g. at SIGTERM with a write still in flight); closing it again would run
+         * on_close twice. */
+        if (!uv_is_closing((uv_handle_t *)&c->tcp)) uv_close((uv_handle_t *)&c->tcp, on_close);
         return;
     }
     transactions++;

@@ -27,6 +27,12 @@
  *   uv_megapipe_test reuseport  loops on two threads (pinned to CPUs 0 and 1) listening on one
  *                               address (SO_REUSEPORT): partitioned accept, each loop takes
  *                               the connections of clients on its CPU
+ *   uv_megapipe_test share      a listener the process bound itself is accepted from
+ *                               exclusively (a second loop on the same socket gets next to
+ *                               nothing) until it is sent with uv_write2 or the process forks
+ *                               (then both take turns); listeners opened from an fd, with
+ *                               simultaneous accepts off or UV_MEGAPIPE_EXCLUSIVE_ACCEPT=0
+ *                               take turns from the start
  *
  * Exit status: 0 pass, 1 fail (with a message), 77 skip.  Servers listen on 127.0.0.1, port 0.
  */
@@ -1121,6 +1127,237 @@ static int case_reuseport(void) {
     return 0;
 }
 
+/* ---- exclusive accept by default, shared when the listener may be ------------------------ */
+
+/* A listening loop on its own thread, counting the connections it accepts.  Commands run on
+ * the loop's thread (uv_async). */
+enum { SH_BIND, SH_BIND_SINGLE, SH_OPEN };
+
+struct sh_srv {
+    uv_loop_t loop;
+    uv_tcp_t tcp;
+    uv_async_t cmd;
+    void (*cmd_fn)(struct sh_srv *);
+    uv_sem_t ready, done;
+    uv_thread_t th;
+    int mode;
+    int fd;          /* SH_OPEN: the socket to uv_tcp_open; otherwise out: the listener's fd */
+    uint16_t port;   /* out */
+    int ipc_fd;      /* for sh_cmd_send: our end of a unix socket pair */
+    uv_pipe_t ipc;
+    int have_ipc;
+    uv_write_t wr;
+    volatile int accepted;
+};
+
+static void sh_free_cb(uv_handle_t *h) { free(h); }
+
+static void sh_on_conn(uv_stream_t *server, int status) {
+    struct sh_srv *s = server->data;
+    uv_tcp_t *c;
+    CHECK(status == 0);
+    c = malloc(sizeof *c);
+    CHECK(c != NULL);
+    CHECK_UV(uv_tcp_init(&s->loop, c));
+    CHECK_UV(uv_accept(server, (uv_stream_t *)c));
+    uv_close((uv_handle_t *)c, sh_free_cb);
+    __atomic_add_fetch(&s->accepted, 1, __ATOMIC_SEQ_CST);
+}
+
+static void sh_on_cmd(uv_async_t *a) {
+    struct sh_srv *s = a->data;
+    if (s->cmd_fn) s->cmd_fn(s);
+    uv_sem_post(&s->done);
+}
+
+static void sh_thread(void *arg) {
+    struct sh_srv *s = arg;
+    struct sockaddr_in a;
+    int len = sizeof a;
+    uv_os_fd_t fd;
+    CHECK_UV(uv_loop_init(&s->loop));
+    CHECK_UV(uv_tcp_init(&s->loop, &s->tcp));
+    s->tcp.data = s;
+    if (s->mode == SH_OPEN) {
+        CHECK_UV(uv_tcp_open(&s->tcp, s->fd));
+    } else {
+        CHECK_UV(uv_ip4_addr("127.0.0.1", 0, &a));
+        CHECK_UV(uv_tcp_bind(&s->tcp, (const struct sockaddr *)&a, 0));
+        if (s->mode == SH_BIND_SINGLE) CHECK_UV(uv_tcp_simultaneous_accepts(&s->tcp, 0));
+    }
+    CHECK_UV(uv_listen((uv_stream_t *)&s->tcp, 128, sh_on_conn));
+    CHECK_UV(uv_fileno((uv_handle_t *)&s->tcp, &fd));
+    s->fd = fd;
+    CHECK_UV(uv_tcp_getsockname(&s->tcp, (struct sockaddr *)&a, &len));
+    s->port = ntohs(a.sin_port);
+    CHECK_UV(uv_async_init(&s->loop, &s->cmd, sh_on_cmd));
+    s->cmd.data = s;
+    uv_sem_post(&s->ready);
+    CHECK(uv_run(&s->loop, UV_RUN_DEFAULT) == 0);
+    CHECK_UV(uv_loop_close(&s->loop));
+}
+
+/* f on the loop's thread, waited for.  The loop has waited on its channel since the
+ * previous command, so whatever that queued (the accepts of uv_listen) is in the kernel. */
+static void sh_run(struct sh_srv *s, void (*f)(struct sh_srv *)) {
+    s->cmd_fn = f;
+    CHECK_UV(uv_async_send(&s->cmd));
+    uv_sem_wait(&s->done);
+}
+
+static void sh_cmd_nothing(struct sh_srv *s) { (void)s; }
+
+static void sh_cmd_send(struct sh_srv *s) {
+    uv_buf_t b = uv_buf_init("L", 1);
+    CHECK_UV(uv_pipe_init(&s->loop, &s->ipc, 1));
+    CHECK_UV(uv_pipe_open(&s->ipc, s->ipc_fd));
+    s->have_ipc = 1;
+    CHECK_UV(uv_write2(&s->wr, (uv_stream_t *)&s->ipc, &b, 1, (uv_stream_t *)&s->tcp, NULL));
+}
+
+static void sh_cmd_stop(struct sh_srv *s) {
+    uv_close((uv_handle_t *)&s->tcp, NULL);
+    uv_close((uv_handle_t *)&s->cmd, NULL);
+    if (s->have_ipc) uv_close((uv_handle_t *)&s->ipc, NULL);
+}
+
+static void sh_start(struct sh_srv *s, int mode, int fd) {
+    memset(s, 0, sizeof *s);
+    s->mode = mode;
+    s->fd = fd;
+    CHECK_UV(uv_sem_init(&s->ready, 0));
+    CHECK_UV(uv_sem_init(&s->done, 0));
+    CHECK_UV(uv_thread_create(&s->th, sh_thread, s));
+    uv_sem_wait(&s->ready);
+    sh_run(s, sh_cmd_nothing); /* its accepts are armed */
+}
+
+static void sh_stop(struct sh_srv *s) {
+    sh_run(s, sh_cmd_stop);
+    CHECK_UV(uv_thread_join(&s->th));
+    uv_sem_destroy(&s->ready);
+    uv_sem_destroy(&s->done);
+}
+
+#define SH_N 40
+
+/* SH_N connections one after another, each until a or b accepted it; *ga, *gb: how many
+ * each took. */
+static void sh_connect(struct sh_srv *a, struct sh_srv *b, int *ga, int *gb) {
+    int a0 = __atomic_load_n(&a->accepted, __ATOMIC_SEQ_CST);
+    int b0 = __atomic_load_n(&b->accepted, __ATOMIC_SEQ_CST);
+    struct sockaddr_in sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sin_family = AF_INET;
+    sa.sin_port = htons(a->port);
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    for (int i = 0; i < SH_N; i++) {
+        int before = a->accepted + b->accepted, c, w;
+        c = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        CHECK(c >= 0);
+        CHECK(connect(c, (struct sockaddr *)&sa, sizeof sa) == 0);
+        for (w = 0; w < 3000 && __atomic_load_n(&a->accepted, __ATOMIC_SEQ_CST) +
+                                        __atomic_load_n(&b->accepted, __ATOMIC_SEQ_CST) == before; w++)
+            usleep(1000);
+        CHECK(w < 3000); /* accepted by one of them within 3 s */
+        close(c);
+    }
+    *ga = __atomic_load_n(&a->accepted, __ATOMIC_SEQ_CST) - a0;
+    *gb = __atomic_load_n(&b->accepted, __ATOMIC_SEQ_CST) - b0;
+}
+
+static void sh_send(struct sh_srv *a);
+
+/* Listener a (mode); b accepts from the same socket through a dup (uv_tcp_open: one-shot
+ * accepts, like a process that received it over IPC).  a's accepts are armed first, so an
+ * exclusive a (one multishot, first in the socket's wait queue) leaves b next to nothing,
+ * while a shared one takes turns with b.  change: what happens between the two rounds
+ * (NULL: nothing).  Returns through *r the four counts: a, b before; a, b after. */
+static void sh_scenario(int mode, void (*change)(struct sh_srv *), int r[4]) {
+    struct sh_srv a, b;
+    int sv[2] = {-1, -1};
+    sh_start(&a, mode, -1);
+    sh_start(&b, SH_OPEN, fcntl(a.fd, F_DUPFD_CLOEXEC, 0));
+    b.port = a.port;
+    sh_connect(&a, &b, &r[0], &r[1]);
+    if (change == sh_send) {
+        CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0);
+        a.ipc_fd = sv[0];
+    }
+    if (change) change(&a);
+    sh_connect(&a, &b, &r[2], &r[3]);
+    sh_stop(&a);
+    sh_stop(&b);
+    if (sv[1] >= 0) close(sv[1]);
+}
+
+/* run on the test's own thread: a fork() (the child leaves at once) */
+static void sh_fork(struct sh_srv *a) {
+    (void)a;
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) _exit(0);
+    CHECK(child_status(pid) == 0);
+}
+
+static void sh_send(struct sh_srv *a) { sh_run(a, sh_cmd_send); }
+
+static int shared_ok(int na, int nb) { return na >= SH_N / 4 && nb >= SH_N / 4; }
+static int excl_ok(int na, int nb) { return na > SH_N - SH_N / 4 && nb < SH_N / 4; }
+
+static int case_share(void) {
+    int r[4];
+    setenv("UV_USE_MEGAPIPE", "1", 1);
+
+    /* bound here: exclusive; uv_write2 of it: shared from then on */
+    sh_scenario(SH_BIND, sh_send, r);
+    printf("share: uv_tcp_bind'ed listener a vs b: a %d, b %d; after uv_write2 of a: a %d, b %d\n",
+           r[0], r[1], r[2], r[3]);
+    CHECK(excl_ok(r[0], r[1]));
+    CHECK(shared_ok(r[2], r[3]));
+
+    /* bound here: exclusive; a fork() in the parent: shared from then on */
+    sh_scenario(SH_BIND, sh_fork, r);
+    printf("share: uv_tcp_bind'ed listener a vs b: a %d, b %d; after fork(): a %d, b %d\n",
+           r[0], r[1], r[2], r[3]);
+    CHECK(excl_ok(r[0], r[1]));
+    CHECK(shared_ok(r[2], r[3]));
+
+    /* opened from an fd (uv_tcp_open): shared from birth */
+    {
+        struct sockaddr_in sa;
+        int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        CHECK(fd >= 0);
+        CHECK_UV(uv_ip4_addr("127.0.0.1", 0, &sa));
+        CHECK(bind(fd, (struct sockaddr *)&sa, sizeof sa) == 0);
+        struct sh_srv a, b;
+        sh_start(&a, SH_OPEN, fd);
+        sh_start(&b, SH_OPEN, fcntl(a.fd, F_DUPFD_CLOEXEC, 0));
+        b.port = a.port;
+        sh_connect(&a, &b, &r[0], &r[1]);
+        sh_stop(&a);
+        sh_stop(&b);
+        printf("share: uv_tcp_open'ed listener a vs b: a %d, b %d\n", r[0], r[1]);
+        CHECK(shared_ok(r[0], r[1]));
+    }
+
+    /* uv_tcp_simultaneous_accepts(h, 0): one-shot accepts */
+    sh_scenario(SH_BIND_SINGLE, NULL, r);
+    printf("share: uv_tcp_bind'ed listener with simultaneous accepts off a vs b: a %d, b %d\n",
+           r[0], r[1]);
+    CHECK(shared_ok(r[0], r[1]));
+
+    /* UV_MEGAPIPE_EXCLUSIVE_ACCEPT=0: one-shot accepts */
+    setenv("UV_MEGAPIPE_EXCLUSIVE_ACCEPT", "0", 1);
+    sh_scenario(SH_BIND, NULL, r);
+    unsetenv("UV_MEGAPIPE_EXCLUSIVE_ACCEPT");
+    printf("share: UV_MEGAPIPE_EXCLUSIVE_ACCEPT=0, uv_tcp_bind'ed listener a vs b: a %d, b %d\n",
+           r[0], r[1]);
+    CHECK(shared_ok(r[0], r[1]));
+    printf("share: ok\n");
+    return 0;
+}
+
 /* ---- seccomp ------------------------------------------------------------------------- */
 
 static void deny_io_uring(void) {
@@ -1195,6 +1432,7 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "tcp")) return case_tcp(1);
     if (!strcmp(argv[1], "reuseport")) return case_reuseport();
     if (!strcmp(argv[1], "tcp_readiness")) return case_tcp(0);
+    if (!strcmp(argv[1], "share")) return case_share();
     fprintf(stderr, "unknown case %s\n", argv[1]);
     return 2;
 }
