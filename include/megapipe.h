@@ -233,6 +233,10 @@ typedef struct mp_event {
         struct {
             int fd;               /* = result on success: fd, or lwsocket id */
             unsigned backlog;     /* connections still waiting in the accept queue, when known */
+            const struct sockaddr *addr; /* the peer's address when the accept was started
+                                     with MP_ACCEPT_ADDR, else NULL; points into storage of
+                                     the channel, valid until the next mp_dispatch*() call */
+            socklen_t addrlen;    /* its length (0 when addr is NULL) */
         } accept;
         struct {
             void *buf;            /* where the data is: the caller's buffer, or a channel
@@ -404,6 +408,18 @@ int mp_listen_socket(const struct sockaddr *addr, socklen_t addrlen, int backlog
                            accept from the socket get next to nothing while this channel keeps
                            up.  No effect on partitions (always multishot) nor on the epoll
                            engine (accept4() at readiness either way). */
+#define MP_ACCEPT_ADDR 0x4 /* each successful ACCEPT event carries the peer's address, as
+                           accept(2) returns it: u.accept.addr (a struct sockaddr of
+                           u.accept.addrlen bytes, at most sizeof(struct sockaddr_storage)) in
+                           storage the channel owns, valid until the next mp_dispatch*() call on
+                           the channel; copy it to keep it.  No system call of its own: on
+                           io_uring the accept request fills it in; on epoll accept4() does.
+                           io_uring's multishot accept writes every connection's address to one
+                           place (the kernel may accept several before we look), so on io_uring
+                           this flag makes the accepts one-shot (as on a shared queue: one
+                           request per connection, up to 32 in flight); a multishot accept
+                           already running keeps going, and its events have addr NULL.  Without
+                           the flag, and for failed accepts, addr is NULL and addrlen 0. */
 
 /* Accept count connections on listener h (count 0 = keep accepting until h is unregistered).
  * Calls add up: two calls with count 1 accept two connections.  flags apply to accepts started

@@ -32,6 +32,15 @@ static void mp__u_complete(mp_channel *ch, uint64_t data, int res, unsigned flag
         mp__u_fepoll_complete(ch, t, idx, res);
         return;
     }
+    /* An accept that wrote the peer's address: its slot says what it was. */
+    uring_aslot as;
+    bool has_addr = false;
+    if (t == T_ACCEPT_ADDR) {
+        if (!mp__u_aslot_take(ch, seq, &as) || as.idx != idx) return;
+        t = (enum tag)as.tag;
+        seq = as.gen;
+        has_addr = res >= 0;
+    }
     mp_handle *h = mp__handle_at(ch, idx);
     if (!h || h->state == H_FREE) return;
     if (t != T_POLL && seq != h->gen) return;
@@ -107,7 +116,8 @@ static void mp__u_complete(mp_channel *ch, uint64_t data, int res, unsigned flag
         /* The other one-shots of a round that failed fail the same way: one event a retry. */
         if (res < 0 && !steal && h->acc.backoff) return;
         if (res >= 0 && acc_direct) res += MP_LWSOCKET_BASE;
-        mp__accept_done(h, res, flags & IORING_CQE_F_SOCK_NONEMPTY, steal);
+        mp__accept_done(h, res, flags & IORING_CQE_F_SOCK_NONEMPTY, steal,
+                        has_addr ? (const struct sockaddr *)&as.ss : NULL, has_addr ? as.len : 0);
         if (res < 0 && !steal) {
             /* EMFILE, ENFILE (for lwsockets: the table filled under a multishot burst, and
              * the kernel closed that connection)...: stop every accept of h (one error event
