@@ -1,9 +1,10 @@
 /*
- * uring/acceptaddr.c — where one-shot accepts that want the peer's address (MP_ACCEPT_ADDR)
- * have the kernel write it: one slot per accept request in flight, named by the request's
- * user_data (tag T_ACCEPT_ADDR, seq = slot), which also records what the request is (its own
- * tag: accept or steal, fd or lwsocket) and whose (handle slot and generation).  Slots live in
- * chunks that never move while the kernel may write to them; freed at mp_destroy.
+ * uring/acceptaddr.c — where accepts that want the peer's address (MP_ACCEPT_ADDR) have the
+ * kernel write it: one slot per accept request in flight (a multishot keeps its slot for all its
+ * connections), named by the request's user_data (tag T_ACCEPT_ADDR, seq = slot), which also
+ * records what the request is (its own tag: accept or steal, fd or lwsocket) and whose (handle
+ * slot and generation).  Slots live in chunks that never move while the kernel may write to
+ * them; freed at mp_destroy.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -19,7 +20,7 @@ static uring_aslot *at(const uring *u, uint32_t i) {
 
 /* A free slot for an accept of h tagged t, its address buffer ready for the kernel; NULL
  * when memory ran out (the accept then goes without an address). */
-uring_aslot *mp__u_aslot_get(mp_channel *ch, mp_handle *h, enum tag t) {
+uring_aslot *mp__u_aslot_get(mp_channel *ch, mp_handle *h, enum tag t, bool multishot) {
     uring *u = U(ch);
     if (!u->aslot_free) {
         if ((uint64_t)(u->naslot_chunks + 1) * ASLOT_CHUNK > ASLOT_MAX) return NULL;
@@ -43,25 +44,26 @@ uring_aslot *mp__u_aslot_get(mp_channel *ch, mp_handle *h, enum tag t) {
     s->idx = h->idx;
     s->gen = h->gen;
     s->len = sizeof s->ss;
+    s->multishot = multishot;
+    if (multishot) u->ms_addr++;
     return s;
 }
 
-/* The completion of slot id's accept: the slot (what it says and the address) is copied to
- * *out and freed.  false for an id that names no slot in flight. */
-bool mp__u_aslot_take(mp_channel *ch, uint32_t id, uring_aslot *out) {
-    uring *u = U(ch);
-    if (id >= u->naslot_chunks * ASLOT_CHUNK) return false;
+/* The slot of request id, while the request is in flight; NULL otherwise. */
+uring_aslot *mp__u_aslot_find(const mp_channel *ch, uint32_t id) {
+    const uring *u = U(ch);
+    if (id >= u->naslot_chunks * ASLOT_CHUNK) return NULL;
     uring_aslot *s = at(u, id);
-    if (!s->busy) return false;
-    out->tag = s->tag;
-    out->idx = s->idx;
-    out->gen = s->gen;
-    out->len = s->len <= sizeof s->ss ? s->len : sizeof s->ss;
-    memcpy(&out->ss, &s->ss, out->len);
+    return s->busy ? s : NULL;
+}
+
+/* The request's last completion came. */
+void mp__u_aslot_put(mp_channel *ch, uring_aslot *s) {
+    uring *u = U(ch);
+    if (s->multishot && u->ms_addr) u->ms_addr--;
     s->busy = false;
     s->next = u->aslot_free;
-    u->aslot_free = id + 1;
-    return true;
+    u->aslot_free = s->id + 1;
 }
 
 /* Cancel every accept of h that is waiting for an address. */

@@ -99,9 +99,10 @@ bool mp__u_prep_accept(mp_channel *ch, mp_handle *h, struct io_uring_sqe *sqe, i
     uring *u = U(ch);
     bool direct = h->acc.lw && u->nfixed;
     enum tag t = steal ? (direct ? T_STEAL_LW : T_STEAL) : (direct ? T_ACCEPT_LW : T_ACCEPT);
-    /* The peer's address: a one-shot accept writes it into a buffer of its own (a multishot
-     * would write every connection's into one; arm_accept never asks for that). */
-    uring_aslot *as = h->acc.addr && !multishot ? mp__u_aslot_get(ch, h, t) : NULL;
+    /* The peer's address: a one-shot accept writes it into a buffer of its own; a multishot
+     * writes every connection's into one (complete.c tells which one it holds).  Not with
+     * lwsockets: arm_accept makes their accepts one-shot. */
+    uring_aslot *as = h->acc.addr ? mp__u_aslot_get(ch, h, t, multishot) : NULL;
     struct sockaddr *addr = as ? (struct sockaddr *)&as->ss : NULL;
     socklen_t *addrlen = as ? &as->len : NULL;
     if (h->acc.lw && !u->nfixed)
@@ -109,9 +110,9 @@ bool mp__u_prep_accept(mp_channel *ch, mp_handle *h, struct io_uring_sqe *sqe, i
                      "lwsockets unavailable (no direct-descriptor table): accepting regular fds");
     /* Direct descriptors have no close-on-exec flag (the kernel refuses SOCK_CLOEXEC). */
     if (multishot && direct) {
-        io_uring_prep_multishot_accept_direct(sqe, fd, NULL, NULL, 0);
+        io_uring_prep_multishot_accept_direct(sqe, fd, addr, addrlen, 0);
     } else if (multishot) {
-        io_uring_prep_multishot_accept(sqe, fd, NULL, NULL, SOCK_CLOEXEC);
+        io_uring_prep_multishot_accept(sqe, fd, addr, addrlen, SOCK_CLOEXEC);
     } else if (direct) {
         mpu_prep_accept_direct_alloc(sqe, fd, addr, addrlen);
     } else {
@@ -150,7 +151,9 @@ int mp__u_arm_accept(mp_channel *ch, mp_handle *h) {
      * of the queue each time they are armed, and the channels take turns.  A caller that
      * says nobody else accepts from the queue (MP_ACCEPT_EXCLUSIVE) gets the multishot. */
     bool shared = !h->acc.part && !h->acc.excl;
-    bool ms = h->acc.forever && u->ms_accept && !shared && !h->acc.addr &&
+    /* Peer addresses of lwsockets: one-shot accepts (a multishot's lost ones could only be
+     * had with getpeername(), which a direct descriptor does not allow). */
+    bool ms = h->acc.forever && u->ms_accept && !shared && !(h->acc.addr && direct) &&
               (!direct || slots > LW_MULTISHOT_HEADROOM);
     if (ms && UH(h)->nflight) return 0; /* one-shots still out: multishot when they are back */
     /* One-shot accepts: as many as are wanted, slots allow (each may take one) and the cap. */

@@ -33,7 +33,7 @@
 enum tag {
     T_IGNORE = 0, T_READ, T_WRITE, T_ACCEPT, T_ACCEPT_LW, T_STEAL, T_STEAL_LW, T_TIMER, T_POLL,
     T_EXPORT, T_WAKE,
-    /* a one-shot accept that writes the peer's address (acceptaddr.c): seq is its slot, and
+    /* an accept that writes the peer's address (acceptaddr.c): seq is its slot, and
      * the slot holds the request's own tag (one of the four above) */
     T_ACCEPT_ADDR,
     /* readiness set as a kernel epoll set (epollset.c) */
@@ -58,6 +58,8 @@ typedef struct uring_aslot {
     uint32_t id, next;          /* slot number; free list (id + 1) */
     uint8_t tag;                /* T_ACCEPT, T_ACCEPT_LW, T_STEAL, T_STEAL_LW */
     bool busy;
+    bool multishot;             /* shared by every connection of a multishot accept */
+    uint32_t scan;              /* reap pass that last saw it (complete.c) */
 } uring_aslot;
 
 typedef struct uring {
@@ -87,6 +89,8 @@ typedef struct uring {
     /* address buffers of accepts in flight (MP_ACCEPT_ADDR), chunks of them; free list */
     uring_aslot **aslots;
     uint32_t naslot_chunks, aslot_free;
+    unsigned ms_addr;     /* multishot accepts in flight that write addresses */
+    uint32_t reap_pass;
     /* readiness set (epollset.c): a kernel epoll set instead of a poll request per fd */
     bool eset;            /* MP_READINESS=epoll and IORING_OP_EPOLL_CTL supported */
     bool epoll_wait_op;   /* IORING_OP_EPOLL_WAIT (else a one-shot poll on epfd) */
@@ -227,8 +231,9 @@ void mp__u_fepoll_complete(mp_channel *ch, enum tag t, uint32_t idx, int res);
 void mp__u_fepoll_fini(mp_channel *ch);
 int mp__u_close_fd(mp_channel *ch, int fd);
 /* acceptaddr.c */
-uring_aslot *mp__u_aslot_get(mp_channel *ch, mp_handle *h, enum tag t);
-bool mp__u_aslot_take(mp_channel *ch, uint32_t id, uring_aslot *out);
+uring_aslot *mp__u_aslot_get(mp_channel *ch, mp_handle *h, enum tag t, bool multishot);
+uring_aslot *mp__u_aslot_find(const mp_channel *ch, uint32_t id);
+void mp__u_aslot_put(mp_channel *ch, uring_aslot *s);
 void mp__u_aslot_cancel(mp_channel *ch, mp_handle *h);
 void mp__u_aslot_fini(mp_channel *ch);
 /* complete.c */
