@@ -45,9 +45,12 @@ static void mp__u_complete(mp_channel *ch, uint64_t data, int res, unsigned flag
         if (!s || s->idx != idx) return;
         t = (enum tag)s->tag;
         seq = s->gen;
-        if (res >= 0 && (!s->multishot || last)) {
+        if (res >= 0 && !s->multishot) {
             peerlen = s->len <= sizeof s->ss ? s->len : sizeof s->ss;
             memcpy(&peer, &s->ss, peerlen);
+        } else if (res >= 0 && last) {
+            peerlen = s->seen_len;
+            memcpy(&peer, &s->seen, peerlen);
         } else if (res >= 0 && t == T_ACCEPT) {
             /* An earlier connection of a multishot pass: its address was overwritten by a
              * later one's before we looked.  Asked for (one system call). */
@@ -188,11 +191,13 @@ static void mp__u_complete(mp_channel *ch, uint64_t data, int res, unsigned flag
 
 /* Multishot accepts with addresses (MP_ACCEPT_ADDR) write every connection's peer address into
  * their one buffer, and may accept several before we look.  With DEFER_TASKRUN the kernel
- * accepts only inside our own io_uring_enter() calls, never while we reap, so after the enters
- * so far the buffer holds the address of the multishot's latest connection: its last successful
+ * accepts only inside our own io_uring_enter() calls, so when a batch is taken out of the ring
+ * the buffer holds the address of the multishot's latest connection: its last successful
  * completion in the ring, when this batch empties the ring and no completion waits in the
- * kernel's overflow list.  That one (marked last) takes the buffer; earlier ones are asked
- * for.  (Rings without DEFER_TASKRUN could accept while we reap: never marked there.) */
+ * kernel's overflow list.  That one (marked last) takes the buffer, copied now: handling the
+ * batch may enter the kernel (a full submission batch is flushed), which may accept again.
+ * Earlier ones are asked for.  (Rings without DEFER_TASKRUN could accept while we reap: never
+ * marked there.) */
 static void mark_last_accepts(mp_channel *ch, struct reaped *b, unsigned n) {
     uring *u = U(ch);
     bool trust = n < REAP_MAX && (ch->st.features & MP_FEAT_DEFER_TASKRUN) &&
@@ -204,6 +209,9 @@ static void mark_last_accepts(mp_channel *ch, struct reaped *b, unsigned n) {
         if (!s || !s->multishot || s->scan == u->reap_pass) continue;
         s->scan = u->reap_pass;
         b[i].last = trust;
+        s->seen_len = s->len <= sizeof s->ss ? s->len : sizeof s->ss;
+        memcpy(&s->seen, &s->ss, s->seen_len);
+        s->len = sizeof s->ss; /* whole again for the next accepts */
     }
 }
 
@@ -223,16 +231,9 @@ void mp__u_reap(mp_channel *ch) {
         if (!n) break;
         io_uring_cq_advance(&u->ring, n);
         ch->st.cqes += n;
-        bool ms_addr = u->ms_addr != 0;
-        if (ms_addr) mark_last_accepts(ch, batch, n);
+        if (u->ms_addr) mark_last_accepts(ch, batch, n);
         for (unsigned i = 0; i < n; i++)
             mp__u_complete(ch, batch[i].data, batch[i].res, batch[i].flags, batch[i].last);
-        /* The multishots' buffers were read: whole again for the next enter's accepts. */
-        for (unsigned i = 0; ms_addr && i < n; i++) {
-            if (batch[i].data >> 56 != T_ACCEPT_ADDR) continue;
-            uring_aslot *s = mp__u_aslot_find(ch, (uint32_t)(batch[i].data >> 32) & 0xffffff);
-            if (s) s->len = sizeof s->ss;
-        }
         if (n < REAP_MAX) break;
     }
     if (io_uring_cq_has_overflow(&u->ring)) ch->st.cq_overflows++;

@@ -60,6 +60,9 @@ typedef struct uring_aslot {
     bool busy;
     bool multishot;             /* shared by every connection of a multishot accept */
     uint32_t scan;              /* reap pass that last saw it (complete.c) */
+    struct sockaddr_storage seen; /* multishot: ss as the reap found it, before anything it
+                                     does can enter the kernel (which may write ss again) */
+    socklen_t seen_len;
 } uring_aslot;
 
 typedef struct uring {
