@@ -11,10 +11,11 @@ int mp_accept(mp_handle *h, unsigned count, int flags) {
     int e = mp__h_enter(h);
     if (e < 0) return e;
     if (h->kind != HK_LISTENER) return -EINVAL;
-    if (flags & ~(MP_LWSOCKET | MP_ACCEPT_EXCLUSIVE)) return -EINVAL;
+    if (flags & ~(MP_LWSOCKET | MP_ACCEPT_EXCLUSIVE | MP_ACCEPT_ADDR)) return -EINVAL;
     mp_channel *ch = h->ch;
     h->acc.lw = (flags & MP_LWSOCKET) && ch->cfg.lwsocket;
     h->acc.excl = (flags & MP_ACCEPT_EXCLUSIVE) != 0;
+    h->acc.addr = (flags & MP_ACCEPT_ADDR) != 0;
     if (count == 0)
         h->acc.forever = true;
     else
@@ -40,7 +41,8 @@ int mp_accept_share(mp_handle *h) {
     return 0;
 }
 
-void mp__accept_done(mp_handle *h, int res, bool more, bool stolen) {
+void mp__accept_done(mp_handle *h, int res, bool more, bool stolen, const struct sockaddr *addr,
+                     socklen_t addrlen) {
     mp_channel *ch = h->ch;
     if (res >= 0) {
         if (!h->acc.forever && h->acc.left) h->acc.left--;
@@ -52,6 +54,8 @@ void mp__accept_done(mp_handle *h, int res, bool more, bool stolen) {
     mp_event *ev = mp__event_push_ref(ch, h, MP_EV_ACCEPT, res, more ? MP_EVF_MORE : 0);
     if (!ev) return;
     ev->u.accept.fd = res;
+    /* the record behind ev (its first member) keeps the address until ev is handed out */
+    if (res >= 0 && addr) ((mp_qev *)ev)->addr1 = mp__addr_put(ch, addr, addrlen);
     if (ch->cfg.balance && h->acc.part)
         ev->u.accept.backlog = mp__partition_backlog(h->fd);
     else

@@ -140,6 +140,7 @@ void mp_destroy(mp_channel *ch) {
         ch->op_free = n;
     }
     mp__events_free(ch);
+    mp__addr_free(ch);
     mp__watch_free(ch);
     free(ch->fefail);
     free(ch->fdmap);
@@ -181,6 +182,7 @@ int mp_dispatch_events(mp_channel *ch, mp_event *evs, size_t ev_size, unsigned m
     if (e < 0) return e;
     if (!evs || !max || ev_size < MP_EVENT_SIZE_V1 || max > (1u << 24)) return -EINVAL;
     if (ch->naccepted) mp__accepted_forget(ch);
+    if (ch->addr_held) mp__addr_expire(ch);
     /* Fairness: operations that complete at once (the epoll engine's try-first, stashed
      * buffered data) keep the event queue from running dry, and the engine looks at the
      * kernel only when it does.  After a good batch of events, look without blocking, so

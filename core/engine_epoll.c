@@ -156,15 +156,20 @@ static int ep_arm_accept(mp_channel *ch, mp_handle *h) {
         mp__log_once(ch, MP_LOG_NO_LWSOCKET, "lwsockets need the io_uring engine: accepting fds");
     while (h->state == H_LIVE && !h->acc.backoff && (h->acc.forever || h->acc.left > 0)) {
         ch->st.syscalls++;
-        int fd = accept4(h->fd, NULL, NULL, SOCK_CLOEXEC);
+        struct sockaddr_storage ss;
+        socklen_t sl = sizeof ss;
+        bool want = h->acc.addr;
+        int fd = accept4(h->fd, want ? (struct sockaddr *)&ss : NULL, want ? &sl : NULL,
+                         SOCK_CLOEXEC);
         if (fd >= 0) {
-            mp__accept_done(h, fd, false, false);
+            mp__accept_done(h, fd, false, false, want ? (struct sockaddr *)&ss : NULL,
+                            want ? sl : 0);
             continue;
         }
         if (errno == EAGAIN || errno == EWOULDBLOCK) break;
         if (errno == EINTR || errno == ECONNABORTED) continue;
         /* EMFILE, ENFILE, ENOBUFS...: report, then try again a little later. */
-        mp__accept_done(h, -errno, false, false);
+        mp__accept_done(h, -errno, false, false, NULL, 0);
         h->acc.backoff = true;
         E(ch)->retry_at = mp__now_ms() + BACKOFF_MS;
         mp__rearm_add(h);

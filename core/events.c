@@ -45,8 +45,10 @@ int mp__event_push(mp_channel *ch, mp_handle *h, mp_cmd cmd, ssize_t res, uint32
 }
 
 /* An event nobody will see: give back what it holds. */
-static void event_release(mp_channel *ch, const mp_event *ev) {
+static void event_release(mp_channel *ch, const mp_qev *q) {
+    const mp_event *ev = &q->ev;
     if (ev->cmd == MP_EV_ACCEPT && ev->result >= 0) {
+        if (q->addr1) mp__addr_drop(ch, q->addr1);
         int id = (int)ev->result;
         if (mp_is_lwsocket(id)) {
             unsigned slot = (unsigned)(id - MP_LWSOCKET_BASE);
@@ -98,10 +100,11 @@ bool mp__event_pop(mp_channel *ch, mp_event *ev) {
             return true;
         }
         if (h && (h->state != H_LIVE || h->gen != q->gen)) {
-            event_release(ch, &q->ev);
+            event_release(ch, q);
             continue;
         }
         *ev = q->ev;
+        if (q->addr1) mp__addr_hand_out(ch, q->addr1, ev);
         if (ev->cmd == MP_EV_ACCEPT && ev->result >= 0 && !mp_is_lwsocket((int)ev->result))
             accepted_note(ch, (int)ev->result);
         else if (ev->cmd == MP_EV_POLL && h)
@@ -117,7 +120,7 @@ void mp__events_drain(mp_channel *ch) {
         ch->evq_head = (ch->evq_head + 1) % ch->evq_cap;
         ch->evq_len--;
         ch->evq_popped++;
-        if (q->ev.cmd != MP_EV_CLOSED) event_release(ch, &q->ev);
+        if (q->ev.cmd != MP_EV_CLOSED) event_release(ch, q);
     }
 }
 

@@ -92,6 +92,7 @@ struct mp_handle {
         bool forever;              /* count 0: until unregistered */
         bool lw;                   /* accept as lwsockets (the latest mp_accept's wish) */
         bool excl;                 /* MP_ACCEPT_EXCLUSIVE: nobody else accepts from the queue */
+        bool addr;                 /* MP_ACCEPT_ADDR: events carry the peer's address */
         bool backoff;              /* waiting after an accept error */
     } acc;
     /* readiness set (poll.c; engines arm) */
@@ -116,6 +117,7 @@ struct mp_handle {
 typedef struct mp_qev {
     mp_event ev;
     uint32_t gen;
+    uint32_t addr1; /* ACCEPT with a peer address: its entry in the channel's pool + 1 */
 } mp_qev;
 
 struct mp_channel {
@@ -145,6 +147,10 @@ struct mp_channel {
      * needs no probing (fdmap holds MP_FD_ACCEPTED for them until the next dispatch) */
     int *accepted;
     size_t naccepted, accepted_cap;
+    /* peer addresses of ACCEPT events (peeraddr.c): entries in chunks that never move, a
+     * free list, and the list of entries handed out by the last dispatch (idx + 1 links) */
+    struct mp_peeraddr **addr_chunks;
+    uint32_t addr_nchunks, addr_free, addr_held;
     /* event queue (ring); pushed/popped count records ever queued and taken out, so that a
      * record's place can be found from its push number */
     mp_qev *evq;
@@ -231,8 +237,16 @@ void mp__opq_push(mp_opq *q, mp_op *op);
 mp_op *mp__opq_pop(mp_opq *q);
 void mp__opq_drop(mp_channel *ch, mp_opq *q, bool keep_head);
 
-/* accept.c */
-void mp__accept_done(mp_handle *h, int res, bool more, bool stolen);
+/* accept.c: addr (addrlen bytes) is the peer's address when the accept asked for it, or NULL */
+void mp__accept_done(mp_handle *h, int res, bool more, bool stolen, const struct sockaddr *addr,
+                     socklen_t addrlen);
+
+/* peeraddr.c: the storage behind mp_event.u.accept.addr */
+uint32_t mp__addr_put(mp_channel *ch, const struct sockaddr *addr, socklen_t addrlen);
+void mp__addr_hand_out(mp_channel *ch, uint32_t addr1, mp_event *ev);
+void mp__addr_drop(mp_channel *ch, uint32_t addr1);
+void mp__addr_expire(mp_channel *ch); /* at each dispatch: handed-out addresses expire */
+void mp__addr_free(mp_channel *ch);
 
 /* events.c */
 int mp__event_push(mp_channel *ch, mp_handle *h, mp_cmd cmd, ssize_t res, uint32_t flags);

@@ -233,6 +233,10 @@ typedef struct mp_event {
         struct {
             int fd;               /* = result on success: fd, or lwsocket id */
             unsigned backlog;     /* connections still waiting in the accept queue, when known */
+            const struct sockaddr *addr; /* the peer's address when the accept was started
+                                     with MP_ACCEPT_ADDR, else NULL; points into storage of
+                                     the channel, valid until the next mp_dispatch*() call */
+            socklen_t addrlen;    /* its length (0 when addr is NULL) */
         } accept;
         struct {
             void *buf;            /* where the data is: the caller's buffer, or a channel
@@ -413,6 +417,21 @@ int mp_listen_socket(const struct sockaddr *addr, socklen_t addrlen, int backlog
                            up.  No effect on partitions (always multishot) nor on the epoll
                            engine (accept4() at readiness either way).  mp_accept_share()
                            drops it again when the socket becomes shared. */
+#define MP_ACCEPT_ADDR 0x4 /* each successful ACCEPT event carries the peer's address, as
+                           accept(2) returns it: u.accept.addr (a struct sockaddr of
+                           u.accept.addrlen bytes, at most sizeof(struct sockaddr_storage)) in
+                           storage the channel owns, valid until the next mp_dispatch*() call on
+                           the channel; copy it to keep it.  On epoll accept4() fills it in.  On
+                           io_uring the accept request does; a multishot accept writes every
+                           connection's address into one buffer and may take several connections
+                           before the channel looks, so only the latest of those is read from
+                           it, and the others' are asked for with getpeername() (one system
+                           call each, mp_stats.peer_lookups; none while connections come one at
+                           a time).  lwsockets cannot be asked: with MP_LWSOCKET the accepts
+                           are one-shot instead (one request per connection).  A multishot
+                           already running without the flag keeps going, and its events have
+                           addr NULL.  Without the flag, for failed accepts and when memory ran
+                           out, addr is NULL and addrlen 0. */
 
 /* Accept count connections on listener h (count 0 = keep accepting until h is unregistered).
  * Calls add up: two calls with count 1 accept two connections.  flags apply to accepts started
@@ -681,6 +700,10 @@ typedef struct mp_stats {
     uint64_t epoll_ctl_failed; /* queued mp_epoll_ctl() requests the kernel refused */
     uint64_t set_waits;        /* io_uring engine: waits that were an epoll_wait() on the
                                   readiness set, not an io_uring_enter() (MP_READINESS) */
+    uint64_t peer_lookups;     /* MP_ACCEPT_ADDR on io_uring: peer addresses asked for with
+                                  getpeername() (also counted in syscalls), for connections
+                                  that a multishot accept took together with later ones (its
+                                  one address buffer holds only the latest's) */
 } mp_stats;
 
 /* Copy the channel's counters into *st, at most size bytes (the caller's sizeof(mp_stats):

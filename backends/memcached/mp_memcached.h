@@ -30,6 +30,10 @@ void thread_libevent_process(evutil_socket_t fd, short which, void *arg);
 /* conn_new(): serve c by the calling worker's channel.  1 = attached (memcached must not add
  * c->event to libevent), 0 = not a MegaPipe worker thread (libevent as usual), -1 = failed. */
 int mpc_conn_attach(conn *c);
+/* conn_new(), instead of getpeername(): when sfd is the connection the calling worker is
+ * accepting, fill c->request_addr/request_addr_size from its ACCEPT event and return true
+ * (no system call); false otherwise (getpeername() as usual). */
+bool mpc_peer_addr(conn *c, int sfd);
 /* drive_machine(): how many requests this run may process (reqs_per_event, -R), and what was
  * left of it when the machine parked for its write to complete: the run that the WRITE
  * completion starts goes on with that budget, so -R yields as it does on a socket. */

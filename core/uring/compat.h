@@ -33,8 +33,9 @@ static inline int mpu_enable_rings(struct io_uring *ring) {
 /* A one-shot accept into a free direct-descriptor slot the kernel picks.  liburing 2.3's
  * io_uring_prep_accept_direct() stores file_index + 1, which wraps IORING_FILE_INDEX_ALLOC to 0
  * ("no slot"): set the field ourselves. */
-static inline void mpu_prep_accept_direct_alloc(struct io_uring_sqe *sqe, int fd) {
-    io_uring_prep_accept(sqe, fd, NULL, NULL, 0);
+static inline void mpu_prep_accept_direct_alloc(struct io_uring_sqe *sqe, int fd,
+                                                struct sockaddr *addr, socklen_t *addrlen) {
+    io_uring_prep_accept(sqe, fd, addr, addrlen, 0);
     sqe->file_index = IORING_FILE_INDEX_ALLOC;
 }
 

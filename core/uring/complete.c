@@ -5,11 +5,16 @@
  */
 #include <errno.h>
 #include <poll.h>
+#include <string.h>
 #include <unistd.h>
 
 #include "uring.h"
 
-static void mp__u_complete(mp_channel *ch, uint64_t data, int res, unsigned flags) {
+struct reaped { uint64_t data; int res; unsigned flags; bool last; };
+
+/* last: for a multishot accept's connection, no later connection of it was reaped, so the
+ * address buffer it shares with them holds this one's (see mp__u_reap). */
+static void mp__u_complete(mp_channel *ch, uint64_t data, int res, unsigned flags, bool last) {
     uring *u = U(ch);
     enum tag t = (enum tag)(data >> 56);
     uint32_t seq = (uint32_t)(data >> 32) & 0xffffff, idx = (uint32_t)data;
@@ -31,6 +36,30 @@ static void mp__u_complete(mp_channel *ch, uint64_t data, int res, unsigned flag
     if (t == T_FCTL || t == T_FWAIT || t == T_FTIMEOUT || t == T_FCLOSE) {
         mp__u_fepoll_complete(ch, t, idx, res);
         return;
+    }
+    /* An accept that wrote the peer's address: its slot says what it was. */
+    struct sockaddr_storage peer;
+    socklen_t peerlen = 0;
+    if (t == T_ACCEPT_ADDR) {
+        uring_aslot *s = mp__u_aslot_find(ch, seq);
+        if (!s || s->idx != idx) return;
+        t = (enum tag)s->tag;
+        seq = s->gen;
+        if (res >= 0 && !s->multishot) {
+            peerlen = s->len <= sizeof s->ss ? s->len : sizeof s->ss;
+            memcpy(&peer, &s->ss, peerlen);
+        } else if (res >= 0 && last) {
+            peerlen = s->seen_len;
+            memcpy(&peer, &s->seen, peerlen);
+        } else if (res >= 0 && t == T_ACCEPT) {
+            /* An earlier connection of a multishot pass: its address was overwritten by a
+             * later one's before we looked.  Asked for (one system call). */
+            peerlen = sizeof peer;
+            ch->st.syscalls++;
+            ch->st.peer_lookups++;
+            if (getpeername(res, (struct sockaddr *)&peer, &peerlen) < 0) peerlen = 0;
+        }
+        if (!(flags & IORING_CQE_F_MORE)) mp__u_aslot_put(ch, s);
     }
     mp_handle *h = mp__handle_at(ch, idx);
     if (!h || h->state == H_FREE) return;
@@ -107,7 +136,8 @@ static void mp__u_complete(mp_channel *ch, uint64_t data, int res, unsigned flag
         /* The other one-shots of a round that failed fail the same way: one event a retry. */
         if (res < 0 && !steal && h->acc.backoff) return;
         if (res >= 0 && acc_direct) res += MP_LWSOCKET_BASE;
-        mp__accept_done(h, res, flags & IORING_CQE_F_SOCK_NONEMPTY, steal);
+        mp__accept_done(h, res, flags & IORING_CQE_F_SOCK_NONEMPTY, steal,
+                        peerlen ? (const struct sockaddr *)&peer : NULL, peerlen);
         if (res < 0 && !steal) {
             /* EMFILE, ENFILE (for lwsockets: the table filled under a multishot burst, and
              * the kernel closed that connection)...: stop every accept of h (one error event
@@ -159,9 +189,35 @@ static void mp__u_complete(mp_channel *ch, uint64_t data, int res, unsigned flag
     }
 }
 
+/* Multishot accepts with addresses (MP_ACCEPT_ADDR) write every connection's peer address into
+ * their one buffer, and may accept several before we look.  With DEFER_TASKRUN the kernel
+ * accepts only inside our own io_uring_enter() calls, so when a batch is taken out of the ring
+ * the buffer holds the address of the multishot's latest connection: its last successful
+ * completion in the ring, when this batch empties the ring and no completion waits in the
+ * kernel's overflow list.  That one (marked last) takes the buffer, copied now: handling the
+ * batch may enter the kernel (a full submission batch is flushed), which may accept again.
+ * Earlier ones are asked for.  (Rings without DEFER_TASKRUN could accept while we reap: never
+ * marked there.) */
+static void mark_last_accepts(mp_channel *ch, struct reaped *b, unsigned n) {
+    uring *u = U(ch);
+    bool trust = n < REAP_MAX && (ch->st.features & MP_FEAT_DEFER_TASKRUN) &&
+                 !(IO_URING_READ_ONCE(*u->ring.sq.kflags) & IORING_SQ_CQ_OVERFLOW);
+    u->reap_pass++;
+    for (unsigned i = n; i-- > 0;) {
+        if (b[i].data >> 56 != T_ACCEPT_ADDR || b[i].res < 0) continue;
+        uring_aslot *s = mp__u_aslot_find(ch, (uint32_t)(b[i].data >> 32) & 0xffffff);
+        if (!s || !s->multishot || s->scan == u->reap_pass) continue;
+        s->scan = u->reap_pass;
+        b[i].last = trust;
+        s->seen_len = s->len <= sizeof s->ss ? s->len : sizeof s->ss;
+        memcpy(&s->seen, &s->ss, s->seen_len);
+        s->len = sizeof s->ss; /* whole again for the next accepts */
+    }
+}
+
 void mp__u_reap(mp_channel *ch) {
     uring *u = U(ch);
-    struct { uint64_t data; int res; unsigned flags; } batch[REAP_MAX];
+    struct reaped batch[REAP_MAX];
     for (;;) {
         unsigned n = 0, head;
         struct io_uring_cqe *cqe;
@@ -169,12 +225,15 @@ void mp__u_reap(mp_channel *ch) {
             batch[n].data = cqe->user_data;
             batch[n].res = cqe->res;
             batch[n].flags = cqe->flags;
+            batch[n].last = false;
             if (++n == REAP_MAX) break;
         }
         if (!n) break;
         io_uring_cq_advance(&u->ring, n);
         ch->st.cqes += n;
-        for (unsigned i = 0; i < n; i++) mp__u_complete(ch, batch[i].data, batch[i].res, batch[i].flags);
+        if (u->ms_addr) mark_last_accepts(ch, batch, n);
+        for (unsigned i = 0; i < n; i++)
+            mp__u_complete(ch, batch[i].data, batch[i].res, batch[i].flags, batch[i].last);
         if (n < REAP_MAX) break;
     }
     if (io_uring_cq_has_overflow(&u->ring)) ch->st.cq_overflows++;

@@ -103,24 +103,33 @@ static bool accept_wanted(const mp_handle *h) {
     return h->state == H_LIVE && (h->acc.forever || h->acc.left > 0);
 }
 
-/* Returns whether the accept yields direct descriptors (lwsockets). */
+/* An accept of h on fd (h's own queue, or a sibling's when steal), with its user_data.
+ * Returns whether it yields direct descriptors (lwsockets). */
 bool mp__u_prep_accept(mp_channel *ch, mp_handle *h, struct io_uring_sqe *sqe, int fd,
-                           bool multishot) {
+                       bool multishot, bool steal) {
     uring *u = U(ch);
     bool direct = h->acc.lw && u->nfixed;
+    enum tag t = steal ? (direct ? T_STEAL_LW : T_STEAL) : (direct ? T_ACCEPT_LW : T_ACCEPT);
+    /* The peer's address: a one-shot accept writes it into a buffer of its own; a multishot
+     * writes every connection's into one (complete.c tells which one it holds).  Not with
+     * lwsockets: arm_accept makes their accepts one-shot. */
+    uring_aslot *as = h->acc.addr ? mp__u_aslot_get(ch, h, t, multishot) : NULL;
+    struct sockaddr *addr = as ? (struct sockaddr *)&as->ss : NULL;
+    socklen_t *addrlen = as ? &as->len : NULL;
     if (h->acc.lw && !u->nfixed)
         mp__log_once(ch, MP_LOG_NO_LWSOCKET,
                      "lwsockets unavailable (no direct-descriptor table): accepting regular fds");
     /* Direct descriptors have no close-on-exec flag (the kernel refuses SOCK_CLOEXEC). */
     if (multishot && direct) {
-        io_uring_prep_multishot_accept_direct(sqe, fd, NULL, NULL, 0);
+        io_uring_prep_multishot_accept_direct(sqe, fd, addr, addrlen, 0);
     } else if (multishot) {
-        io_uring_prep_multishot_accept(sqe, fd, NULL, NULL, SOCK_CLOEXEC);
+        io_uring_prep_multishot_accept(sqe, fd, addr, addrlen, SOCK_CLOEXEC);
     } else if (direct) {
-        mpu_prep_accept_direct_alloc(sqe, fd);
+        mpu_prep_accept_direct_alloc(sqe, fd, addr, addrlen);
     } else {
-        io_uring_prep_accept(sqe, fd, NULL, NULL, SOCK_CLOEXEC);
+        io_uring_prep_accept(sqe, fd, addr, addrlen, SOCK_CLOEXEC);
     }
+    io_uring_sqe_set_data64(sqe, as ? ud(T_ACCEPT_ADDR, as->id, h->idx) : ud(t, h->gen, h->idx));
     return direct;
 }
 
@@ -153,7 +162,9 @@ int mp__u_arm_accept(mp_channel *ch, mp_handle *h) {
      * of the queue each time they are armed, and the channels take turns.  A caller that
      * says nobody else accepts from the queue (MP_ACCEPT_EXCLUSIVE) gets the multishot. */
     bool shared = !h->acc.part && !h->acc.excl;
-    bool ms = h->acc.forever && u->ms_accept && !shared &&
+    /* Peer addresses of lwsockets: one-shot accepts (a multishot's lost ones could only be
+     * had with getpeername(), which a direct descriptor does not allow). */
+    bool ms = h->acc.forever && u->ms_accept && !shared && !(h->acc.addr && direct) &&
               (!direct || slots > LW_MULTISHOT_HEADROOM);
     if (ms && UH(h)->nflight) return 0; /* one-shots still out: multishot when they are back */
     /* One-shot accepts: as many as are wanted, slots allow (each may take one) and the cap. */
@@ -168,9 +179,8 @@ int mp__u_arm_accept(mp_channel *ch, mp_handle *h) {
     while (UH(h)->nflight < want) {
         struct io_uring_sqe *sqe = mp__u_sqe(ch);
         if (!sqe) return -EAGAIN;
-        bool lw = mp__u_prep_accept(ch, h, sqe, h->fd, ms);
+        bool lw = mp__u_prep_accept(ch, h, sqe, h->fd, ms, false);
         if (lw && !ms) u->lw_inflight++;
-        io_uring_sqe_set_data64(sqe, ud(lw ? T_ACCEPT_LW : T_ACCEPT, h->gen, h->idx));
         UH(h)->ms_armed = ms;
         UH(h)->nflight++;
         h->inflight++;
@@ -195,6 +205,7 @@ int mp__u_share_accept(mp_channel *ch, mp_handle *h) {
 void mp__u_cancel_accepts(mp_channel *ch, mp_handle *h) {
     mp__u_cancel_all(ch, ud(T_ACCEPT, h->gen, h->idx));
     mp__u_cancel_all(ch, ud(T_ACCEPT_LW, h->gen, h->idx));
+    mp__u_aslot_cancel(ch, h);
 }
 
 void mp__u_accept_backoff(mp_channel *ch, mp_handle *h) {
@@ -224,9 +235,8 @@ void mp__u_balance(mp_channel *ch) {
             if (fd < 0) continue;
             struct io_uring_sqe *sqe = mp__u_sqe(ch);
             if (sqe) {
-                bool lw = mp__u_prep_accept(ch, h, sqe, fd, false);
+                bool lw = mp__u_prep_accept(ch, h, sqe, fd, false, true);
                 if (lw) u->lw_inflight++;
-                io_uring_sqe_set_data64(sqe, ud(lw ? T_STEAL_LW : T_STEAL, h->gen, h->idx));
                 UH(h)->steal_busy = true;
                 h->inflight++;
                 mp__u_flush(ch); /* the kernel takes its own reference to the file here */

@@ -162,6 +162,7 @@ static void mp__u_fini(mp_channel *ch) {
     free(u->bufs);
     free(u->buf_busy);
     free(u->buf_owner);
+    mp__u_aslot_fini(ch);
     close(u->efd);
     mp__u_eset_fini(ch);
     mp__u_fepoll_fini(ch);

@@ -33,6 +33,9 @@
 enum tag {
     T_IGNORE = 0, T_READ, T_WRITE, T_ACCEPT, T_ACCEPT_LW, T_STEAL, T_STEAL_LW, T_TIMER, T_POLL,
     T_EXPORT, T_WAKE,
+    /* an accept that writes the peer's address (acceptaddr.c): seq is its slot, and
+     * the slot holds the request's own tag (one of the four above) */
+    T_ACCEPT_ADDR,
     /* readiness set as a kernel epoll set (epollset.c) */
     T_ECTL_ADD, T_ECTL_MOD, T_ECTL_DEL, T_EWAIT,
     /* foreign epoll sets (fepoll.c) */
@@ -46,6 +49,21 @@ enum tag {
 #define EWAIT_MAX 256 /* epoll events one IORING_OP_EPOLL_WAIT may return */
 #define EWAKE_DATA UINT64_MAX /* the set's entry for the mp_wake() eventfd */
 #define FCTL_RING 4096u /* mp_epoll_ctl() records (a power of 2) */
+
+/* One accept request's address buffer (acceptaddr.c). */
+typedef struct uring_aslot {
+    struct sockaddr_storage ss; /* written by the kernel */
+    socklen_t len;              /* in: sizeof ss; out: the address's length */
+    uint32_t idx, gen;          /* the handle */
+    uint32_t id, next;          /* slot number; free list (id + 1) */
+    uint8_t tag;                /* T_ACCEPT, T_ACCEPT_LW, T_STEAL, T_STEAL_LW */
+    bool busy;
+    bool multishot;             /* shared by every connection of a multishot accept */
+    uint32_t scan;              /* reap pass that last saw it (complete.c) */
+    struct sockaddr_storage seen; /* multishot: ss as the reap found it, before anything it
+                                     does can enter the kernel (which may write ss again) */
+    socklen_t seen_len;
+} uring_aslot;
 
 typedef struct uring {
     struct io_uring ring;
@@ -71,6 +89,11 @@ typedef struct uring {
     bool br_failed;
     struct buf_owner { uint32_t idx1, gen; } *buf_owner; /* buffer id -> holding handle */
     unsigned lw_inflight; /* one-shot direct accepts in the kernel: each may take a slot */
+    /* address buffers of accepts in flight (MP_ACCEPT_ADDR), chunks of them; free list */
+    uring_aslot **aslots;
+    uint32_t naslot_chunks, aslot_free;
+    unsigned ms_addr;     /* multishot accepts in flight that write addresses */
+    uint32_t reap_pass;
     /* readiness set (epollset.c): a kernel epoll set instead of a poll request per fd */
     bool eset;            /* MP_READINESS=epoll and IORING_OP_EPOLL_CTL supported */
     bool epoll_wait_op;   /* IORING_OP_EPOLL_WAIT (else a one-shot poll on epfd) */
@@ -184,7 +207,7 @@ void mp__u_readbuf_done(mp_channel *ch, mp_handle *h, int res, unsigned flags);
 ssize_t mp__u_start_read(mp_channel *ch, mp_handle *h, mp_op *op);
 ssize_t mp__u_start_write(mp_channel *ch, mp_handle *h, mp_op *op);
 bool mp__u_prep_accept(mp_channel *ch, mp_handle *h, struct io_uring_sqe *sqe, int fd,
-                       bool multishot);
+                       bool multishot, bool steal);
 void mp__u_cancel_accepts(mp_channel *ch, mp_handle *h);
 unsigned mp__u_lw_free(const mp_channel *ch);
 void mp__u_accept_pause(mp_channel *ch, mp_handle *h);
@@ -212,6 +235,12 @@ int mp__u_fepoll_wait(mp_channel *ch, int epfd, struct epoll_event *evs, int max
 void mp__u_fepoll_complete(mp_channel *ch, enum tag t, uint32_t idx, int res);
 void mp__u_fepoll_fini(mp_channel *ch);
 int mp__u_close_fd(mp_channel *ch, int fd);
+/* acceptaddr.c */
+uring_aslot *mp__u_aslot_get(mp_channel *ch, mp_handle *h, enum tag t, bool multishot);
+uring_aslot *mp__u_aslot_find(const mp_channel *ch, uint32_t id);
+void mp__u_aslot_put(mp_channel *ch, uring_aslot *s);
+void mp__u_aslot_cancel(mp_channel *ch, mp_handle *h);
+void mp__u_aslot_fini(mp_channel *ch);
 /* complete.c */
 void mp__u_reap(mp_channel *ch);
 /* submit.c: re-arm what waits for the next wait (rearm list) */
