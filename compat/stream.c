@@ -1575,11 +1575,9 @@ void mpr_stream_detach(int fd) {
     pthread_mutex_unlock(&s->mu);
 }
 
-/* Streams of ch are flushed before it goes (at most 2 s: a peer that never reads must not
- * hold the thread's exit forever). */
-void mpr_stream_chan_done(mp_channel *ch, bool destroying) {
-    struct mpr_schan *c = mpr_t.sc;
-    if (!c || c->ch != ch) return;
+/* Send what c's streams queued, for at most 2 s (a peer that never reads must not hold the
+ * thread forever); with closing, also until the closes c started are done. */
+static void flush_own(struct mpr_schan *c, bool closing) {
     int64_t until = now_ns() + 2000000000LL;
     bool was = mpr_t.busy;
     mpr_t.busy = true;
@@ -1590,10 +1588,17 @@ void mpr_stream_chan_done(mp_channel *ch, bool destroying) {
             struct mpr_stream *s = g_st[fd];
             if (s && s->own == c && (s->pend_len || s->inflight) && !s->wr_err) left = true;
         }
-        if ((!left && !c->closing) || now_ns() >= until) break;
+        if ((!left && !(closing && c->closing)) || now_ns() >= until) break;
         pump(c, 50);
     }
     mpr_t.busy = was;
+}
+
+/* Streams of ch are flushed before it goes (flush_own). */
+void mpr_stream_chan_done(mp_channel *ch, bool destroying) {
+    struct mpr_schan *c = mpr_t.sc;
+    if (!c || c->ch != ch) return;
+    flush_own(c, true);
     if (!destroying) return;
     /* The channel goes: its streams become plain fds (what they had received and nobody read
      * goes with the channel's buffers). */
@@ -1625,21 +1630,7 @@ void mpr_stream_stats(mp_channel *ch, char *buf, size_t len) {
 void mpr_stream_fork_prepare(void) {
     if (!mpr_streams || !mpr_t.sc || !mpr_t.ch) return;
     /* What this thread's streams queued reaches the kernel before the child exists. */
-    struct mpr_schan *c = mpr_t.sc;
-    int64_t until = now_ns() + 2000000000LL;
-    bool was = mpr_t.busy;
-    mpr_t.busy = true;
-    for (;;) {
-        service_dirty(c);
-        bool left = false;
-        for (size_t fd = 0; fd < g_cap && !left; fd++) {
-            struct mpr_stream *s = g_st[fd];
-            if (s && s->own == c && (s->pend_len || s->inflight) && !s->wr_err) left = true;
-        }
-        if (!left || now_ns() >= until) break;
-        pump(c, 50);
-    }
-    mpr_t.busy = was;
+    flush_own(mpr_t.sc, false);
 }
 
 void mpr_stream_fork_child(void) {

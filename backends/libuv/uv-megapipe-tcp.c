@@ -151,6 +151,20 @@ static int grow(void** arr, unsigned int* cap, const void* inl, size_t sz) {
   return 0;
 }
 
+/* Room for one more entry after the n at arr[*head]: slide them down when the room freed at
+ * the front is at least n (no more work than the pops that freed it), else grow. */
+static int room(void** arr, unsigned int* head, unsigned int n, unsigned int* cap,
+                const void* inl, size_t sz) {
+  if (*head + n < *cap)
+    return 0;
+  if (*head >= n && *head > 0) {
+    memmove(*arr, (char*) *arr + (size_t) *head * sz, (size_t) n * sz);
+    *head = 0;
+    return 0;
+  }
+  return grow(arr, cap, inl, sz);
+}
+
 /* The stream's record, where the stream keeps it: in the handle's spare union (unused by the
  * unix build for TCP handles). */
 static struct uvmp_conn* conn_of(const uv_stream_t* s) {
@@ -219,18 +233,10 @@ static struct uvmp_conn* conn_get(uv_stream_t* s) {
 /* ---- reads ------------------------------------------------------------------------- */
 
 static int stash_push(struct uvmp_conn* c, const struct uvmp_stash* e) {
-  if (c->stash_head + c->nstash == c->stash_cap) {
-    if (c->stash_head >= c->nstash && c->stash_head > 0) {
-      /* slide down: costs no more than the pops that freed the room */
-      memmove(c->stash, c->stash + c->stash_head, c->nstash * sizeof(*c->stash));
-      c->stash_head = 0;
-    } else {
-      void* p = c->stash;
-      if (grow(&p, &c->stash_cap, c->stash_inline, sizeof(*c->stash)) < 0)
-        return UV_ENOMEM;
-      c->stash = p;
-    }
-  }
+  void* p = c->stash;
+  if (room(&p, &c->stash_head, c->nstash, &c->stash_cap, c->stash_inline, sizeof(*c->stash)) < 0)
+    return UV_ENOMEM;
+  c->stash = p;
   c->stash[c->stash_head + c->nstash++] = *e;
   return 0;
 }
@@ -356,18 +362,10 @@ int uv__mp_stream_read_start(uv_stream_t* s) {
 /* ---- writes ------------------------------------------------------------------------ */
 
 static int parts_push(struct uvmp_conn* c, unsigned int parts) {
-  if (c->parts_head + c->posted == c->parts_cap) {
-    if (c->parts_head >= c->posted && c->parts_head > 0) {
-      /* slide down: costs no more than the pops that freed the room */
-      memmove(c->parts, c->parts + c->parts_head, c->posted * sizeof(*c->parts));
-      c->parts_head = 0;
-    } else {
-      void* p = c->parts;
-      if (grow(&p, &c->parts_cap, c->parts_inline, sizeof(*c->parts)) < 0)
-        return UV_ENOMEM;
-      c->parts = p;
-    }
-  }
+  void* p = c->parts;
+  if (room(&p, &c->parts_head, c->posted, &c->parts_cap, c->parts_inline, sizeof(*c->parts)) < 0)
+    return UV_ENOMEM;
+  c->parts = p;
   c->parts[c->parts_head + c->posted] = parts;
   return 0;
 }
