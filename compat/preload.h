@@ -8,6 +8,9 @@
  *            them; the interposed calls that make, duplicate and close fds keep that knowledge
  *            true.  Uses preload.c.
  * epoll.c:   the interposed epoll_* calls.  Uses both.
+ * stream.c:  stream mode (MEGAPIPE_STREAMS=1): accepted TCP connections served by a channel's
+ *            buffered reads and write-behind, their readiness, the interposed socket calls.
+ * stream_poll.c: stream mode's poll/ppoll/select/pselect, over mpr_stream_poll/_pump.
  *
  * Nothing here is seen by the application: the library exports only the interposed names
  * (compat/preload.map).
@@ -178,6 +181,13 @@ void mpr_stream_forget(int fd);
  * mpr_t.busy set).  Returns as epoll_wait (>= 0 or -errno). */
 int mpr_stream_wait(mp_channel *ch, int epfd, struct epoll_event *evs, int max, int64_t ns,
                     const sigset_t *mask);
+/* poll()/select() (stream_poll.c): when fd is an adopted stream (and the caller is not inside
+ * the emulation), its poll(2) bits for events in *revents, whether the calling thread owns it
+ * in *owner, and 1; else 0. */
+int mpr_stream_poll(int fd, short events, short *revents, bool *owner);
+/* Send what the calling thread's streams queued and take its channel's completions, waiting
+ * up to timeout_ms for one (0: none).  false: the thread has no stream channel. */
+bool mpr_stream_pump(int timeout_ms);
 /* close() of a stream fd: returns 1 when handled (result in *res), 0 when not a stream. */
 int mpr_stream_close(int fd, int *res);
 /* The number fd is about to be closed by dup2/dup3/close_range/closefrom. */

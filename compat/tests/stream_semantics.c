@@ -527,6 +527,49 @@ static void t_poll(void) {
     done(c, s);
 }
 
+struct poller {
+    int s;
+    int ms, r;
+    short revents;
+    double cpu; /* the polling thread's CPU time, seconds */
+};
+
+static void *poll_other(void *p) {
+    struct poller *o = p;
+    struct timespec a, b;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &a);
+    struct pollfd pf = {o->s, POLLIN, 0};
+    o->r = poll(&pf, 1, o->ms);
+    o->revents = pf.revents;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &b);
+    o->cpu = (double)(b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) / 1e9;
+    return NULL;
+}
+
+/* poll() on a stream from a thread that does not own it, with no other fd: it sleeps between
+ * its looks (on the kernel's sockets it sleeps in the kernel), and sees data the owner's wait
+ * took in. */
+static void t_poll_other_thread(void) {
+    int c, s;
+    pair(&c, &s, true, EPOLLIN);
+    struct poller o = {s, 400, -2, 0, 0};
+    pthread_t t;
+    pthread_create(&t, NULL, poll_other, &o);
+    pthread_join(t, NULL);
+    CHECK(o.r == 0, "poll from another thread: nothing (%d, %#x)", o.r, o.revents);
+    CHECK(o.cpu < 0.2, "... and it slept: %.3f s of CPU in a 0.4 s poll", o.cpu);
+    o = (struct poller){s, 3000, -2, 0, 0};
+    pthread_create(&t, NULL, poll_other, &o);
+    msleep(50);
+    CHECK(write(c, "pq", 2) == 2, "write");
+    struct epoll_event out[4];
+    epoll_wait(ep, out, 4, 500); /* the owner's wait takes the data in */
+    pthread_join(t, NULL);
+    CHECK(o.r == 1 && (o.revents & POLLIN), "poll from another thread sees the data (%d, %#x)",
+          o.r, o.revents);
+    done(c, s);
+}
+
 int main(int argc, char **argv) {
     streams = argc > 1 && strcmp(argv[1], "--streams") == 0;
     signal(SIGPIPE, SIG_IGN);
@@ -556,6 +599,7 @@ int main(int argc, char **argv) {
         {"sendfile order", t_sendfile_order},
         {"poll", t_poll},
         {"another thread", t_other_thread},
+        {"poll from another thread", t_poll_other_thread},
     };
     for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
         int before = failures;
