@@ -9,7 +9,9 @@
  *            true.  Uses preload.c.
  * epoll.c:   the interposed epoll_* calls.  Uses both.
  * stream.c:  stream mode (MEGAPIPE_STREAMS=1): accepted TCP connections served by a channel's
- *            buffered reads and write-behind, their readiness, the interposed socket calls.
+ *            buffered reads and write-behind, and their readiness in the application's sets.
+ * stream_calls.c: stream mode's interposed socket calls (read, write, send, sendfile, ...),
+ *            over stream.c's state (stream_int.h).
  * stream_poll.c: stream mode's poll/ppoll/select/pselect, over mpr_stream_poll/_pump.
  *
  * Nothing here is seen by the application: the library exports only the interposed names

@@ -38,93 +38,16 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "preload.h"
+#include "stream_int.h"
 
 bool mpr_streams;
 static bool g_wanted;
 static size_t g_wbuf = 256 * 1024;      /* MEGAPIPE_STREAM_WBUF */
 static size_t g_flush_at = 64 * 1024;   /* pend bytes that go to the channel at once */
 
-struct rxb {
-    unsigned id;
-    char *p;
-    uint32_t len, off;
-};
-struct txc {
-    char *p;
-    size_t len;
-};
-
-struct mpr_schan;
-
-struct mpr_stream {
-    int fd;
-    uint32_t gen;
-    struct mpr_schan *own; /* NULL: candidate (plain fd) */
-    mp_handle *h;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    unsigned sleepers; /* threads blocked on cv */
-    /* rx */
-    struct rxb *rx;
-    size_t rx_head, rx_n, rx_cap, rx_bytes;
-    bool rx_eof;
-    int rx_err;
-    unsigned *rel; /* consumed by another thread: released by the owner */
-    size_t nrel, rel_cap;
-    /* tx */
-    char *pend;
-    size_t pend_len, pend_cap;
-    struct txc *tx;
-    size_t tx_head, tx_n, tx_cap, inflight;
-    int wr_err;
-    bool shut_wr, shut_sent;
-    int so_err; /* for SO_ERROR and EPOLLERR, until read */
-    bool nonblock;
-    bool kout_blocked, kout_watch; /* a real send got EAGAIN: OUT waits for POLLOUT */
-    int linger;                    /* -1: off; else seconds */
-    bool closing, closed_sent, dirty;
-    bool detach; /* the number is closed by someone else (dup2, close_range): unregister only */
-    unsigned hold; /* the owner's close() still uses the record: its CLOSED only marks it dead */
-    bool dead;
-    /* epoll */
-    int epfd; /* -1: in no set */
-    uint32_t events;
-    uint64_t data;
-    bool fired; /* one-shot reported */
-    bool edge;  /* something happened since the last ET report */
-    bool in_rdy;
-};
-
-struct rdy {
-    struct mpr_stream *s;
-    uint32_t gen;
-};
-
-struct mpr_schan {
-    mp_channel *ch;
-    pthread_t tid;
-    /* the owner's lists (only its thread touches them) */
-    struct mpr_stream **dirty;
-    size_t ndirty, dcap;
-    struct rdy *rdy;
-    size_t nrdy, rcap;
-    /* what other threads add, under mu; `remote` says there is some */
-    pthread_mutex_t mu;
-    struct mpr_stream **rdirty;
-    size_t nrdirty, rdcap;
-    struct rdy *rrdy;
-    size_t nrrdy, rrcap;
-    atomic_bool remote;
-    atomic_bool waiting;
-    unsigned closing; /* streams whose close is not finished */
-    uint64_t adopted, rx_served, tx_queued, tx_submits, flushes;
-    struct mpr_schan *next;
-};
-
-static struct mpr_stream **g_st; /* fd -> stream */
+struct mpr_stream **g_st; /* fd -> stream */
 static uint8_t *g_lcls;          /* listener fd -> 0 unknown, 1 TCP, 2 other */
-static size_t g_cap;
+size_t g_cap;
 static pthread_mutex_t g_sclock = PTHREAD_MUTEX_INITIALIZER;
 static struct mpr_schan *g_schans;
 static uint32_t g_gen;
@@ -178,17 +101,6 @@ void mpr_streams_check(mp_channel *ch) {
     }
 }
 
-static inline struct mpr_stream *st_of(int fd) {
-    if (!mpr_streams || fd < 0 || (size_t)fd >= g_cap) return NULL;
-    return g_st[fd];
-}
-
-/* An adopted stream, or NULL (then the caller makes the real call). */
-static inline struct mpr_stream *adopted(int fd) {
-    struct mpr_stream *s = st_of(fd);
-    return s && s->own && !mpr_t.busy ? s : NULL;
-}
-
 bool mpr_is_stream(int fd) { return st_of(fd) != NULL; }
 
 static struct mpr_schan *schan_of(mp_channel *ch) {
@@ -204,10 +116,6 @@ static struct mpr_schan *schan_of(mp_channel *ch) {
     pthread_mutex_unlock(&g_sclock);
     mpr_t.sc = c;
     return c;
-}
-
-static inline bool is_owner(const struct mpr_stream *s) {
-    return s->own && s->own == mpr_t.sc && mpr_t.ch == s->own->ch;
 }
 
 /* ---- candidates -------------------------------------------------------------------------- */
@@ -315,7 +223,7 @@ static void remote_added(struct mpr_schan *c) {
 }
 
 /* Something about s changed: its owner's next wait looks at it.  s->mu held. */
-static void mark_rdy(struct mpr_stream *s) {
+void mps_mark_rdy(struct mpr_stream *s) {
     s->edge = true;
     if (s->sleepers) pthread_cond_broadcast(&s->cv);
     struct mpr_schan *c = s->own;
@@ -332,7 +240,7 @@ static void mark_rdy(struct mpr_stream *s) {
 }
 
 /* s has pend bytes or a close to finish: its owner's next wait does it.  s->mu held. */
-static void mark_dirty(struct mpr_stream *s) {
+void mps_mark_dirty(struct mpr_stream *s) {
     struct mpr_schan *c = s->own;
     if (!c || s->dirty) return;
     if (is_owner(s)) {
@@ -359,25 +267,27 @@ static void take_remote(struct mpr_schan *c) {
     pthread_mutex_unlock(&c->mu);
 }
 
+static void rdy_drop(struct rdy *l, size_t *n, const struct mpr_stream *s) {
+    size_t k = 0;
+    for (size_t i = 0; i < *n; i++)
+        if (l[i].s != s) l[k++] = l[i];
+    *n = k;
+}
+
+static void st_drop(struct mpr_stream **l, size_t *n, const struct mpr_stream *s) {
+    size_t k = 0;
+    for (size_t i = 0; i < *n; i++)
+        if (l[i] != s) l[k++] = l[i];
+    *n = k;
+}
+
 /* s is about to be freed: out of its owner's lists (owner thread). */
 static void lists_forget(struct mpr_schan *c, struct mpr_stream *s) {
-    size_t k = 0;
-    for (size_t i = 0; i < c->nrdy; i++)
-        if (c->rdy[i].s != s) c->rdy[k++] = c->rdy[i];
-    c->nrdy = k;
-    k = 0;
-    for (size_t i = 0; i < c->ndirty; i++)
-        if (c->dirty[i] != s) c->dirty[k++] = c->dirty[i];
-    c->ndirty = k;
+    rdy_drop(c->rdy, &c->nrdy, s);
+    st_drop(c->dirty, &c->ndirty, s);
     pthread_mutex_lock(&c->mu);
-    k = 0;
-    for (size_t i = 0; i < c->nrrdy; i++)
-        if (c->rrdy[i].s != s) c->rrdy[k++] = c->rrdy[i];
-    c->nrrdy = k;
-    k = 0;
-    for (size_t i = 0; i < c->nrdirty; i++)
-        if (c->rdirty[i] != s) c->rdirty[k++] = c->rdirty[i];
-    c->nrdirty = k;
+    rdy_drop(c->rrdy, &c->nrrdy, s);
+    st_drop(c->rdirty, &c->nrdirty, s);
     pthread_mutex_unlock(&c->mu);
 }
 
@@ -437,7 +347,7 @@ static void finish_close(struct mpr_stream *s) {
 }
 
 /* What the owner does for a dirty stream.  s->mu held, busy set. */
-static void service(struct mpr_stream *s) {
+void mps_service(struct mpr_stream *s) {
     s->dirty = false;
     release_rx(s);
     submit(s);
@@ -457,7 +367,7 @@ static void service_dirty(struct mpr_schan *c) {
         struct mpr_stream *s = c->dirty[--c->ndirty];
         pthread_mutex_lock(&s->mu);
         bool freed = s->closing && s->closed_sent;
-        if (!freed) service(s);
+        if (!freed) mps_service(s);
         pthread_mutex_unlock(&s->mu);
     }
 }
@@ -536,8 +446,8 @@ static void route(struct mpr_schan *c, const mp_event *ev) {
             s->pend = NULL;
             s->pend_len = s->pend_cap = 0;
         }
-        if (s->closing && !s->inflight) service(s);
-        else if (s->shut_wr && !s->shut_sent) service(s);
+        if (s->closing && !s->inflight) mps_service(s);
+        else if (s->shut_wr && !s->shut_sent) mps_service(s);
         break;
     case MP_EV_POLL:
         s->kout_blocked = false;
@@ -545,7 +455,7 @@ static void route(struct mpr_schan *c, const mp_event *ev) {
     default:
         break;
     }
-    mark_rdy(s);
+    mps_mark_rdy(s);
     pthread_mutex_unlock(&s->mu);
 }
 
@@ -569,7 +479,7 @@ static int pump(struct mpr_schan *c, int timeout_ms) {
 
 /* Hand what is queued to the kernel and take what it has done, now: one system call (the
  * kernel sends inline what fits in the socket).  busy set. */
-static void kick(struct mpr_schan *c) {
+void mps_kick(struct mpr_schan *c) {
     mp_event evs[64];
     int n = mp_dispatch_batch(c->ch, evs, 64, 0);
     for (int i = 0; i < n; i++) route(c, &evs[i]);
@@ -597,7 +507,7 @@ static bool adopt(struct mpr_schan *c, struct mpr_stream *s) {
     s->h = h;
     s->own = c;
     c->adopted++;
-    mark_rdy(s);
+    mps_mark_rdy(s);
     pthread_mutex_unlock(&s->mu);
     return true;
 }
@@ -624,7 +534,7 @@ int mpr_stream_ctl(struct mpr_ep *ep, int op, int fd, struct epoll_event *ev) {
         s->events = ev->events;
         s->data = ev->data.u64;
         s->fired = false;
-        mark_rdy(s);
+        mps_mark_rdy(s);
     }
     pthread_mutex_unlock(&s->mu);
     if (r == 0 && op == EPOLL_CTL_ADD && !s->own && (ep->waiters || mpr_ep_adopt_push(ep, fd) < 0)) {
@@ -740,7 +650,7 @@ int mpr_stream_wait(mp_channel *ch, int epfd, struct epoll_event *evs, int max, 
 
 /* Wait for s to change (s->mu held; released meanwhile).  The owner pumps its channel; other
  * threads sleep on the stream's condition variable (the owner's waits route its events). */
-static void block_on(struct mpr_stream *s) {
+void mps_block_on(struct mpr_stream *s) {
     if (is_owner(s)) {
         struct mpr_schan *c = s->own;
         pthread_mutex_unlock(&s->mu);
@@ -767,7 +677,7 @@ static void block_on(struct mpr_stream *s) {
 /* Every byte written so far is in the socket (or failed).  s->mu held.  With nothing in
  * flight, the bytes not yet given to the channel go with one real send (what a program that
  * mixes writes with sendfile would have made itself), without a round trip through the ring. */
-static void drain(struct mpr_stream *s) {
+void mps_drain(struct mpr_stream *s) {
     if (s->pend_len && !s->inflight && !s->wr_err) {
         ssize_t r = mpr_real.send(s->fd, s->pend, s->pend_len, MSG_DONTWAIT | MSG_NOSIGNAL);
         if (r > 0) {
@@ -787,17 +697,17 @@ static void drain(struct mpr_stream *s) {
             submit(s);
             mpr_t.busy = was;
         } else {
-            mark_dirty(s);
+            mps_mark_dirty(s);
         }
         if (!s->pend_len && !s->inflight) break;
-        block_on(s);
+        mps_block_on(s);
     }
 }
 
 /* ---- reading ----------------------------------------------------------------------------- */
 
 /* Copy up to len bytes of s's received data into the iovecs (peek: leave them).  s->mu held. */
-static size_t take(struct mpr_stream *s, const struct iovec *iov, int iovcnt, bool peek) {
+size_t mps_take(struct mpr_stream *s, const struct iovec *iov, int iovcnt, bool peek) {
     size_t done = 0, bi = 0, boff = s->rx_n ? s->rx[s->rx_head].off : 0;
     for (int v = 0; v < iovcnt && bi < s->rx_n; v++) {
         size_t vo = 0;
@@ -827,7 +737,7 @@ static size_t take(struct mpr_stream *s, const struct iovec *iov, int iovcnt, bo
             mpr_t.busy = was;
         } else if (s->nrel < s->rel_cap || (s->rel = realloc(s->rel, (s->rel_cap = s->rel_cap ? s->rel_cap * 2 : 16) * sizeof *s->rel))) {
             s->rel[s->nrel++] = b->id;
-            mark_dirty(s);
+            mps_mark_dirty(s);
         }
         s->rx_head = (s->rx_head + 1) % s->rx_cap;
         s->rx_n--;
@@ -837,7 +747,7 @@ static size_t take(struct mpr_stream *s, const struct iovec *iov, int iovcnt, bo
     return done;
 }
 
-static ssize_t s_recv(struct mpr_stream *s, const struct iovec *iov, int iovcnt, int flags) {
+ssize_t mps_recv(struct mpr_stream *s, const struct iovec *iov, int iovcnt, int flags) {
     size_t want = 0;
     for (int i = 0; i < iovcnt; i++) want += iov[i].iov_len;
     pthread_mutex_lock(&s->mu);
@@ -848,7 +758,7 @@ static ssize_t s_recv(struct mpr_stream *s, const struct iovec *iov, int iovcnt,
     for (;;) {
         if (s->rx_bytes) {
             if (got == 0) {
-                got = take(s, iov, iovcnt, flags & MSG_PEEK);
+                got = mps_take(s, iov, iovcnt, flags & MSG_PEEK);
             } else { /* MSG_WAITALL continuing: the iovecs past what was filled */
                 int k = 0;
                 size_t skip = got;
@@ -861,7 +771,7 @@ static ssize_t s_recv(struct mpr_stream *s, const struct iovec *iov, int iovcnt,
                     local[k++].iov_len = iov[i].iov_len - skip;
                     skip = 0;
                 }
-                got += take(s, local, k, false);
+                got += mps_take(s, local, k, false);
             }
             s->own->rx_served++;
             if (!(flags & MSG_WAITALL) || (flags & MSG_PEEK) || got >= want || nb) {
@@ -891,8 +801,8 @@ static ssize_t s_recv(struct mpr_stream *s, const struct iovec *iov, int iovcnt,
             r = -EAGAIN;
             break;
         }
-        drain(s); /* a blocking reader may wait for the answer to what it wrote */
-        block_on(s);
+        mps_drain(s); /* a blocking reader may wait for the answer to what it wrote */
+        mps_block_on(s);
     }
     pthread_mutex_unlock(&s->mu);
     if (r < 0) return fail((int)-r);
@@ -901,7 +811,7 @@ static ssize_t s_recv(struct mpr_stream *s, const struct iovec *iov, int iovcnt,
 
 /* ---- writing ----------------------------------------------------------------------------- */
 
-static ssize_t s_send(struct mpr_stream *s, const struct iovec *iov, int iovcnt, int flags) {
+ssize_t mps_send(struct mpr_stream *s, const struct iovec *iov, int iovcnt, int flags) {
     size_t want = 0;
     for (int i = 0; i < iovcnt; i++) want += iov[i].iov_len;
     if (!want) return 0;
@@ -929,7 +839,7 @@ static ssize_t s_send(struct mpr_stream *s, const struct iovec *iov, int iovcnt,
                 submit(s);
                 mpr_t.busy = was;
             }
-            block_on(s);
+            mps_block_on(s);
             continue;
         }
         size_t k = want - done < space ? want - done : space;
@@ -966,330 +876,15 @@ static ssize_t s_send(struct mpr_stream *s, const struct iovec *iov, int iovcnt,
             submit(s);
             mpr_t.busy = was;
         }
-        mark_dirty(s);
+        mps_mark_dirty(s);
     }
     /* A blocking socket's write returns when its bytes are in the socket, as the kernel's
      * does: nothing is left queued behind a thread that goes on to block elsewhere. */
-    if (!nb && done) drain(s);
+    if (!nb && done) mps_drain(s);
     pthread_mutex_unlock(&s->mu);
     if (done) return (ssize_t)done;
     if (err == EPIPE && !(flags & MSG_NOSIGNAL)) pthread_kill(pthread_self(), SIGPIPE);
     return fail(err);
-}
-
-/* ---- the interposed calls ------------------------------------------------------------------ */
-
-#define REAL(name) (mpr_real.name ? mpr_real.name : (mpr_init(), mpr_real.name))
-
-ssize_t read(int fd, void *buf, size_t n) {
-    struct mpr_stream *s = adopted(fd);
-    if (!s) return REAL(read)(fd, buf, n);
-    struct iovec v = {buf, n};
-    return s_recv(s, &v, 1, 0);
-}
-
-ssize_t __read_chk(int fd, void *buf, size_t n, size_t buflen) {
-    if (n > buflen) __builtin_trap();
-    return read(fd, buf, n);
-}
-
-ssize_t readv(int fd, const struct iovec *iov, int cnt) {
-    struct mpr_stream *s = adopted(fd);
-    if (!s || cnt <= 0 || cnt > IOV_MAX) return REAL(readv)(fd, iov, cnt);
-    return s_recv(s, iov, cnt, 0);
-}
-
-ssize_t recv(int fd, void *buf, size_t n, int flags) {
-    struct mpr_stream *s = adopted(fd);
-    if (!s || (flags & (MSG_OOB | MSG_ERRQUEUE))) return REAL(recv)(fd, buf, n, flags);
-    struct iovec v = {buf, n};
-    return s_recv(s, &v, 1, flags);
-}
-
-ssize_t __recv_chk(int fd, void *buf, size_t n, size_t buflen, int flags) {
-    if (n > buflen) __builtin_trap();
-    return recv(fd, buf, n, flags);
-}
-
-ssize_t recvfrom(int fd, void *buf, size_t n, int flags, struct sockaddr *a, socklen_t *al) {
-    struct mpr_stream *s = adopted(fd);
-    if (!s || (flags & (MSG_OOB | MSG_ERRQUEUE))) return REAL(recvfrom)(fd, buf, n, flags, a, al);
-    struct iovec v = {buf, n};
-    ssize_t r = s_recv(s, &v, 1, flags);
-    if (r >= 0 && a && al) *al = 0; /* a connected TCP socket names no sender */
-    return r;
-}
-
-ssize_t __recvfrom_chk(int fd, void *buf, size_t n, size_t buflen, int flags, struct sockaddr *a,
-                       socklen_t *al) {
-    if (n > buflen) __builtin_trap();
-    return recvfrom(fd, buf, n, flags, a, al);
-}
-
-ssize_t recvmsg(int fd, struct msghdr *m, int flags) {
-    struct mpr_stream *s = adopted(fd);
-    if (!s || !m || (flags & (MSG_OOB | MSG_ERRQUEUE)) || m->msg_iovlen > IOV_MAX)
-        return REAL(recvmsg)(fd, m, flags);
-    ssize_t r = s_recv(s, m->msg_iov, (int)m->msg_iovlen, flags);
-    if (r >= 0) {
-        m->msg_namelen = 0;
-        m->msg_controllen = 0;
-        m->msg_flags = 0;
-    }
-    return r;
-}
-
-ssize_t write(int fd, const void *buf, size_t n) {
-    struct mpr_stream *s = adopted(fd);
-    if (!s) return REAL(write)(fd, buf, n);
-    struct iovec v = {(void *)buf, n};
-    return s_send(s, &v, 1, 0);
-}
-
-ssize_t writev(int fd, const struct iovec *iov, int cnt) {
-    struct mpr_stream *s = adopted(fd);
-    if (!s || cnt <= 0 || cnt > IOV_MAX) return REAL(writev)(fd, iov, cnt);
-    return s_send(s, iov, cnt, 0);
-}
-
-/* A send the stream cannot queue (out-of-band data, ancillary data): after every byte queued
- * before it.  s->mu not held. */
-static void drain_unlocked(struct mpr_stream *s) {
-    pthread_mutex_lock(&s->mu);
-    drain(s);
-    pthread_mutex_unlock(&s->mu);
-}
-
-ssize_t send(int fd, const void *buf, size_t n, int flags) {
-    struct mpr_stream *s = adopted(fd);
-    if (!s) return REAL(send)(fd, buf, n, flags);
-    if (flags & MSG_OOB) {
-        drain_unlocked(s);
-        return mpr_real.send(fd, buf, n, flags);
-    }
-    struct iovec v = {(void *)buf, n};
-    return s_send(s, &v, 1, flags);
-}
-
-ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *a, socklen_t al) {
-    struct mpr_stream *s = adopted(fd);
-    if (!s) return REAL(sendto)(fd, buf, n, flags, a, al);
-    if (flags & MSG_OOB) {
-        drain_unlocked(s);
-        return mpr_real.sendto(fd, buf, n, flags, a, al);
-    }
-    struct iovec v = {(void *)buf, n};
-    return s_send(s, &v, 1, flags);
-}
-
-ssize_t sendmsg(int fd, const struct msghdr *m, int flags) {
-    struct mpr_stream *s = adopted(fd);
-    if (!s) return REAL(sendmsg)(fd, m, flags);
-    if (!m || (flags & MSG_OOB) || m->msg_controllen || m->msg_iovlen > IOV_MAX) {
-        drain_unlocked(s);
-        return mpr_real.sendmsg(fd, m, flags);
-    }
-    return s_send(s, m->msg_iov, (int)m->msg_iovlen, flags);
-}
-
-/* A real send on a stream returned EAGAIN: OUT is reported again when the kernel says so. */
-static void kout_wait(struct mpr_stream *s) {
-    pthread_mutex_lock(&s->mu);
-    if (is_owner(s)) {
-        bool was = mpr_t.busy;
-        mpr_t.busy = true;
-        if (mp_watch(s->own->ch, s->fd, EPOLLOUT, MP_POLL_ONESHOT, (char *)s + 1) == 0) {
-            s->kout_blocked = true;
-            s->kout_watch = true;
-        }
-        mpr_t.busy = was;
-    }
-    pthread_mutex_unlock(&s->mu);
-}
-
-ssize_t sendfile(int out, int in, off_t *off, size_t n) {
-    struct mpr_stream *s = adopted(out);
-    if (!s) return REAL(sendfile)(out, in, off, n);
-    drain_unlocked(s);
-    ssize_t r = mpr_real.sendfile(out, in, off, n);
-    if (r < 0 && errno == EAGAIN) kout_wait(s);
-    return r;
-}
-
-ssize_t sendfile64(int out, int in, off_t *off, size_t n) {
-    struct mpr_stream *s = adopted(out);
-    ssize_t (*fn)(int, int, off_t *, size_t) = mpr_real.sendfile64 ? mpr_real.sendfile64 : REAL(sendfile);
-    if (!s) return (mpr_real.sendfile64 ? mpr_real.sendfile64 : REAL(sendfile))(out, in, off, n);
-    drain_unlocked(s);
-    ssize_t r = fn(out, in, off, n);
-    if (r < 0 && errno == EAGAIN) kout_wait(s);
-    return r;
-}
-
-ssize_t splice(int in, loff_t *offin, int out, loff_t *offout, size_t n, unsigned flags) {
-    struct mpr_stream *si = adopted(in), *so = adopted(out);
-    if (!si && !so) return REAL(splice)(in, offin, out, offout, n, flags);
-    if (si) {
-        /* From a stream: the bytes it holds, written to out (a pipe) with the real call. */
-        pthread_mutex_lock(&si->mu);
-        ssize_t r;
-        for (;;) {
-            if (si->rx_bytes) {
-                struct rxb *b = &si->rx[si->rx_head];
-                size_t k = b->len - b->off < n ? b->len - b->off : n;
-                r = mpr_real.write(out, b->p + b->off, k);
-                if (r > 0) { /* consume the r bytes written */
-                    char tmp[4096];
-                    size_t left = (size_t)r;
-                    while (left) {
-                        size_t m = left < sizeof tmp ? left : sizeof tmp;
-                        struct iovec tv = {tmp, m};
-                        take(si, &tv, 1, false);
-                        left -= m;
-                    }
-                } else if (r < 0) {
-                    r = -errno;
-                }
-                break;
-            }
-            if (si->rx_err) {
-                r = -si->rx_err;
-                si->rx_err = si->so_err = 0;
-                si->rx_eof = true;
-                break;
-            }
-            if (si->rx_eof || n == 0) {
-                r = 0;
-                break;
-            }
-            if (si->nonblock || (flags & SPLICE_F_NONBLOCK)) {
-                r = -EAGAIN;
-                break;
-            }
-            block_on(si);
-        }
-        pthread_mutex_unlock(&si->mu);
-        if (r < 0) return fail((int)-r);
-        return r;
-    }
-    drain_unlocked(so);
-    ssize_t r = mpr_real.splice(in, offin, out, offout, n, flags);
-    if (r < 0 && errno == EAGAIN) kout_wait(so);
-    return r;
-}
-
-int shutdown(int fd, int how) {
-    struct mpr_stream *s = adopted(fd);
-    if (!s) return REAL(shutdown)(fd, how);
-    if (how != SHUT_RD && how != SHUT_WR && how != SHUT_RDWR) return fail(EINVAL);
-    if (how != SHUT_WR && mpr_real.shutdown(fd, SHUT_RD) < 0) return -1;
-    if (how == SHUT_RD) return 0;
-    pthread_mutex_lock(&s->mu);
-    s->shut_wr = true; /* the FIN follows every byte queued before it */
-    if (is_owner(s)) {
-        bool was = mpr_t.busy;
-        mpr_t.busy = true;
-        service(s);
-        pthread_mutex_unlock(&s->mu);
-        kick(s->own); /* shutdown flushes: the bytes and the FIN go now */
-        pthread_mutex_lock(&s->mu);
-        mpr_t.busy = was;
-    } else {
-        mark_dirty(s);
-    }
-    mark_rdy(s);
-    pthread_mutex_unlock(&s->mu);
-    return 0;
-}
-
-int getsockopt(int fd, int level, int name, void *val, socklen_t *len) {
-    struct mpr_stream *s = adopted(fd);
-    if (!s || level != SOL_SOCKET || name != SO_ERROR || !val || !len || *len < sizeof(int))
-        return REAL(getsockopt)(fd, level, name, val, len);
-    pthread_mutex_lock(&s->mu);
-    int e = s->so_err;
-    s->so_err = 0;
-    if (e && s->rx_err) { /* taken here: reads then see the end, writes EPIPE (the kernel's) */
-        s->rx_err = 0;
-        s->rx_eof = true;
-    }
-    if (e && s->wr_err == ECONNRESET) s->wr_err = EPIPE;
-    pthread_mutex_unlock(&s->mu);
-    if (!e) return mpr_real.getsockopt(fd, level, name, val, len);
-    *(int *)val = e;
-    *len = sizeof(int);
-    return 0;
-}
-
-int setsockopt(int fd, int level, int name, const void *val, socklen_t len) {
-    struct mpr_stream *s = st_of(fd);
-    if (!s || mpr_t.busy) return REAL(setsockopt)(fd, level, name, val, len);
-    if (level == SOL_SOCKET && name == SO_LINGER && val && len >= sizeof(struct linger)) {
-        int r = mpr_real.setsockopt(fd, level, name, val, len);
-        if (r == 0) {
-            const struct linger *l = val;
-            pthread_mutex_lock(&s->mu);
-            s->linger = l->l_onoff ? l->l_linger : -1;
-            pthread_mutex_unlock(&s->mu);
-        }
-        return r;
-    }
-    if (s->own && level == IPPROTO_TCP && (name == TCP_CORK || name == TCP_NODELAY))
-        drain_unlocked(s); /* the option applies after the bytes written before it */
-    return mpr_real.setsockopt(fd, level, name, val, len);
-}
-
-static void set_nonblock(int fd, bool on) {
-    struct mpr_stream *s = st_of(fd);
-    if (!s) return;
-    pthread_mutex_lock(&s->mu);
-    s->nonblock = on;
-    pthread_mutex_unlock(&s->mu);
-}
-
-int ioctl(int fd, unsigned long req, ...) {
-    va_list ap;
-    va_start(ap, req);
-    void *arg = va_arg(ap, void *);
-    va_end(ap);
-    struct mpr_stream *s = st_of(fd);
-    if (!s || mpr_t.busy) return REAL(ioctl)(fd, req, arg);
-    if (req == FIONREAD && s->own && arg) {
-        int k = 0;
-        if (mpr_real.ioctl(fd, req, &k) < 0) k = 0;
-        pthread_mutex_lock(&s->mu);
-        size_t tot = s->rx_bytes + (size_t)k;
-        pthread_mutex_unlock(&s->mu);
-        *(int *)arg = tot > INT_MAX ? INT_MAX : (int)tot;
-        return 0;
-    }
-    int r = mpr_real.ioctl(fd, req, arg);
-    if (r == 0 && req == FIONBIO && arg) set_nonblock(fd, *(int *)arg != 0);
-    return r;
-}
-
-static int fcntl_common(int (*fn)(int, int, ...), int fd, int cmd, void *arg) {
-    int r = fn(fd, cmd, arg);
-    if (r >= 0 && cmd == F_SETFL && mpr_streams && !mpr_t.busy)
-        set_nonblock(fd, ((long)(intptr_t)arg & O_NONBLOCK) != 0);
-    return r;
-}
-
-int fcntl(int fd, int cmd, ...) {
-    va_list ap;
-    va_start(ap, cmd);
-    void *arg = va_arg(ap, void *);
-    va_end(ap);
-    return fcntl_common(REAL(fcntl), fd, cmd, arg);
-}
-
-int fcntl64(int fd, int cmd, ...) {
-    va_list ap;
-    va_start(ap, cmd);
-    void *arg = va_arg(ap, void *);
-    va_end(ap);
-    REAL(fcntl);
-    return fcntl_common(mpr_real.fcntl64 ? mpr_real.fcntl64 : mpr_real.fcntl, fd, cmd, arg);
 }
 
 /* ---- what poll() and select() need (stream_poll.c) ------------------------------------ */
@@ -1361,9 +956,9 @@ int mpr_stream_close(int fd, int *res) {
                 submit(s);
                 mpr_t.busy = was;
             } else {
-                mark_dirty(s);
+                mps_mark_dirty(s);
             }
-            block_on(s);
+            mps_block_on(s);
         }
     }
     if (is_owner(s)) {
@@ -1379,20 +974,20 @@ int mpr_stream_close(int fd, int *res) {
         submit(s);
         for (int i = 0; work && i < 4 && s->inflight && !s->wr_err; i++) {
             pthread_mutex_unlock(&s->mu);
-            kick(c);
+            mps_kick(c);
             pthread_mutex_lock(&s->mu);
         }
         bool sent = s->closed_sent; /* (a completion above may have finished it) */
-        if (!sent) service(s);
+        if (!sent) mps_service(s);
         pthread_mutex_unlock(&s->mu);
         /* the cancel of its receive, then the close itself */
-        for (int i = 0; work && i < 2; i++) kick(c);
+        for (int i = 0; work && i < 2; i++) mps_kick(c);
         if (!--s->hold && s->dead) stream_free(s);
         mpr_t.busy = was;
         *res = 0;
         return 1;
     }
-    mark_dirty(s);
+    mps_mark_dirty(s);
     pthread_mutex_unlock(&s->mu);
     *res = 0;
     return 1;
@@ -1416,7 +1011,7 @@ void mpr_stream_detach(int fd) {
         return;
     }
     pthread_mutex_lock(&s->mu);
-    drain(s);
+    mps_drain(s);
     s->closing = s->detach = true;
     s->epfd = -1;
     struct mpr_schan *c = s->own;
@@ -1426,11 +1021,11 @@ void mpr_stream_detach(int fd) {
     if (is_owner(s)) {
         bool was = mpr_t.busy;
         mpr_t.busy = true;
-        service(s);
+        mps_service(s);
         mpr_t.busy = was;
     } else {
-        mark_dirty(s);
-        while (!s->closed_sent) block_on(s); /* the owner has unregistered it */
+        mps_mark_dirty(s);
+        while (!s->closed_sent) mps_block_on(s); /* the owner has unregistered it */
     }
     pthread_mutex_unlock(&s->mu);
 }
