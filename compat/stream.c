@@ -706,6 +706,19 @@ void mps_drain(struct mpr_stream *s) {
 
 /* ---- reading ----------------------------------------------------------------------------- */
 
+/* Note buffer id for the owner to give back (s->mu held).  false: no memory. */
+static bool rel_push(struct mpr_stream *s, unsigned id) {
+    if (s->nrel == s->rel_cap) {
+        size_t cap = s->rel_cap ? s->rel_cap * 2 : 16;
+        unsigned *n = realloc(s->rel, cap * sizeof *n);
+        if (!n) return false;
+        s->rel = n;
+        s->rel_cap = cap;
+    }
+    s->rel[s->nrel++] = id;
+    return true;
+}
+
 /* Copy up to len bytes of s's received data into the iovecs (peek: leave them).  s->mu held. */
 size_t mps_take(struct mpr_stream *s, const struct iovec *iov, int iovcnt, bool peek) {
     size_t done = 0, bi = 0, boff = s->rx_n ? s->rx[s->rx_head].off : 0;
@@ -735,10 +748,9 @@ size_t mps_take(struct mpr_stream *s, const struct iovec *iov, int iovcnt, bool 
             mpr_t.busy = true;
             mp_buffer_release(s->own->ch, b->id);
             mpr_t.busy = was;
-        } else if (s->nrel < s->rel_cap || (s->rel = realloc(s->rel, (s->rel_cap = s->rel_cap ? s->rel_cap * 2 : 16) * sizeof *s->rel))) {
-            s->rel[s->nrel++] = b->id;
+        } else if (rel_push(s, b->id)) {
             mps_mark_dirty(s);
-        }
+        } /* else out of memory: that one buffer is not given back to the channel */
         s->rx_head = (s->rx_head + 1) % s->rx_cap;
         s->rx_n--;
     }
