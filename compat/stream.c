@@ -319,6 +319,19 @@ static void submit(struct mpr_stream *s) {
     s->pend_len = s->pend_cap = 0;
 }
 
+/* s's pend bytes go to the channel: now by the owner, else at the owner's next wait.  s->mu
+ * held. */
+static void push_out(struct mpr_stream *s) {
+    if (is_owner(s)) {
+        bool was = mpr_t.busy;
+        mpr_t.busy = true;
+        submit(s);
+        mpr_t.busy = was;
+    } else {
+        mps_mark_dirty(s);
+    }
+}
+
 static void release_rx(struct mpr_stream *s) {
     mp_channel *ch = s->own->ch;
     for (size_t i = 0; i < s->nrel; i++) mp_buffer_release(ch, s->rel[i]);
@@ -691,14 +704,7 @@ void mps_drain(struct mpr_stream *s) {
         }
     }
     while ((s->pend_len || s->inflight) && !s->wr_err) {
-        if (is_owner(s)) {
-            bool was = mpr_t.busy;
-            mpr_t.busy = true;
-            submit(s);
-            mpr_t.busy = was;
-        } else {
-            mps_mark_dirty(s);
-        }
+        push_out(s);
         if (!s->pend_len && !s->inflight) break;
         mps_block_on(s);
     }
@@ -962,14 +968,7 @@ int mpr_stream_close(int fd, int *res) {
     if (s->linger > 0 && !s->nonblock) { /* SO_LINGER n: wait up to n seconds for the bytes */
         int64_t until = now_ns() + (int64_t)s->linger * 1000000000;
         while ((s->pend_len || s->inflight) && !s->wr_err && now_ns() < until) {
-            if (is_owner(s)) {
-                bool was = mpr_t.busy;
-                mpr_t.busy = true;
-                submit(s);
-                mpr_t.busy = was;
-            } else {
-                mps_mark_dirty(s);
-            }
+            push_out(s);
             mps_block_on(s);
         }
     }
