@@ -42,7 +42,23 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 LOCK = "/tmp/mp-quiet.lock"
 
-if os.environ.get("MP_PRELOAD_BENCH_LOCKED") != "1":
+def _lock_inherited():
+    """An fd on LOCK came with the process: `flock -x LOCK python3 …` (flock(1) passes its
+    descriptor on), so the lock is held already; taking it again would wait forever."""
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == LOCK:
+                return True
+        except OSError:
+            pass
+    return False
+
+
+if os.environ.get("MP_PRELOAD_BENCH_LOCKED") != "1" and not _lock_inherited():
     os.environ["MP_PRELOAD_BENCH_LOCKED"] = "1"
     os.execvp("flock", ["flock", "-x", LOCK, sys.executable, os.path.abspath(__file__)] + sys.argv[1:])
 

@@ -44,6 +44,7 @@ bool mpr_streams;
 static bool g_wanted;
 static size_t g_wbuf = 256 * 1024;      /* MEGAPIPE_STREAM_WBUF */
 static size_t g_flush_at = 64 * 1024;   /* pend bytes that go to the channel at once */
+static size_t g_sendfile_copy = 64 * 1024; /* MEGAPIPE_STREAM_SENDFILE_COPY */
 
 struct mpr_stream **g_st; /* fd -> stream */
 static uint8_t *g_lcls;          /* listener fd -> 0 unknown, 1 TCP, 2 other */
@@ -59,21 +60,24 @@ static int fail(int err) {
     return -1;
 }
 
-static size_t env_size(const char *name, size_t def) {
+/* A size from the environment ("64k", "1m", bytes); below min or unreadable: def. */
+static size_t env_size(const char *name, size_t def, size_t min) {
     const char *v = getenv(name);
     if (!v || !*v) return def;
     char *end;
     unsigned long long n = strtoull(v, &end, 0);
     if (*end == 'k' || *end == 'K') n <<= 10;
     else if (*end == 'm' || *end == 'M') n <<= 20;
-    return n >= 4096 ? (size_t)n : def;
+    return n >= min ? (size_t)n : def;
 }
 
 void mpr_streams_init(bool wanted) {
     g_wanted = wanted;
     if (!wanted) return;
-    g_wbuf = env_size("MEGAPIPE_STREAM_WBUF", g_wbuf);
+    g_wbuf = env_size("MEGAPIPE_STREAM_WBUF", g_wbuf, 4096);
     g_flush_at = g_wbuf / 4 < g_flush_at ? g_wbuf / 4 : g_flush_at;
+    g_sendfile_copy = env_size("MEGAPIPE_STREAM_SENDFILE_COPY", g_sendfile_copy, 0);
+    if (g_sendfile_copy > g_wbuf) g_sendfile_copy = g_wbuf;
     g_cap = mpr_fd_cap();
     if (!g_cap) return;
     void *p = mmap(NULL, g_cap * sizeof *g_st, PROT_READ | PROT_WRITE,
@@ -689,10 +693,12 @@ void mps_block_on(struct mpr_stream *s) {
 
 /* Every byte written so far is in the socket (or failed).  s->mu held.  With nothing in
  * flight, the bytes not yet given to the channel go with one real send (what a program that
- * mixes writes with sendfile would have made itself), without a round trip through the ring. */
-void mps_drain(struct mpr_stream *s) {
+ * mixes writes with sendfile would have made itself), without a round trip through the ring;
+ * `more` is MSG_MORE when the caller's real call (sendfile, splice) follows at once, so that
+ * the kernel does not push the queued bytes out in a segment of their own. */
+void mps_drain(struct mpr_stream *s, int more) {
     if (s->pend_len && !s->inflight && !s->wr_err) {
-        ssize_t r = mpr_real.send(s->fd, s->pend, s->pend_len, MSG_DONTWAIT | MSG_NOSIGNAL);
+        ssize_t r = mpr_real.send(s->fd, s->pend, s->pend_len, MSG_DONTWAIT | MSG_NOSIGNAL | more);
         if (r > 0) {
             memmove(s->pend, s->pend + r, s->pend_len - (size_t)r);
             s->pend_len -= (size_t)r;
@@ -819,7 +825,7 @@ ssize_t mps_recv(struct mpr_stream *s, const struct iovec *iov, int iovcnt, int 
             r = -EAGAIN;
             break;
         }
-        mps_drain(s); /* a blocking reader may wait for the answer to what it wrote */
+        mps_drain(s, 0); /* a blocking reader may wait for the answer to what it wrote */
         mps_block_on(s);
     }
     pthread_mutex_unlock(&s->mu);
@@ -828,6 +834,31 @@ ssize_t mps_recv(struct mpr_stream *s, const struct iovec *iov, int iovcnt, int 
 }
 
 /* ---- writing ----------------------------------------------------------------------------- */
+
+/* s->pend can take k more bytes (s->mu held).  false: no memory. */
+static bool pend_room(struct mpr_stream *s, size_t k) {
+    if (s->pend_len + k <= s->pend_cap) return true;
+    size_t cap = s->pend_cap ? s->pend_cap : 4096;
+    while (cap < s->pend_len + k) cap *= 2;
+    char *p = realloc(s->pend, cap);
+    if (!p) return false;
+    s->pend = p;
+    s->pend_cap = cap;
+    return true;
+}
+
+/* After k bytes were added to s->pend by a write of the application (s->mu held): they go to
+ * the channel now when enough are pending, else at the owner's next wait. */
+static void queued(struct mpr_stream *s) {
+    s->own->tx_queued++;
+    if (is_owner(s) && s->pend_len >= g_flush_at) {
+        bool was = mpr_t.busy;
+        mpr_t.busy = true;
+        submit(s);
+        mpr_t.busy = was;
+    }
+    mps_mark_dirty(s);
+}
 
 ssize_t mps_send(struct mpr_stream *s, const struct iovec *iov, int iovcnt, int flags) {
     size_t want = 0;
@@ -861,16 +892,9 @@ ssize_t mps_send(struct mpr_stream *s, const struct iovec *iov, int iovcnt, int 
             continue;
         }
         size_t k = want - done < space ? want - done : space;
-        if (s->pend_len + k > s->pend_cap) {
-            size_t cap = s->pend_cap ? s->pend_cap : 4096;
-            while (cap < s->pend_len + k) cap *= 2;
-            char *p = realloc(s->pend, cap);
-            if (!p) {
-                if (!done) err = ENOBUFS;
-                break;
-            }
-            s->pend = p;
-            s->pend_cap = cap;
+        if (!pend_room(s, k)) {
+            if (!done) err = ENOBUFS;
+            break;
         }
         /* copy k bytes from the iovecs, starting at offset done */
         size_t skip = done, left = k;
@@ -887,22 +911,45 @@ ssize_t mps_send(struct mpr_stream *s, const struct iovec *iov, int iovcnt, int 
             skip = 0;
         }
         done += k;
-        s->own->tx_queued++;
-        if (is_owner(s) && s->pend_len >= g_flush_at) {
-            bool was = mpr_t.busy;
-            mpr_t.busy = true;
-            submit(s);
-            mpr_t.busy = was;
-        }
-        mps_mark_dirty(s);
+        queued(s);
     }
     /* A blocking socket's write returns when its bytes are in the socket, as the kernel's
      * does: nothing is left queued behind a thread that goes on to block elsewhere. */
-    if (!nb && done) mps_drain(s);
+    if (!nb && done) mps_drain(s, 0);
     pthread_mutex_unlock(&s->mu);
     if (done) return (ssize_t)done;
     if (err == EPIPE && !(flags & MSG_NOSIGNAL)) pthread_kill(pthread_self(), SIGPIPE);
     return fail(err);
+}
+
+/* sendfile(2) from a file to a stream, for a range of at most MEGAPIPE_STREAM_SENDFILE_COPY
+ * bytes (default 64 KiB, 0: never) that fits the write-behind bound whole: the bytes are read
+ * from the file (pread, at *off, which advances as sendfile's does; the file position is not
+ * used) into the queue, behind what was written before, and leave with it in the next batch.
+ * That is one pread instead of a real send of the queued bytes and the real sendfile, and a
+ * response's header and body leave in one send.  A blocking socket's call returns when the
+ * bytes are in the socket, as a write's.  false: not taken (no offset, a larger range, a send
+ * error or shutdown pending, or the file cannot be read with pread: a socket, a pipe); the
+ * caller then drains the queue and makes the real call, which reports sendfile's own errors. */
+bool mps_sendfile(struct mpr_stream *s, int in, off_t *off, size_t n, ssize_t *res) {
+    if (!off || n == 0 || n > g_sendfile_copy || *off < 0) return false;
+    pthread_mutex_lock(&s->mu);
+    bool taken = false;
+    if (!s->wr_err && !s->shut_wr && s->pend_len + s->inflight + n <= g_wbuf && pend_room(s, n)) {
+        ssize_t r = pread(in, s->pend + s->pend_len, n, *off);
+        if (r >= 0) {
+            taken = true;
+            *res = r;
+            if (r > 0) {
+                s->pend_len += (size_t)r;
+                *off += r;
+                queued(s);
+                if (!s->nonblock) mps_drain(s, 0);
+            }
+        }
+    }
+    pthread_mutex_unlock(&s->mu);
+    return taken;
 }
 
 /* ---- what poll() and select() need (stream_poll.c) ------------------------------------ */
@@ -1022,7 +1069,7 @@ void mpr_stream_detach(int fd) {
         return;
     }
     pthread_mutex_lock(&s->mu);
-    mps_drain(s);
+    mps_drain(s, 0);
     s->closing = s->detach = true;
     s->epfd = -1;
     struct mpr_schan *c = s->own;

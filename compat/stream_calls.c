@@ -100,9 +100,9 @@ ssize_t writev(int fd, const struct iovec *iov, int cnt) {
 
 /* A send the stream cannot queue (out-of-band data, ancillary data): after every byte queued
  * before it.  s->mu not held. */
-static void drain_unlocked(struct mpr_stream *s) {
+static void drain_unlocked(struct mpr_stream *s, int more) {
     pthread_mutex_lock(&s->mu);
-    mps_drain(s);
+    mps_drain(s, more);
     pthread_mutex_unlock(&s->mu);
 }
 
@@ -110,7 +110,7 @@ ssize_t send(int fd, const void *buf, size_t n, int flags) {
     struct mpr_stream *s = adopted(fd);
     if (!s) return REAL(send)(fd, buf, n, flags);
     if (flags & MSG_OOB) {
-        drain_unlocked(s);
+        drain_unlocked(s, 0);
         return mpr_real.send(fd, buf, n, flags);
     }
     struct iovec v = {(void *)buf, n};
@@ -121,7 +121,7 @@ ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct sockad
     struct mpr_stream *s = adopted(fd);
     if (!s) return REAL(sendto)(fd, buf, n, flags, a, al);
     if (flags & MSG_OOB) {
-        drain_unlocked(s);
+        drain_unlocked(s, 0);
         return mpr_real.sendto(fd, buf, n, flags, a, al);
     }
     struct iovec v = {(void *)buf, n};
@@ -132,7 +132,7 @@ ssize_t sendmsg(int fd, const struct msghdr *m, int flags) {
     struct mpr_stream *s = adopted(fd);
     if (!s) return REAL(sendmsg)(fd, m, flags);
     if (!m || (flags & MSG_OOB) || m->msg_controllen || m->msg_iovlen > IOV_MAX) {
-        drain_unlocked(s);
+        drain_unlocked(s, 0);
         return mpr_real.sendmsg(fd, m, flags);
     }
     return mps_send(s, m->msg_iov, (int)m->msg_iovlen, flags);
@@ -153,23 +153,29 @@ static void kout_wait(struct mpr_stream *s) {
     pthread_mutex_unlock(&s->mu);
 }
 
+/* sendfile to a stream: a small range joins the queue (mps_sendfile); else every queued byte
+ * goes first (with MSG_MORE: the body follows), then the real call. */
+static ssize_t stream_sendfile(ssize_t (*fn)(int, int, off_t *, size_t), struct mpr_stream *s,
+                               int out, int in, off_t *off, size_t n) {
+    ssize_t r;
+    if (mps_sendfile(s, in, off, n, &r)) return r;
+    drain_unlocked(s, MSG_MORE);
+    r = fn(out, in, off, n);
+    if (r < 0 && errno == EAGAIN) kout_wait(s);
+    return r;
+}
+
 ssize_t sendfile(int out, int in, off_t *off, size_t n) {
     struct mpr_stream *s = adopted(out);
     if (!s) return REAL(sendfile)(out, in, off, n);
-    drain_unlocked(s);
-    ssize_t r = mpr_real.sendfile(out, in, off, n);
-    if (r < 0 && errno == EAGAIN) kout_wait(s);
-    return r;
+    return stream_sendfile(mpr_real.sendfile, s, out, in, off, n);
 }
 
 ssize_t sendfile64(int out, int in, off_t *off, size_t n) {
     struct mpr_stream *s = adopted(out);
     ssize_t (*fn)(int, int, off_t *, size_t) = mpr_real.sendfile64 ? mpr_real.sendfile64 : REAL(sendfile);
-    if (!s) return (mpr_real.sendfile64 ? mpr_real.sendfile64 : REAL(sendfile))(out, in, off, n);
-    drain_unlocked(s);
-    ssize_t r = fn(out, in, off, n);
-    if (r < 0 && errno == EAGAIN) kout_wait(s);
-    return r;
+    if (!s) return fn(out, in, off, n);
+    return stream_sendfile(fn, s, out, in, off, n);
 }
 
 ssize_t splice(int in, loff_t *offin, int out, loff_t *offout, size_t n, unsigned flags) {
@@ -218,7 +224,7 @@ ssize_t splice(int in, loff_t *offin, int out, loff_t *offout, size_t n, unsigne
         if (r < 0) return fail((int)-r);
         return r;
     }
-    drain_unlocked(so);
+    drain_unlocked(so, MSG_MORE);
     ssize_t r = mpr_real.splice(in, offin, out, offout, n, flags);
     if (r < 0 && errno == EAGAIN) kout_wait(so);
     return r;
@@ -250,6 +256,16 @@ int shutdown(int fd, int how) {
 
 int getsockopt(int fd, int level, int name, void *val, socklen_t *len) {
     struct mpr_stream *s = adopted(fd);
+    if (s && level == IPPROTO_TCP && name == TCP_CORK && val && len && *len >= sizeof(int)) {
+        pthread_mutex_lock(&s->mu);
+        bool user = !s->kcork, on = s->cork;
+        pthread_mutex_unlock(&s->mu);
+        if (user) { /* the cork the stream keeps (see setsockopt) */
+            *(int *)val = on;
+            *len = sizeof(int);
+            return 0;
+        }
+    }
     if (!s || level != SOL_SOCKET || name != SO_ERROR || !val || !len || *len < sizeof(int))
         return REAL(getsockopt)(fd, level, name, val, len);
     pthread_mutex_lock(&s->mu);
@@ -280,9 +296,28 @@ int setsockopt(int fd, int level, int name, const void *val, socklen_t len) {
         }
         return r;
     }
+    bool cork = level == IPPROTO_TCP && name == TCP_CORK && val && len >= sizeof(int);
+    if (cork && s->own) {
+        /* TCP_CORK asks the kernel to hold partial segments until it is cleared.  Write-behind
+         * already holds every byte until the owner's next wait and hands them to the socket in
+         * one send, so an adopted stream keeps the option itself: no system call, and no real
+         * send of the queued bytes that a kernel cork would have to follow.  Only a cork set on
+         * the kernel's socket (before the stream was adopted) is cleared there. */
+        pthread_mutex_lock(&s->mu);
+        bool user = !s->kcork;
+        if (user) s->cork = *(const int *)val != 0;
+        pthread_mutex_unlock(&s->mu);
+        if (user) return 0;
+    }
     if (s->own && level == IPPROTO_TCP && (name == TCP_CORK || name == TCP_NODELAY))
-        drain_unlocked(s); /* the option applies after the bytes written before it */
-    return mpr_real.setsockopt(fd, level, name, val, len);
+        drain_unlocked(s, 0); /* the option applies after the bytes written before it */
+    int r = mpr_real.setsockopt(fd, level, name, val, len);
+    if (r == 0 && cork) {
+        pthread_mutex_lock(&s->mu);
+        s->kcork = *(const int *)val != 0;
+        pthread_mutex_unlock(&s->mu);
+    }
+    return r;
 }
 
 static void set_nonblock(int fd, bool on) {

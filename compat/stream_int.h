@@ -49,6 +49,8 @@ struct mpr_stream {
     bool nonblock;
     bool kout_blocked, kout_watch; /* a real send got EAGAIN: OUT waits for POLLOUT */
     int linger;                    /* -1: off; else seconds */
+    bool cork;  /* TCP_CORK as the application set it while the kernel's is off (kcork) */
+    bool kcork; /* TCP_CORK set on the kernel's socket (before adoption, or while it was) */
     bool closing, closed_sent, dirty;
     bool detach; /* the number is closed by someone else (dup2, close_range): unregister only */
     unsigned hold; /* the owner's close() still uses the record: its CLOSED only marks it dead */
@@ -112,9 +114,10 @@ void mps_mark_dirty(struct mpr_stream *s); /* pend bytes or a close for the owne
 void mps_service(struct mpr_stream *s);    /* the owner's work for a dirty stream */
 void mps_kick(struct mpr_schan *c);        /* hand what is queued to the kernel now */
 void mps_block_on(struct mpr_stream *s);   /* wait for s to change; s->mu held */
-void mps_drain(struct mpr_stream *s);      /* every byte written is in the socket; s->mu held */
+void mps_drain(struct mpr_stream *s, int more); /* every byte written is in the socket; s->mu held */
 size_t mps_take(struct mpr_stream *s, const struct iovec *iov, int iovcnt, bool peek);
 ssize_t mps_recv(struct mpr_stream *s, const struct iovec *iov, int iovcnt, int flags);
 ssize_t mps_send(struct mpr_stream *s, const struct iovec *iov, int iovcnt, int flags);
+bool mps_sendfile(struct mpr_stream *s, int in, off_t *off, size_t n, ssize_t *res);
 
 #endif

@@ -14,7 +14,8 @@
  * SO_LINGER 0 close drops it and resets the peer; a blocking socket blocks in read and write
  * until the peer acts; a peer that never reads: writes fail with EAGAIN after a bounded amount,
  * EPOLLOUT is not reported while full, and every accepted byte arrives once the peer reads;
- * sendfile after queued writes keeps the order; poll() on a stream; a thread that is not the
+ * sendfile after queued writes keeps the order, for a large range and for small ones (which
+ * stream mode copies into its queue) with TCP_CORK set and read back; poll() on a stream; a thread that is not the
  * one waiting on the set writes (sent at once, the waiter is woken) and reads.  Exit 0 when all
  * pass.
  */
@@ -460,6 +461,58 @@ static void t_sendfile_order(void) {
     close(f);
 }
 
+/* A small sendfile (copied into the queue in stream mode) and TCP_CORK as the application set
+ * it: order, the offset and the file position as sendfile's, and in stream mode nothing reaches
+ * the peer before the writer's next wait. */
+static void t_sendfile_small_corked(void) {
+    int c, s;
+    pair(&c, &s, true, EPOLLOUT);
+    char tmpl[] = "/tmp/stream_semantics.XXXXXX";
+    int f = mkstemp(tmpl);
+    unlink(tmpl);
+    static char fb[4000];
+    fill(fb, sizeof fb, 5);
+    CHECK(write(f, fb, sizeof fb) == (ssize_t)sizeof fb, "file write");
+    CHECK(write(s, "HEAD", 4) == 4, "queued head");
+    off_t off = 100;
+    CHECK(sendfile(s, f, &off, 3000) == 3000, "small sendfile: %s", strerror(errno));
+    CHECK(off == 3100, "offset advanced to %lld", (long long)off);
+    CHECK(lseek(f, 0, SEEK_CUR) == (off_t)sizeof fb, "file position untouched");
+    if (streams) {
+        char x[8];
+        CHECK(recv(c, x, sizeof x, MSG_DONTWAIT) < 0 && errno == EAGAIN,
+              "nothing reached the peer before the wait (the head and the body are queued)");
+    }
+    int one = 1, v = 0;
+    socklen_t vl = sizeof v;
+    CHECK(setsockopt(s, IPPROTO_TCP, TCP_CORK, &one, sizeof one) == 0, "cork");
+    CHECK(getsockopt(s, IPPROTO_TCP, TCP_CORK, &v, &vl) == 0 && v == 1, "TCP_CORK reads 1: %d", v);
+    off = 3900;
+    CHECK(sendfile(s, f, &off, 500) == 100, "sendfile past the end is short");
+    CHECK(lseek(f, 200, SEEK_SET) == 200, "seek");
+    CHECK(sendfile(s, f, NULL, 500) == 500, "sendfile at the file position");
+    CHECK(lseek(f, 0, SEEK_CUR) == 700, "file position advanced");
+    int zero = 0;
+    CHECK(setsockopt(s, IPPROTO_TCP, TCP_CORK, &zero, sizeof zero) == 0, "uncork");
+    vl = sizeof v;
+    CHECK(getsockopt(s, IPPROTO_TCP, TCP_CORK, &v, &vl) == 0 && v == 0, "TCP_CORK reads 0: %d", v);
+    CHECK(write(s, "TAIL", 4) == 4, "queued tail");
+    epoll_ctl(ep, EPOLL_CTL_DEL, s, NULL);
+    close(s);
+    static char in[4 + 3000 + 100 + 500 + 4 + 1], want[sizeof in - 1];
+    memcpy(want, "HEAD", 4);
+    memcpy(want + 4, fb + 100, 3000);
+    memcpy(want + 3004, fb + 3900, 100);
+    memcpy(want + 3104, fb + 200, 500);
+    memcpy(want + 3604, "TAIL", 4);
+    ssize_t got = read_full(c, in, sizeof in, 5);
+    CHECK(got == (ssize_t)sizeof want && memcmp(in, want, sizeof want) == 0,
+          "head, two small sendfiles, one at the file position, tail arrive in order (%zd bytes)",
+          got);
+    close(c);
+    close(f);
+}
+
 struct other {
     int s, c;
     double arrived; /* when the client got the other thread's bytes */
@@ -597,6 +650,7 @@ int main(int argc, char **argv) {
         {"blocking socket", t_blocking},
         {"never-reading peer", t_never_reading_peer},
         {"sendfile order", t_sendfile_order},
+        {"small sendfile, TCP_CORK", t_sendfile_small_corked},
         {"poll", t_poll},
         {"another thread", t_other_thread},
         {"poll from another thread", t_poll_other_thread},
