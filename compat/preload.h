@@ -13,6 +13,8 @@
  * stream_calls.c: stream mode's interposed socket calls (read, write, send, sendfile, ...),
  *            over stream.c's state (stream_int.h).
  * stream_poll.c: stream mode's poll/ppoll/select/pselect, over mpr_stream_poll/_pump.
+ * exec.c:    the exec family: stream mode's queued bytes reach the kernel before the image
+ *            is replaced (mpr_stream_exec_prepare).
  *
  * Nothing here is seen by the application: the library exports only the interposed names
  * (compat/preload.map).
@@ -201,5 +203,7 @@ void mpr_stream_stats(mp_channel *ch, char *buf, size_t len);
 /* fork handlers */
 void mpr_stream_fork_prepare(void);
 void mpr_stream_fork_child(void);
+/* The image is about to be replaced (exec.c): every stream's queued bytes go to the kernel. */
+void mpr_stream_exec_prepare(void);
 
 #endif

@@ -52,6 +52,7 @@ size_t g_cap;
 static pthread_mutex_t g_sclock = PTHREAD_MUTEX_INITIALIZER;
 static struct mpr_schan *g_schans;
 static uint32_t g_gen;
+static pid_t g_pid; /* the process the streams belong to (not a vfork child) */
 
 /* ---- helpers --------------------------------------------------------------------------- */
 
@@ -74,6 +75,7 @@ static size_t env_size(const char *name, size_t def, size_t min) {
 void mpr_streams_init(bool wanted) {
     g_wanted = wanted;
     if (!wanted) return;
+    g_pid = getpid();
     g_wbuf = env_size("MEGAPIPE_STREAM_WBUF", g_wbuf, 4096);
     g_flush_at = g_wbuf / 4 < g_flush_at ? g_wbuf / 4 : g_flush_at;
     g_sendfile_copy = env_size("MEGAPIPE_STREAM_SENDFILE_COPY", g_sendfile_copy, 0);
@@ -503,6 +505,16 @@ void mps_kick(struct mpr_schan *c) {
     pump(c, 0);
 }
 
+/* A socket's SO_RCVTIMEO or SO_SNDTIMEO in ns (0: none). */
+int64_t mps_kernel_timeo(int fd, int name) {
+    struct timeval tv;
+    socklen_t len = sizeof tv;
+    if (mpr_real.getsockopt(fd, SOL_SOCKET, name, &tv, &len) < 0) return 0;
+    return (int64_t)tv.tv_sec * 1000000000 + (int64_t)tv.tv_usec * 1000;
+}
+
+atomic_bool mpr_timeo_seen;
+
 /* Adopt s into c.  lock held, busy set.  false: it stays a plain fd. */
 static bool g_nobuf;
 
@@ -524,6 +536,12 @@ static bool adopt(struct mpr_schan *c, struct mpr_stream *s) {
     s->h = h;
     s->own = c;
     c->adopted++;
+    if (atomic_load_explicit(&mpr_timeo_seen, memory_order_relaxed)) {
+        /* SO_RCVTIMEO/SO_SNDTIMEO were set in this process (perhaps on the listener, which
+         * the accepted socket inherits): the kernel's values, read once. */
+        s->rcvtimeo = mps_kernel_timeo(s->fd, SO_RCVTIMEO);
+        s->sndtimeo = mps_kernel_timeo(s->fd, SO_SNDTIMEO);
+    }
     mps_mark_rdy(s);
     pthread_mutex_unlock(&s->mu);
     return true;
@@ -665,23 +683,37 @@ int mpr_stream_wait(mp_channel *ch, int epfd, struct epoll_event *evs, int max, 
 
 /* ---- blocking ---------------------------------------------------------------------------- */
 
-/* Wait for s to change (s->mu held; released meanwhile).  The owner pumps its channel; other
- * threads sleep on the stream's condition variable (the owner's waits route its events). */
-void mps_block_on(struct mpr_stream *s) {
+static void drain_until(struct mpr_stream *s, int more, int64_t until);
+
+/* The deadline of a blocking call that may wait timeo_ns (SO_RCVTIMEO/SO_SNDTIMEO; 0: none,
+ * the deadline 0 then), and whether it has passed. */
+int64_t mps_deadline(int64_t timeo_ns) { return timeo_ns > 0 ? now_ns() + timeo_ns : 0; }
+bool mps_past(int64_t until) { return until && now_ns() >= until; }
+
+/* Wait for s to change (s->mu held; released meanwhile), or until the deadline `until` (0:
+ * none).  The owner pumps its channel; other threads sleep on the stream's condition variable
+ * (the owner's waits route its events). */
+void mps_block_on(struct mpr_stream *s, int64_t until) {
+    int64_t ms = 1000;
+    if (until) {
+        int64_t left = until - now_ns();
+        if (left <= 0) return;
+        if (left / 1000000 + 1 < ms) ms = left / 1000000 + 1;
+    }
     if (is_owner(s)) {
         struct mpr_schan *c = s->own;
         pthread_mutex_unlock(&s->mu);
         bool was = mpr_t.busy;
         mpr_t.busy = true;
         service_dirty(c);
-        pump(c, 1000);
+        pump(c, (int)ms);
         mpr_t.busy = was;
         pthread_mutex_lock(&s->mu);
     } else {
         s->sleepers++;
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_nsec += 50 * 1000000;
+        ts.tv_nsec += (ms < 50 ? ms : 50) * 1000000;
         if (ts.tv_nsec >= 1000000000) {
             ts.tv_sec++;
             ts.tv_nsec -= 1000000000;
@@ -696,7 +728,10 @@ void mps_block_on(struct mpr_stream *s) {
  * mixes writes with sendfile would have made itself), without a round trip through the ring;
  * `more` is MSG_MORE when the caller's real call (sendfile, splice) follows at once, so that
  * the kernel does not push the queued bytes out in a segment of their own. */
-void mps_drain(struct mpr_stream *s, int more) {
+void mps_drain(struct mpr_stream *s, int more) { drain_until(s, more, 0); }
+
+/* mps_drain, giving up at the deadline `until` (0: none; the bytes left stay queued). */
+static void drain_until(struct mpr_stream *s, int more, int64_t until) {
     if (s->pend_len && !s->inflight && !s->wr_err) {
         ssize_t r = mpr_real.send(s->fd, s->pend, s->pend_len, MSG_DONTWAIT | MSG_NOSIGNAL | more);
         if (r > 0) {
@@ -709,10 +744,10 @@ void mps_drain(struct mpr_stream *s, int more) {
             s->pend_len = s->pend_cap = 0;
         }
     }
-    while ((s->pend_len || s->inflight) && !s->wr_err) {
+    while ((s->pend_len || s->inflight) && !s->wr_err && !mps_past(until)) {
         push_out(s);
         if (!s->pend_len && !s->inflight) break;
-        mps_block_on(s);
+        mps_block_on(s, until);
     }
 }
 
@@ -776,6 +811,7 @@ ssize_t mps_recv(struct mpr_stream *s, const struct iovec *iov, int iovcnt, int 
     for (int i = 0; i < iovcnt; i++) want += iov[i].iov_len;
     pthread_mutex_lock(&s->mu);
     bool nb = s->nonblock || (flags & MSG_DONTWAIT);
+    int64_t until = nb ? 0 : mps_deadline(s->rcvtimeo);
     ssize_t r;
     size_t got = 0;
     struct iovec local[64];
@@ -825,8 +861,12 @@ ssize_t mps_recv(struct mpr_stream *s, const struct iovec *iov, int iovcnt, int 
             r = -EAGAIN;
             break;
         }
-        mps_drain(s, 0); /* a blocking reader may wait for the answer to what it wrote */
-        mps_block_on(s);
+        if (mps_past(until)) { /* SO_RCVTIMEO: what came, or EAGAIN, as the kernel's */
+            r = got ? (ssize_t)got : -EAGAIN;
+            break;
+        }
+        drain_until(s, 0, until); /* a blocking reader may wait for the answer to what it wrote */
+        mps_block_on(s, until);
     }
     pthread_mutex_unlock(&s->mu);
     if (r < 0) return fail((int)-r);
@@ -866,6 +906,7 @@ ssize_t mps_send(struct mpr_stream *s, const struct iovec *iov, int iovcnt, int 
     if (!want) return 0;
     pthread_mutex_lock(&s->mu);
     bool nb = s->nonblock || (flags & MSG_DONTWAIT);
+    int64_t until = nb ? 0 : mps_deadline(s->sndtimeo);
     size_t done = 0;
     int err = 0;
     while (done < want) {
@@ -878,7 +919,7 @@ ssize_t mps_send(struct mpr_stream *s, const struct iovec *iov, int iovcnt, int 
         size_t used = s->pend_len + s->inflight;
         size_t space = used < g_wbuf ? g_wbuf - used : 0;
         if (!space) {
-            if (nb) { /* what fitted, or EAGAIN */
+            if (nb || mps_past(until)) { /* what fitted, or EAGAIN (also at SO_SNDTIMEO) */
                 if (!done) err = EAGAIN;
                 break;
             }
@@ -888,7 +929,7 @@ ssize_t mps_send(struct mpr_stream *s, const struct iovec *iov, int iovcnt, int 
                 submit(s);
                 mpr_t.busy = was;
             }
-            mps_block_on(s);
+            mps_block_on(s, until);
             continue;
         }
         size_t k = want - done < space ? want - done : space;
@@ -915,7 +956,7 @@ ssize_t mps_send(struct mpr_stream *s, const struct iovec *iov, int iovcnt, int 
     }
     /* A blocking socket's write returns when its bytes are in the socket, as the kernel's
      * does: nothing is left queued behind a thread that goes on to block elsewhere. */
-    if (!nb && done) mps_drain(s, 0);
+    if (!nb && done) drain_until(s, 0, until);
     pthread_mutex_unlock(&s->mu);
     if (done) return (ssize_t)done;
     if (err == EPIPE && !(flags & MSG_NOSIGNAL)) pthread_kill(pthread_self(), SIGPIPE);
@@ -944,7 +985,7 @@ bool mps_sendfile(struct mpr_stream *s, int in, off_t *off, size_t n, ssize_t *r
                 s->pend_len += (size_t)r;
                 *off += r;
                 queued(s);
-                if (!s->nonblock) mps_drain(s, 0);
+                if (!s->nonblock) drain_until(s, 0, mps_deadline(s->sndtimeo));
             }
         }
     }
@@ -1016,7 +1057,7 @@ int mpr_stream_close(int fd, int *res) {
         int64_t until = now_ns() + (int64_t)s->linger * 1000000000;
         while ((s->pend_len || s->inflight) && !s->wr_err && now_ns() < until) {
             push_out(s);
-            mps_block_on(s);
+            mps_block_on(s, until);
         }
     }
     if (is_owner(s)) {
@@ -1083,7 +1124,7 @@ void mpr_stream_detach(int fd) {
         mpr_t.busy = was;
     } else {
         mps_mark_dirty(s);
-        while (!s->closed_sent) mps_block_on(s); /* the owner has unregistered it */
+        while (!s->closed_sent) mps_block_on(s, 0); /* the owner has unregistered it */
     }
     pthread_mutex_unlock(&s->mu);
 }
@@ -1146,9 +1187,45 @@ void mpr_stream_fork_prepare(void) {
     flush_own(mpr_t.sc, false);
 }
 
+/* exec: this thread's streams are flushed through its channel (up to 2 s, as for fork).  Another
+ * thread's stream with bytes still queued and none in flight in its owner's ring sends them
+ * with the real send (waiting for room, within the same 2 s); bytes already in flight in
+ * another thread's ring are that ring's until exec tears it down (docs/megapipe-run.md). */
+void mpr_stream_exec_prepare(void) {
+    if (!mpr_streams || getpid() != g_pid) return; /* (a vfork child: the parent's memory) */
+    bool was = mpr_t.busy;
+    mpr_t.busy = true;
+    if (mpr_t.sc && mpr_t.ch) flush_own(mpr_t.sc, false);
+    int64_t until = now_ns() + 2000000000LL;
+    mpr_lock(); /* a stream in g_st is not freed while it is held */
+    for (size_t fd = 0; fd < g_cap; fd++) {
+        struct mpr_stream *s = g_st[fd];
+        if (!s || !s->own || s->own == mpr_t.sc) continue;
+        pthread_mutex_lock(&s->mu);
+        while (s->pend_len && !s->inflight && !s->wr_err && now_ns() < until) {
+            ssize_t r = mpr_real.send(s->fd, s->pend, s->pend_len, MSG_DONTWAIT | MSG_NOSIGNAL);
+            if (r > 0) {
+                memmove(s->pend, s->pend + r, s->pend_len - (size_t)r);
+                s->pend_len -= (size_t)r;
+            } else if (r < 0 && errno == EAGAIN) {
+                pthread_mutex_unlock(&s->mu);
+                struct pollfd p = {s->fd, POLLOUT, 0};
+                mpr_real.poll(&p, 1, 50);
+                pthread_mutex_lock(&s->mu);
+            } else if (!(r < 0 && errno == EINTR)) {
+                break;
+            }
+        }
+        pthread_mutex_unlock(&s->mu);
+    }
+    mpr_unlock();
+    mpr_t.busy = was;
+}
+
 void mpr_stream_fork_child(void) {
     if (!mpr_streams) return;
     /* The child's streams are plain fds: the channels are the parent's. */
+    g_pid = getpid();
     for (size_t fd = 0; fd < g_cap; fd++) g_st[fd] = NULL;
     g_schans = NULL;
     mpr_t.sc = NULL;

@@ -184,6 +184,7 @@ ssize_t splice(int in, loff_t *offin, int out, loff_t *offout, size_t n, unsigne
     if (si) {
         /* From a stream: the bytes it holds, written to out (a pipe) with the real call. */
         pthread_mutex_lock(&si->mu);
+        int64_t until = mps_deadline(si->rcvtimeo);
         ssize_t r;
         for (;;) {
             if (si->rx_bytes) {
@@ -214,11 +215,11 @@ ssize_t splice(int in, loff_t *offin, int out, loff_t *offout, size_t n, unsigne
                 r = 0;
                 break;
             }
-            if (si->nonblock || (flags & SPLICE_F_NONBLOCK)) {
+            if (si->nonblock || (flags & SPLICE_F_NONBLOCK) || mps_past(until)) {
                 r = -EAGAIN;
                 break;
             }
-            mps_block_on(si);
+            mps_block_on(si, until);
         }
         pthread_mutex_unlock(&si->mu);
         if (r < 0) return fail((int)-r);
@@ -283,8 +284,41 @@ int getsockopt(int fd, int level, int name, void *val, socklen_t *len) {
     return 0;
 }
 
+static bool is_timeo(int level, int name) {
+    if (level != SOL_SOCKET) return false;
+#if defined(SO_RCVTIMEO_NEW) && defined(SO_SNDTIMEO_NEW)
+    if (name == SO_RCVTIMEO_NEW || name == SO_SNDTIMEO_NEW) return true;
+#endif
+    return name == SO_RCVTIMEO || name == SO_SNDTIMEO;
+}
+
+static bool is_rcvtimeo(int name) {
+#ifdef SO_RCVTIMEO_NEW
+    if (name == SO_RCVTIMEO_NEW) return true;
+#endif
+    return name == SO_RCVTIMEO;
+}
+
 int setsockopt(int fd, int level, int name, const void *val, socklen_t len) {
     struct mpr_stream *s = st_of(fd);
+    if (is_timeo(level, name) && mpr_streams && !mpr_t.busy) {
+        /* Blocking stream calls honour the timeouts: the stream keeps the kernel's value (read
+         * back: the kernel's rounding and its rules for odd values); a socket accepted later
+         * inherits a listener's, read at its adoption. */
+        int r = REAL(setsockopt)(fd, level, name, val, len);
+        if (r == 0) {
+            atomic_store(&mpr_timeo_seen, true);
+            if (s) {
+                bool rcv = is_rcvtimeo(name);
+                int64_t ns = mps_kernel_timeo(fd, rcv ? SO_RCVTIMEO : SO_SNDTIMEO);
+                pthread_mutex_lock(&s->mu);
+                if (rcv) s->rcvtimeo = ns;
+                else s->sndtimeo = ns;
+                pthread_mutex_unlock(&s->mu);
+            }
+        }
+        return r;
+    }
     if (!s || mpr_t.busy) return REAL(setsockopt)(fd, level, name, val, len);
     if (level == SOL_SOCKET && name == SO_LINGER && val && len >= sizeof(struct linger)) {
         int r = mpr_real.setsockopt(fd, level, name, val, len);

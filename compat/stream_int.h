@@ -49,6 +49,7 @@ struct mpr_stream {
     bool nonblock;
     bool kout_blocked, kout_watch; /* a real send got EAGAIN: OUT waits for POLLOUT */
     int linger;                    /* -1: off; else seconds */
+    int64_t rcvtimeo, sndtimeo;    /* SO_RCVTIMEO, SO_SNDTIMEO in ns (0: none) */
     bool cork;  /* TCP_CORK as the application set it while the kernel's is off (kcork) */
     bool kcork; /* TCP_CORK set on the kernel's socket (before adoption, or while it was) */
     bool closing, closed_sent, dirty;
@@ -113,7 +114,11 @@ void mps_mark_rdy(struct mpr_stream *s);   /* its owner's next wait looks at it;
 void mps_mark_dirty(struct mpr_stream *s); /* pend bytes or a close for the owner; s->mu held */
 void mps_service(struct mpr_stream *s);    /* the owner's work for a dirty stream */
 void mps_kick(struct mpr_schan *c);        /* hand what is queued to the kernel now */
-void mps_block_on(struct mpr_stream *s);   /* wait for s to change; s->mu held */
+void mps_block_on(struct mpr_stream *s, int64_t until); /* wait for s to change; s->mu held */
+int64_t mps_deadline(int64_t timeo_ns);    /* now + timeo_ns, or 0 (none) for 0 */
+bool mps_past(int64_t until);              /* a deadline (not 0) has passed */
+extern atomic_bool mpr_timeo_seen;         /* SO_RCVTIMEO/SO_SNDTIMEO set on some socket */
+int64_t mps_kernel_timeo(int fd, int name); /* the kernel's SO_RCVTIMEO/SO_SNDTIMEO, ns */
 void mps_drain(struct mpr_stream *s, int more); /* every byte written is in the socket; s->mu held */
 size_t mps_take(struct mpr_stream *s, const struct iovec *iov, int iovcnt, bool peek);
 ssize_t mps_recv(struct mpr_stream *s, const struct iovec *iov, int iovcnt, int flags);

@@ -12,12 +12,13 @@
  * ways (EPOLLRDHUP, EOF, writing after the peer's FIN); a reset in the middle of the writes
  * surfacing as EPIPE/ECONNRESET on the next call and in SO_ERROR; close sends what was queued;
  * SO_LINGER 0 close drops it and resets the peer; a blocking socket blocks in read and write
- * until the peer acts; a peer that never reads: writes fail with EAGAIN after a bounded amount,
+ * until the peer acts, and give up at SO_RCVTIMEO/SO_SNDTIMEO (also inherited from the listener);
+ * a peer that never reads: writes fail with EAGAIN after a bounded amount,
  * EPOLLOUT is not reported while full, and every accepted byte arrives once the peer reads;
  * sendfile after queued writes keeps the order, for a large range and for small ones (which
  * stream mode copies into its queue) with TCP_CORK set and read back; poll() on a stream; a thread that is not the
- * one waiting on the set writes (sent at once, the waiter is woken) and reads.  Exit 0 when all
- * pass.
+ * one waiting on the set writes (sent at once, the waiter is woken) and reads; a process that
+ * writes and at once execs loses none of the bytes.  Exit 0 when all pass.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -37,6 +38,7 @@
 #include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -391,6 +393,90 @@ static void t_blocking(void) {
     done(c, s);
 }
 
+struct timed_io {
+    int fd;
+    bool write;
+    size_t n;
+    ssize_t r;
+    int err;
+    double took;
+    volatile bool finished;
+};
+
+static void *timed_io(void *p) {
+    struct timed_io *t = p;
+    char *b = malloc(t->n);
+    fill(b, t->n, 3);
+    double t0 = now();
+    t->r = t->write ? write(t->fd, b, t->n) : read(t->fd, b, t->n);
+    t->err = errno;
+    t->took = now() - t0;
+    t->finished = true;
+    free(b);
+    return NULL;
+}
+
+/* Run t in a thread; if it has not returned within 3 s, say so and let unblock() end it. */
+static void run_timed(struct timed_io *t, const char *what, void (*unblock)(int), int arg) {
+    pthread_t th;
+    pthread_create(&th, NULL, timed_io, t);
+    double end = now() + 3;
+    while (!t->finished && now() < end) msleep(10);
+    CHECK(t->finished, "%s did not time out (still blocked after 3 s)", what);
+    if (!t->finished) unblock(arg);
+    pthread_join(th, NULL);
+}
+
+static void unblock_read(int c) { CHECK(write(c, "x", 1) == 1, "unblocking write"); }
+static void unblock_write(int c) {
+    static char sink[1 << 16];
+    double end = now() + 5;
+    while (now() < end && recv(c, sink, sizeof sink, MSG_DONTWAIT) != 0) msleep(1);
+}
+
+/* SO_RCVTIMEO / SO_SNDTIMEO on a blocking socket: a read with nothing to read fails with EAGAIN
+ * after the timeout; a write to a peer that never reads returns what it took (or EAGAIN) after
+ * it.  Set on the connection, and inherited from a listener. */
+static void t_timeouts(void) {
+    struct timeval tv = {0, 200000};
+    int c, s;
+    pair(&c, &s, false, EPOLLIN);
+    CHECK(setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) == 0, "SO_RCVTIMEO");
+    CHECK(setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) == 0, "SO_SNDTIMEO");
+    struct timed_io rd = {.fd = s, .n = 16};
+    run_timed(&rd, "a read with SO_RCVTIMEO", unblock_read, c);
+    CHECK(rd.r < 0 && rd.err == EAGAIN, "timed-out read: %zd (%s)", rd.r, strerror(rd.err));
+    CHECK(rd.took >= 0.15 && rd.took < 2.5, "the read waited %.3f s for a 0.2 s timeout", rd.took);
+    struct timed_io wr = {.fd = s, .write = true, .n = 64 << 20};
+    run_timed(&wr, "a write with SO_SNDTIMEO", unblock_write, c);
+    CHECK(wr.r > 0 && (size_t)wr.r < wr.n, "timed-out write took %zd of %zu (%s)", wr.r, wr.n,
+          strerror(wr.err));
+    CHECK(wr.took >= 0.15 && wr.took < 2.5, "the write waited %.3f s for a 0.2 s timeout", wr.took);
+    done(c, s);
+
+    /* inherited: a listener with SO_RCVTIMEO; its accepted connection times out too */
+    int l2 = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a2 = addr;
+    a2.sin_port = 0;
+    socklen_t al = sizeof a2;
+    CHECK(bind(l2, (struct sockaddr *)&a2, sizeof a2) == 0 && listen(l2, 4) == 0 &&
+              getsockname(l2, (struct sockaddr *)&a2, &al) == 0, "second listener");
+    CHECK(setsockopt(l2, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) == 0, "listener SO_RCVTIMEO");
+    int keep_l = lfd;
+    struct sockaddr_in keep_a = addr;
+    lfd = l2;
+    addr = a2;
+    pair(&c, &s, false, EPOLLIN);
+    lfd = keep_l;
+    addr = keep_a;
+    struct timed_io rd2 = {.fd = s, .n = 16};
+    run_timed(&rd2, "a read on a connection accepted from a listener with SO_RCVTIMEO",
+              unblock_read, c);
+    CHECK(rd2.r < 0 && rd2.err == EAGAIN, "inherited timeout: %zd (%s)", rd2.r, strerror(rd2.err));
+    done(c, s);
+    close(l2);
+}
+
 static void t_never_reading_peer(void) {
     int c, s;
     pair(&c, &s, true, EPOLLOUT);
@@ -511,6 +597,34 @@ static void t_sendfile_small_corked(void) {
           got);
     close(c);
     close(f);
+}
+
+/* exec does not lose what was written: a child (its own channel, in stream mode) accepts,
+ * adopts, writes 3000 bytes into its queue and execs /bin/true at once; the peer (here) must
+ * get every byte, then the end of the stream. */
+static void t_exec_flushes(void) {
+    int c = socket(AF_INET, SOCK_STREAM, 0);
+    CHECK(connect(c, (struct sockaddr *)&addr, sizeof addr) == 0, "connect");
+    static char out[3000], in[sizeof out + 1];
+    fill(out, sizeof out, 11);
+    pid_t pid = fork();
+    if (pid == 0) {
+        int s = accept4(lfd, NULL, NULL, SOCK_NONBLOCK);
+        int e = epoll_create1(0);
+        struct epoll_event ev = {.events = EPOLLIN, .data.fd = s};
+        epoll_ctl(e, EPOLL_CTL_ADD, s, &ev);
+        epoll_wait(e, &ev, 1, 0); /* adopted by this process's channel */
+        if (write(s, out, sizeof out) != (ssize_t)sizeof out) _exit(2);
+        execl("/bin/true", "true", (char *)NULL);
+        _exit(3);
+    }
+    ssize_t got = read_full(c, in, sizeof in, 5);
+    int st = -1;
+    waitpid(pid, &st, 0);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the child exec'd /bin/true (status %#x)", st);
+    CHECK(got == (ssize_t)sizeof out && memcmp(in, out, sizeof out) == 0,
+          "every byte written before exec arrived (%zd of %zu)", got, sizeof out);
+    close(c);
 }
 
 struct other {
@@ -648,9 +762,11 @@ int main(int argc, char **argv) {
         {"close flushes", t_close_flushes},
         {"SO_LINGER 0", t_linger0_discards},
         {"blocking socket", t_blocking},
+        {"SO_RCVTIMEO, SO_SNDTIMEO", t_timeouts},
         {"never-reading peer", t_never_reading_peer},
         {"sendfile order", t_sendfile_order},
         {"small sendfile, TCP_CORK", t_sendfile_small_corked},
+        {"exec", t_exec_flushes},
         {"poll", t_poll},
         {"another thread", t_other_thread},
         {"poll from another thread", t_poll_other_thread},
