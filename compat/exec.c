@@ -1,7 +1,7 @@
 /*
  * compat/exec.c — the exec family, interposed so that stream mode's write-behind loses nothing:
  * before the image is replaced, every byte the streams queued goes to the kernel
- * (mpr_stream_exec_prepare), as it would be in the kernel's socket buffer already without the
+ * (mpr_stream_last_flush), as it would be in the kernel's socket buffer already without the
  * preload.  Then the real call; if it fails, the program goes on with its streams as they were.
  *
  * glibc's exec functions call its internal execve directly, so each is interposed on its own.
@@ -16,7 +16,7 @@
 #include "preload.h"
 
 static void before_exec(void) {
-    if (mpr_state > 0 && mpr_streams) mpr_stream_exec_prepare();
+    if (mpr_state > 0 && mpr_streams) mpr_stream_last_flush();
 }
 
 #define NEXT(name) ((__typeof__(&name))dlsym(RTLD_NEXT, #name))

@@ -85,7 +85,7 @@ static void thread_exit(void *p) {
 }
 
 static void process_exit(void) {
-    if (mpr_streams && mpr_t.ch) mpr_stream_chan_done(mpr_t.ch, false); /* this thread's */
+    if (mpr_streams) mpr_stream_last_flush(); /* every thread's queued bytes */
     if (!g_stats) return;
     mpr_t.busy = true;
     pthread_mutex_lock(&g_chlock);

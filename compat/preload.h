@@ -14,7 +14,7 @@
  *            over stream.c's state (stream_int.h).
  * stream_poll.c: stream mode's poll/ppoll/select/pselect, over mpr_stream_poll/_pump.
  * exec.c:    the exec family: stream mode's queued bytes reach the kernel before the image
- *            is replaced (mpr_stream_exec_prepare).
+ *            is replaced (mpr_stream_last_flush).
  *
  * Nothing here is seen by the application: the library exports only the interposed names
  * (compat/preload.map).
@@ -203,7 +203,8 @@ void mpr_stream_stats(mp_channel *ch, char *buf, size_t len);
 /* fork handlers */
 void mpr_stream_fork_prepare(void);
 void mpr_stream_fork_child(void);
-/* The image is about to be replaced (exec.c): every stream's queued bytes go to the kernel. */
-void mpr_stream_exec_prepare(void);
+/* The image is about to end (exec.c, process exit): every stream's queued bytes go to the
+ * kernel. */
+void mpr_stream_last_flush(void);
 
 #endif

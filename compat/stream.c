@@ -1187,15 +1187,16 @@ void mpr_stream_fork_prepare(void) {
     flush_own(mpr_t.sc, false);
 }
 
-/* exec: this thread's streams are flushed through its channel (up to 2 s, as for fork).  Another
- * thread's stream with bytes still queued and none in flight in its owner's ring sends them
- * with the real send (waiting for room, within the same 2 s); bytes already in flight in
- * another thread's ring are that ring's until exec tears it down (docs/megapipe-run.md). */
-void mpr_stream_exec_prepare(void) {
+/* The image ends (exec, exit): this thread's streams are flushed through its channel (up to
+ * 2 s, as for fork).  Another thread's stream with bytes still queued and none in flight in its
+ * owner's ring sends them with the real send (waiting for room, within the same 2 s); bytes
+ * already in flight in another thread's ring are that ring's until exec or exit tears it down
+ * (docs/megapipe-run.md). */
+void mpr_stream_last_flush(void) {
     if (!mpr_streams || getpid() != g_pid) return; /* (a vfork child: the parent's memory) */
     bool was = mpr_t.busy;
     mpr_t.busy = true;
-    if (mpr_t.sc && mpr_t.ch) flush_own(mpr_t.sc, false);
+    if (mpr_t.sc && mpr_t.ch) flush_own(mpr_t.sc, true); /* also the closes it started */
     int64_t until = now_ns() + 2000000000LL;
     mpr_lock(); /* a stream in g_st is not freed while it is held */
     for (size_t fd = 0; fd < g_cap; fd++) {

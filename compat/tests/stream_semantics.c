@@ -18,7 +18,8 @@
  * sendfile after queued writes keeps the order, for a large range and for small ones (which
  * stream mode copies into its queue) with TCP_CORK set and read back; poll() on a stream; a thread that is not the
  * one waiting on the set writes (sent at once, the waiter is woken) and reads; a process that
- * writes and at once execs loses none of the bytes.  Exit 0 when all pass.
+ * writes and at once execs, or whose other thread does when the process exits, loses none of
+ * the bytes.  Exit 0 when all pass.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -627,6 +628,44 @@ static void t_exec_flushes(void) {
     close(c);
 }
 
+static volatile int exit_ready;
+
+static void *write_then_sleep(void *p) {
+    const char *out = p;
+    int s = accept4(lfd, NULL, NULL, SOCK_NONBLOCK);
+    int e = epoll_create1(0);
+    struct epoll_event ev = {.events = EPOLLIN, .data.fd = s};
+    epoll_ctl(e, EPOLL_CTL_ADD, s, &ev);
+    epoll_wait(e, &ev, 1, 0); /* adopted by this thread's channel */
+    if (write(s, out, 3000) != 3000) _exit(2);
+    exit_ready = 1;
+    msleep(10000); /* blocked outside the emulation: its queue waits */
+    return NULL;
+}
+
+/* exit() does not lose what another thread wrote: a child's second thread writes 3000 bytes
+ * into its stream's queue and sleeps; the main thread calls exit(). */
+static void t_exit_flushes(void) {
+    int c = socket(AF_INET, SOCK_STREAM, 0);
+    CHECK(connect(c, (struct sockaddr *)&addr, sizeof addr) == 0, "connect");
+    static char out[3000], in[sizeof out + 1];
+    fill(out, sizeof out, 12);
+    pid_t pid = fork();
+    if (pid == 0) {
+        pthread_t t;
+        pthread_create(&t, NULL, write_then_sleep, out);
+        while (!exit_ready) msleep(1);
+        exit(0);
+    }
+    ssize_t got = read_full(c, in, sizeof in, 5);
+    int st = -1;
+    waitpid(pid, &st, 0);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the child exited (status %#x)", st);
+    CHECK(got == (ssize_t)sizeof out && memcmp(in, out, sizeof out) == 0,
+          "every byte another thread wrote before exit arrived (%zd of %zu)", got, sizeof out);
+    close(c);
+}
+
 struct other {
     int s, c;
     double arrived; /* when the client got the other thread's bytes */
@@ -767,6 +806,7 @@ int main(int argc, char **argv) {
         {"sendfile order", t_sendfile_order},
         {"small sendfile, TCP_CORK", t_sendfile_small_corked},
         {"exec", t_exec_flushes},
+        {"exit with another thread's bytes queued", t_exit_flushes},
         {"poll", t_poll},
         {"another thread", t_other_thread},
         {"poll from another thread", t_poll_other_thread},
