@@ -963,21 +963,36 @@ ssize_t mps_send(struct mpr_stream *s, const struct iovec *iov, int iovcnt, int 
     return fail(err);
 }
 
-/* sendfile(2) from a file to a stream, for a range of at most MEGAPIPE_STREAM_SENDFILE_COPY
- * bytes (default 64 KiB, 0: never) that fits the write-behind bound whole: the bytes are read
- * from the file (pread, at *off, which advances as sendfile's does; the file position is not
- * used) into the queue, behind what was written before, and leave with it in the next batch.
- * That is one pread instead of a real send of the queued bytes and the real sendfile, and a
- * response's header and body leave in one send.  A blocking socket's call returns when the
- * bytes are in the socket, as a write's.  false: not taken (no offset, a larger range, a send
- * error or shutdown pending, or the file cannot be read with pread: a socket, a pipe); the
- * caller then drains the queue and makes the real call, which reports sendfile's own errors. */
+/* sendfile(2) from a file to a stream, through the write-behind queue: the bytes are read
+ * from the file (pread at *off, which advances as sendfile's does; the file position is not
+ * used) into the queue behind what was written before, and leave with it in the next batch.
+ * Taken for a range of at most MEGAPIPE_STREAM_SENDFILE_COPY bytes (default 64 KiB, 0: never),
+ * and for a larger one while the queue holds bytes (a chunk of that size: the real call would
+ * first have to wait for them).  At most what the write-behind bound has room for: fewer bytes
+ * than asked (sendfile may), EAGAIN with no room on a non-blocking socket; a blocking socket's
+ * call returns when its bytes are in the socket, as a write's.  A small response is then one
+ * pread instead of a real send of the queued bytes and the real sendfile, and its header and
+ * body leave in one send.  false: not taken (no offset, a larger range with the queue empty:
+ * the real, zero-copy call; no room on a blocking socket; a send error or shutdown pending; a
+ * file pread cannot read: a socket, a pipe); the caller then drains the queue and makes the
+ * real call, which reports sendfile's own errors.  *res: the result (-1: errno set). */
 bool mps_sendfile(struct mpr_stream *s, int in, off_t *off, size_t n, ssize_t *res) {
-    if (!off || n == 0 || n > g_sendfile_copy || *off < 0) return false;
+    if (!off || n == 0 || !g_sendfile_copy || *off < 0) return false;
     pthread_mutex_lock(&s->mu);
     bool taken = false;
-    if (!s->wr_err && !s->shut_wr && s->pend_len + s->inflight + n <= g_wbuf && pend_room(s, n)) {
-        ssize_t r = pread(in, s->pend + s->pend_len, n, *off);
+    size_t used = s->pend_len + s->inflight, room = used < g_wbuf ? g_wbuf - used : 0;
+    size_t k = n < g_sendfile_copy ? n : g_sendfile_copy;
+    if (k > room) k = room;
+    if (s->wr_err || s->shut_wr || (n > g_sendfile_copy && !used)) {
+        /* the real call */
+    } else if (!k) {
+        if (s->nonblock) { /* a full queue, as a full socket buffer */
+            taken = true;
+            *res = -1;
+            errno = EAGAIN;
+        }
+    } else if (pend_room(s, k)) {
+        ssize_t r = pread(in, s->pend + s->pend_len, k, *off);
         if (r >= 0) {
             taken = true;
             *res = r;
@@ -991,6 +1006,38 @@ bool mps_sendfile(struct mpr_stream *s, int in, off_t *off, size_t n, ssize_t *r
     }
     pthread_mutex_unlock(&s->mu);
     return taken;
+}
+
+/* Before a real call that must follow every queued byte (sendfile, splice into the stream,
+ * MSG_OOB, ancillary data): the queue is emptied.  A blocking socket waits for it (up to
+ * SO_SNDTIMEO); a non-blocking one tries once (a real send when nothing is in flight; what is
+ * left goes to the channel) and does not wait: false, and the caller fails with EAGAIN, as a
+ * socket whose buffer is full (a blocked peer must not stall the thread and its other
+ * connections; dontwait: the call's MSG_DONTWAIT or SPLICE_F_NONBLOCK).  `more`: as
+ * mps_drain's.  s->mu not held. */
+bool mps_flush_before(struct mpr_stream *s, int more, bool dontwait) {
+    pthread_mutex_lock(&s->mu);
+    bool nb = s->nonblock || dontwait;
+    if (!nb) {
+        drain_until(s, more, mps_deadline(s->sndtimeo));
+    } else if (s->pend_len && !s->inflight && !s->wr_err) {
+        ssize_t r = mpr_real.send(s->fd, s->pend, s->pend_len, MSG_DONTWAIT | MSG_NOSIGNAL | more);
+        if (r > 0) {
+            memmove(s->pend, s->pend + r, s->pend_len - (size_t)r);
+            s->pend_len -= (size_t)r;
+        } else if (r < 0 && errno != EAGAIN && errno != EINTR) {
+            s->wr_err = s->so_err = errno;
+            free(s->pend);
+            s->pend = NULL;
+            s->pend_len = s->pend_cap = 0;
+        }
+        if (s->pend_len) push_out(s);
+    } else if (s->pend_len) {
+        push_out(s);
+    }
+    bool empty = s->wr_err || (!s->pend_len && !s->inflight);
+    pthread_mutex_unlock(&s->mu);
+    return empty;
 }
 
 /* ---- what poll() and select() need (stream_poll.c) ------------------------------------ */

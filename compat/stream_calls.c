@@ -98,19 +98,11 @@ ssize_t writev(int fd, const struct iovec *iov, int cnt) {
     return mps_send(s, iov, cnt, 0);
 }
 
-/* A send the stream cannot queue (out-of-band data, ancillary data): after every byte queued
- * before it.  s->mu not held. */
-static void drain_unlocked(struct mpr_stream *s, int more) {
-    pthread_mutex_lock(&s->mu);
-    mps_drain(s, more);
-    pthread_mutex_unlock(&s->mu);
-}
-
 ssize_t send(int fd, const void *buf, size_t n, int flags) {
     struct mpr_stream *s = adopted(fd);
     if (!s) return REAL(send)(fd, buf, n, flags);
-    if (flags & MSG_OOB) {
-        drain_unlocked(s, 0);
+    if (flags & MSG_OOB) { /* not queued: after every byte queued before it */
+        if (!mps_flush_before(s, 0, flags & MSG_DONTWAIT)) return fail(EAGAIN);
         return mpr_real.send(fd, buf, n, flags);
     }
     struct iovec v = {(void *)buf, n};
@@ -121,7 +113,7 @@ ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct sockad
     struct mpr_stream *s = adopted(fd);
     if (!s) return REAL(sendto)(fd, buf, n, flags, a, al);
     if (flags & MSG_OOB) {
-        drain_unlocked(s, 0);
+        if (!mps_flush_before(s, 0, flags & MSG_DONTWAIT)) return fail(EAGAIN);
         return mpr_real.sendto(fd, buf, n, flags, a, al);
     }
     struct iovec v = {(void *)buf, n};
@@ -132,7 +124,7 @@ ssize_t sendmsg(int fd, const struct msghdr *m, int flags) {
     struct mpr_stream *s = adopted(fd);
     if (!s) return REAL(sendmsg)(fd, m, flags);
     if (!m || (flags & MSG_OOB) || m->msg_controllen || m->msg_iovlen > IOV_MAX) {
-        drain_unlocked(s, 0);
+        if (!mps_flush_before(s, 0, flags & MSG_DONTWAIT)) return fail(EAGAIN);
         return mpr_real.sendmsg(fd, m, flags);
     }
     return mps_send(s, m->msg_iov, (int)m->msg_iovlen, flags);
@@ -153,13 +145,13 @@ static void kout_wait(struct mpr_stream *s) {
     pthread_mutex_unlock(&s->mu);
 }
 
-/* sendfile to a stream: a small range joins the queue (mps_sendfile); else every queued byte
+/* sendfile to a stream: through the queue when mps_sendfile takes it; else every queued byte
  * goes first (with MSG_MORE: the body follows), then the real call. */
 static ssize_t stream_sendfile(ssize_t (*fn)(int, int, off_t *, size_t), struct mpr_stream *s,
                                int out, int in, off_t *off, size_t n) {
     ssize_t r;
     if (mps_sendfile(s, in, off, n, &r)) return r;
-    drain_unlocked(s, MSG_MORE);
+    if (!mps_flush_before(s, MSG_MORE, false)) return fail(EAGAIN);
     r = fn(out, in, off, n);
     if (r < 0 && errno == EAGAIN) kout_wait(s);
     return r;
@@ -225,7 +217,7 @@ ssize_t splice(int in, loff_t *offin, int out, loff_t *offout, size_t n, unsigne
         if (r < 0) return fail((int)-r);
         return r;
     }
-    drain_unlocked(so, MSG_MORE);
+    if (!mps_flush_before(so, MSG_MORE, flags & SPLICE_F_NONBLOCK)) return fail(EAGAIN);
     ssize_t r = mpr_real.splice(in, offin, out, offout, n, flags);
     if (r < 0 && errno == EAGAIN) kout_wait(so);
     return r;
@@ -343,8 +335,9 @@ int setsockopt(int fd, int level, int name, const void *val, socklen_t len) {
         pthread_mutex_unlock(&s->mu);
         if (user) return 0;
     }
-    if (s->own && level == IPPROTO_TCP && (name == TCP_CORK || name == TCP_NODELAY))
-        drain_unlocked(s, 0); /* the option applies after the bytes written before it */
+    /* TCP_NODELAY (and a cork the kernel's socket already has) go to the kernel at once,
+     * without waiting for the queue: queued bytes leave in whole batches anyway, and a peer
+     * that does not read must not stall the thread in a setsockopt. */
     int r = mpr_real.setsockopt(fd, level, name, val, len);
     if (r == 0 && cork) {
         pthread_mutex_lock(&s->mu);

@@ -124,5 +124,6 @@ size_t mps_take(struct mpr_stream *s, const struct iovec *iov, int iovcnt, bool 
 ssize_t mps_recv(struct mpr_stream *s, const struct iovec *iov, int iovcnt, int flags);
 ssize_t mps_send(struct mpr_stream *s, const struct iovec *iov, int iovcnt, int flags);
 bool mps_sendfile(struct mpr_stream *s, int in, off_t *off, size_t n, ssize_t *res);
+bool mps_flush_before(struct mpr_stream *s, int more, bool dontwait); /* queue empty; mu not held */
 
 #endif

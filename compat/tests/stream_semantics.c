@@ -14,7 +14,9 @@
  * SO_LINGER 0 close drops it and resets the peer; a blocking socket blocks in read and write
  * until the peer acts, and give up at SO_RCVTIMEO/SO_SNDTIMEO (also inherited from the listener);
  * a peer that never reads: writes fail with EAGAIN after a bounded amount,
- * EPOLLOUT is not reported while full, and every accepted byte arrives once the peer reads;
+ * EPOLLOUT is not reported while full, a sendfile then fails with EAGAIN and TCP_NODELAY
+ * returns at once (neither waits for that peer), and every accepted byte arrives once the peer
+ * reads;
  * sendfile after queued writes keeps the order, for a large range and for small ones (which
  * stream mode copies into its queue) with TCP_CORK set and read back; poll() on a stream; a thread that is not the
  * one waiting on the set writes (sent at once, the waiter is woken) and reads; a process that
@@ -478,6 +480,26 @@ static void t_timeouts(void) {
     close(l2);
 }
 
+struct full_try {
+    int s, f;
+    ssize_t small, large;
+    int small_err, large_err, nodelay;
+    volatile bool finished;
+};
+
+static void *full_try(void *p) {
+    struct full_try *t = p;
+    off_t o1 = 0, o2 = 0;
+    t->small = sendfile(t->s, t->f, &o1, 1000);
+    t->small_err = errno;
+    t->large = sendfile(t->s, t->f, &o2, 131072);
+    t->large_err = errno;
+    int one = 1;
+    t->nodelay = setsockopt(t->s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    t->finished = true;
+    return NULL;
+}
+
 static void t_never_reading_peer(void) {
     int c, s;
     pair(&c, &s, true, EPOLLOUT);
@@ -503,6 +525,25 @@ static void t_never_reading_peer(void) {
     ssize_t more = write(s, buf, sizeof buf); /* (the kernel's buffers may have grown a bit) */
     if (more > 0) put += (size_t)more;
     else CHECK(errno == EAGAIN, "still EAGAIN (%s)", strerror(errno));
+    /* neither a sendfile (small or large) nor TCP_NODELAY waits for that peer: the thread has
+     * other connections to serve (a thread, so that a call that blocks fails the check) */
+    char tmpl[] = "/tmp/stream_semantics.XXXXXX";
+    struct full_try ft = {.s = s, .f = mkstemp(tmpl)};
+    unlink(tmpl);
+    CHECK(write(ft.f, buf, sizeof buf) == (ssize_t)sizeof buf &&
+              write(ft.f, buf, sizeof buf) == (ssize_t)sizeof buf, "file write");
+    pthread_t ftt;
+    pthread_create(&ftt, NULL, full_try, &ft);
+    double e1 = now() + 3;
+    while (!ft.finished && now() < e1) msleep(10);
+    CHECK(ft.finished, "a sendfile or setsockopt(TCP_NODELAY) blocked on a peer that never reads");
+    if (ft.finished) { /* (the kernel's sendfile may still place pages where write could not) */
+        CHECK((ft.small < 0 && ft.small_err == EAGAIN) || (!streams && ft.small > 0),
+              "small sendfile on a full queue: %zd (%s)", ft.small, strerror(ft.small_err));
+        CHECK((ft.large < 0 && ft.large_err == EAGAIN) || (!streams && ft.large > 0),
+              "large sendfile on a full queue: %zd (%s)", ft.large, strerror(ft.large_err));
+        CHECK(ft.nodelay == 0, "TCP_NODELAY: %d", ft.nodelay);
+    }
     /* the peer reads now: everything taken arrives, and EPOLLOUT comes back */
     struct delayed dr = {c, 0, NULL, 0, 0};
     pthread_t t;
@@ -511,7 +552,11 @@ static void t_never_reading_peer(void) {
     shutdown(s, SHUT_WR);
     double e2 = now() + 5;
     while (now() < e2 && dr.drained < put) wait_for(s, EPOLLIN, 50);
+    pthread_join(ftt, NULL); /* (a call that blocked has returned: this thread pumped) */
+    close(ft.f);
     pthread_join(t, NULL);
+    if (ft.small > 0) put += (size_t)ft.small; /* (what the kernel's sendfile took) */
+    if (ft.large > 0) put += (size_t)ft.large;
     CHECK(dr.drained == put, "peer got %zu of the %zu bytes taken", dr.drained, put);
     done(c, s);
 }
