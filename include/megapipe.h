@@ -711,7 +711,8 @@ typedef struct mp_stats {
     uint64_t peer_lookups;     /* MP_ACCEPT_ADDR on io_uring: peer addresses asked for with
                                   getpeername() (also counted in syscalls), for connections
                                   that a multishot accept took together with later ones (its
-                                  one address buffer holds only the latest's) */
+                                  one address buffer holds only the latest's); none with
+                                  MP_ACCEPT_ADDR_KNOWN */
 } mp_stats;
 
 /* Copy the channel's counters into *st, at most size bytes (the caller's sizeof(mp_stats):
