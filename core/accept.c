@@ -11,11 +11,14 @@ int mp_accept(mp_handle *h, unsigned count, int flags) {
     int e = mp__h_enter(h);
     if (e < 0) return e;
     if (h->kind != HK_LISTENER) return -EINVAL;
-    if (flags & ~(MP_LWSOCKET | MP_ACCEPT_EXCLUSIVE | MP_ACCEPT_ADDR)) return -EINVAL;
+    if (flags & ~(MP_LWSOCKET | MP_ACCEPT_EXCLUSIVE | MP_ACCEPT_ADDR | MP_ACCEPT_ADDR_KNOWN))
+        return -EINVAL;
+    if ((flags & MP_ACCEPT_ADDR_KNOWN) && !(flags & MP_ACCEPT_ADDR)) return -EINVAL;
     mp_channel *ch = h->ch;
     h->acc.lw = (flags & MP_LWSOCKET) && ch->cfg.lwsocket;
     h->acc.excl = (flags & MP_ACCEPT_EXCLUSIVE) != 0;
     h->acc.addr = (flags & MP_ACCEPT_ADDR) != 0;
+    h->acc.addr_known = (flags & MP_ACCEPT_ADDR_KNOWN) != 0;
     if (count == 0)
         h->acc.forever = true;
     else

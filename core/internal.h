@@ -93,6 +93,7 @@ struct mp_handle {
         bool lw;                   /* accept as lwsockets (the latest mp_accept's wish) */
         bool excl;                 /* MP_ACCEPT_EXCLUSIVE: nobody else accepts from the queue */
         bool addr;                 /* MP_ACCEPT_ADDR: events carry the peer's address */
+        bool addr_known;           /* MP_ACCEPT_ADDR_KNOWN: ... only what the accept returned */
         bool backoff;              /* waiting after an accept error */
     } acc;
     /* readiness set (poll.c; engines arm) */

@@ -432,6 +432,14 @@ int mp_listen_socket(const struct sockaddr *addr, socklen_t addrlen, int backlog
                            already running without the flag keeps going, and its events have
                            addr NULL.  Without the flag, for failed accepts and when memory ran
                            out, addr is NULL and addrlen 0. */
+#define MP_ACCEPT_ADDR_KNOWN 0x8 /* with MP_ACCEPT_ADDR: only the addresses the accept itself
+                           returned, never a getpeername(): on io_uring the events of the
+                           connections whose address a multishot accept overwrote (those the
+                           channel would look up, above) carry addr NULL and addrlen 0, and
+                           the application asks the kernel itself if and when it needs the
+                           address.  For servers that need it only now and then (a log, a
+                           status page).  No effect on epoll (accept4() fills every one in).
+                           Without MP_ACCEPT_ADDR: -EINVAL. */
 
 /* Accept count connections on listener h (count 0 = keep accepting until h is unregistered).
  * Calls add up: two calls with count 1 accept two connections.  flags apply to accepts started
@@ -703,7 +711,8 @@ typedef struct mp_stats {
     uint64_t peer_lookups;     /* MP_ACCEPT_ADDR on io_uring: peer addresses asked for with
                                   getpeername() (also counted in syscalls), for connections
                                   that a multishot accept took together with later ones (its
-                                  one address buffer holds only the latest's) */
+                                  one address buffer holds only the latest's); none with
+                                  MP_ACCEPT_ADDR_KNOWN */
 } mp_stats;
 
 /* Copy the channel's counters into *st, at most size bytes (the caller's sizeof(mp_stats):

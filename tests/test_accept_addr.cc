@@ -149,6 +149,8 @@ TEST(AcceptAddr, FlagIsKnown) {
     ASSERT_NE(l.h, nullptr);
     EXPECT_EQ(mp_accept(l.h, 0, MP_ACCEPT_ADDR), 0);
     EXPECT_EQ(mp_accept(l.h, 0, MP_ACCEPT_ADDR | 0x100), -EINVAL);
+    EXPECT_EQ(mp_accept(l.h, 0, MP_ACCEPT_ADDR_KNOWN), -EINVAL) << "KNOWN without ADDR";
+    EXPECT_EQ(mp_accept(l.h, 0, MP_ACCEPT_ADDR | MP_ACCEPT_ADDR_KNOWN), 0);
     end_listener(ch, l.h);
 }
 
@@ -217,5 +219,38 @@ TEST(AcceptAddr, OneAtATimeNeedsNoLookup) {
     mp_stats st;
     ASSERT_EQ(mp_get_stats(ch, &st), 0);
     EXPECT_EQ(st.peer_lookups, 0u) << "addresses asked for although none was overwritten";
+    end_listener(ch, l.h);
+}
+
+// MP_ACCEPT_ADDR_KNOWN: a burst (on io_uring one multishot pass) is never looked up; each event
+// carries its own connection's address or none, and the latest of each pass carries its own
+// (on epoll every one: accept4() fills them in).
+TEST(AcceptAddr, KnownOnlyNeverLooksUp) {
+    mp_options o = opts();
+    Channel ch(mp_create(&o));
+    ASSERT_NE(ch.get(), nullptr);
+    Listener l(ch, true);
+    ASSERT_NE(l.h, nullptr);
+    ASSERT_EQ(mp_accept(l.h, 0, MP_ACCEPT_ADDR | MP_ACCEPT_ADDR_KNOWN), 0);
+    ASSERT_GE(mp_flush(ch), 0);
+    const int n = 24;
+    std::vector<Fd> clients;
+    std::vector<Seen> seen = accept_burst(ch, l.port, n, &clients);
+    int with = 0;
+    for (const Seen &s : seen) {
+        if (s.len) {
+            with++;
+            EXPECT_EQ(s.len, sizeof(sockaddr_in));
+            EXPECT_EQ(port_of(s), peer_port(s.id)) << "an address that is not this connection's";
+        }
+        ::close(s.id);
+    }
+    EXPECT_GE(with, 1) << "not even a pass's latest connection carried its address";
+    if (std::string(mp_engine_name(ch)) == "epoll") {
+        EXPECT_EQ(with, n);
+    }
+    mp_stats st;
+    ASSERT_EQ(mp_get_stats(ch, &st), 0);
+    EXPECT_EQ(st.peer_lookups, 0u) << "getpeername() although the application asks itself";
     end_listener(ch, l.h);
 }

@@ -20,7 +20,8 @@ the measured window, divided by requests over the same span (tps x span).
 
 --variant adds a memcached-megapipe run with those environment variables (e.g.
 "wait20:MP_WAIT_USEC=20"), interleaved with the other two; the table gives its ratios to stock
-too (the plots show stock and megapipe).  QUIET_WAIT=<s> (env): before each run, wait up to
+too (the plots show stock and megapipe).  EXE=<path> in a variant runs that binary instead of
+--mp (another build of memcached-megapipe, e.g. the code before a change).  QUIET_WAIT=<s> (env): before each run, wait up to
 that long until the rest of the machine uses less than 0.2 CPUs (bench/mpbench.py's rule);
 each run records others_cpus, the CPU time of everything else during the measured window.
 """
@@ -68,10 +69,11 @@ KEYS = ("tps", "srv_us", "sys", "p50", "p99", "lg_us", "others")
 def run_point(variant, txns, conns):
     wait_quiet(float(os.environ.get("QUIET_WAIT", 0)))
     port = free_port()
-    exe = a.stock if variant == "stock" else a.mp
+    env = dict(VENV[variant])
+    exe = a.stock if variant == "stock" else env.pop("EXE", a.mp)
     srv = subprocess.Popen(["taskset", "-c", a.server_cpu, exe, "-u", "root", "-l", "127.0.0.1",
                             "-p", str(port), "-U", "0", "-t", "1", "-c", "8192", "-m", "256"],
-                           env=dict(os.environ, **VENV[variant]))
+                           env=dict(os.environ, **env))
     try:
         if not wait_port(port):
             raise RuntimeError(f"{variant}: memcached did not come up")

@@ -38,6 +38,7 @@
 #define MPC_EVENTS 64        /* events taken from the channel per dispatch */
 #define MPC_MAX_LISTENERS 64 /* TCP listening addresses (-l a,b,... resolving to several) */
 #define MPC_STAGE_SIZE 16384 /* epoll engine: per-connection mp_read() buffer */
+#define MPC_FREE_MAX 1024    /* ended connections' state kept per worker for new ones */
 
 enum mpc_kind { MPC_CONN, MPC_LISTENER, MPC_NOTIFY };
 
@@ -94,7 +95,12 @@ struct mpc_worker {
     struct mpc_obj notify;
     struct mpc_listener lst[MPC_MAX_LISTENERS];
     struct mpc_conn *runq;
-    /* the ACCEPT event's peer address while conn_new() runs for peer_fd (mpc_peer_addr) */
+    /* ended connections' state (with its read queue and stage), reused by new connections:
+     * no allocation per connection once the worker has seen its peak */
+    struct mpc_conn *free_conns;
+    unsigned nfree;
+    /* while conn_new() runs for the accepted peer_fd (else -1): the ACCEPT event's peer
+     * address, NULL when the channel has none (mpc_peer_addr) */
     const struct sockaddr *peer;
     socklen_t peerlen;
     int peer_fd;
@@ -242,8 +248,9 @@ static void adopt_partitions(struct mpc_worker *w) {
         l->bproto = listeners[i].bproto;
         l->h = mp_register(w->ch, listeners[i].fds[w->idx], l, &mask);
         /* MP_ACCEPT_ADDR: the client's address comes with the ACCEPT event (conn_new()'s
-         * getpeername() without the system call: mpc_peer_addr()). */
-        int r = l->h ? mp_accept(l->h, 0, MP_ACCEPT_ADDR) : -errno;
+         * getpeername() without the system call: mpc_peer_addr()); _KNOWN: where the channel
+         * would have to ask the kernel, memcached asks when it needs it. */
+        int r = l->h ? mp_accept(l->h, 0, MP_ACCEPT_ADDR | MP_ACCEPT_ADDR_KNOWN) : -errno;
         if (r < 0) {
             fprintf(stderr, "megapipe: worker %d cannot accept on its partition: %s\n", w->idx,
                     strerror(-r));
@@ -360,11 +367,39 @@ static ssize_t mpc_write(conn *c, void *buf, size_t count) {
     return send(c->sfd, buf, count, MSG_DONTWAIT | MSG_NOSIGNAL);
 }
 
+/* A connection's state: a reused one (its read queue's and stage's memory kept) or a new one. */
+static struct mpc_conn *conn_state_get(struct mpc_worker *w) {
+    struct mpc_conn *m = w->free_conns;
+    if (!m) return calloc(1, sizeof *m);
+    w->free_conns = m->next_run;
+    w->nfree--;
+    struct mpc_buf *q = m->q;
+    unsigned qcap = m->qcap;
+    char *stage = m->stage;
+    memset(m, 0, sizeof *m);
+    m->q = q;
+    m->qcap = qcap;
+    m->stage = stage;
+    return m;
+}
+
+static void conn_state_put(struct mpc_worker *w, struct mpc_conn *m) {
+    if (w->nfree < MPC_FREE_MAX) {
+        m->next_run = w->free_conns;
+        w->free_conns = m;
+        w->nfree++;
+        return;
+    }
+    free(m->q);
+    free(m->stage);
+    free(m);
+}
+
 int mpc_conn_attach(conn *c) {
     struct mpc_worker *w = self;
     c->mpc = NULL;
     if (!w) return 0;
-    struct mpc_conn *m = calloc(1, sizeof *m);
+    struct mpc_conn *m = conn_state_get(w);
     if (!m) return -1;
     m->obj.kind = MPC_CONN;
     m->c = c;
@@ -384,7 +419,7 @@ int mpc_conn_attach(conn *c) {
         int r = w->buffered ? read_more(m) : -ENOTSUP;
         if (r == -ENOTSUP) {
             w->buffered = false;
-            m->stage = malloc(MPC_STAGE_SIZE);
+            if (!m->stage) m->stage = malloc(MPC_STAGE_SIZE);
             r = m->stage ? read_more(m) : -ENOMEM;
         }
         if (r < 0) {
@@ -404,7 +439,7 @@ int mpc_conn_attach(conn *c) {
     return 1;
 fail:
     perror("megapipe: registering a connection");
-    free(m);
+    conn_state_put(w, m);
     return -1;
 }
 
@@ -510,11 +545,28 @@ static void queue_input(struct mpc_conn *m, const mp_event *ev) {
 
 bool mpc_peer_addr(conn *c, int sfd) {
     struct mpc_worker *w = self;
-    if (!w || !w->peer || w->peer_fd != sfd) return false;
+    if (!w || w->peer_fd < 0 || w->peer_fd != sfd) return false;
+    if (!w->peer) {
+        /* The channel did not ask the kernel for it (MP_ACCEPT_ADDR_KNOWN: a multishot accept
+         * took this connection together with later ones).  memcached needs it for connection
+         * events, asked for now if they are watched, and for "stats conns", asked for then
+         * (mpc_peer_addr_fetch). */
+        if (w->me->l && (w->me->l->eflags & LOG_CONNEVENTS)) return false;
+        memset(&c->request_addr, 0, sizeof c->request_addr);
+        c->request_addr_size = 0;
+        return true;
+    }
     socklen_t n = w->peerlen < c->request_addr_size ? w->peerlen : c->request_addr_size;
     memcpy(&c->request_addr, w->peer, n);
     c->request_addr_size = w->peerlen; /* as getpeername() reports it: the whole length */
     return true;
+}
+
+void mpc_peer_addr_fetch(conn *c) {
+    if (!c->mpc || !IS_TCP(c->transport) || c->request_addr_size != 0) return;
+    socklen_t n = sizeof c->request_addr;
+    if (getpeername(c->sfd, (struct sockaddr *)&c->request_addr, &n) == 0)
+        c->request_addr_size = n;
 }
 
 static void on_accept(struct mpc_worker *w, struct mpc_listener *l, const mp_event *ev) {
@@ -542,6 +594,7 @@ static void on_accept(struct mpc_worker *w, struct mpc_listener *l, const mp_eve
     conn *c = conn_new(fd, conn_new_cmd, EV_READ | EV_PERSIST, READ_BUFFER_CACHED,
                        tcp_transport, w->me->base, NULL, l->conntag, l->bproto);
     w->peer = NULL;
+    w->peer_fd = -1;
     if (!c) {
         close(fd);
         return;
@@ -604,9 +657,7 @@ static void on_closed(struct mpc_obj *o) {
         m->ended = true;
         return;
     }
-    free(m->q);
-    free(m->stage);
-    free(m);
+    conn_state_put(m->w, m);
 }
 
 static void run_queued(struct mpc_worker *w) {
@@ -633,6 +684,7 @@ bool mpc_worker_loop(LIBEVENT_THREAD *me) {
         exit(EXIT_FAILURE);
     }
     w->me = me;
+    w->peer_fd = -1;
     w->ch = mp_create(NULL);
     if (!w->ch) {
         perror("megapipe: cannot create a worker's channel (mp_create)");

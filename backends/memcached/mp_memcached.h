@@ -32,8 +32,14 @@ void thread_libevent_process(evutil_socket_t fd, short which, void *arg);
 int mpc_conn_attach(conn *c);
 /* conn_new(), instead of getpeername(): when sfd is the connection the calling worker is
  * accepting, fill c->request_addr/request_addr_size from its ACCEPT event and return true
- * (no system call); false otherwise (getpeername() as usual). */
+ * (no system call); false otherwise (getpeername() as usual).  When the event has none (the
+ * channel does not look it up), request_addr_size is left 0 and the address is asked for only
+ * when memcached needs it: at once while connection events are watched, else by
+ * mpc_peer_addr_fetch(). */
 bool mpc_peer_addr(conn *c, int sfd);
+/* conn_to_str() ("stats conns") and conn_close()'s connection event: the client's address of
+ * a TCP connection that conn_new() left without one (getpeername() now). */
+void mpc_peer_addr_fetch(conn *c);
 /* drive_machine(): how many requests this run may process (reqs_per_event, -R), and what was
  * left of it when the machine parked for its write to complete: the run that the WRITE
  * completion starts goes on with that budget, so -R yields as it does on a socket. */

@@ -45,6 +45,7 @@ uring_aslot *mp__u_aslot_get(mp_channel *ch, mp_handle *h, enum tag t, bool mult
     s->gen = h->gen;
     s->len = sizeof s->ss;
     s->multishot = multishot;
+    s->lookup = !h->acc.addr_known;
     if (multishot) u->ms_addr++;
     return s;
 }

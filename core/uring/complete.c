@@ -51,9 +51,10 @@ static void mp__u_complete(mp_channel *ch, uint64_t data, int res, unsigned flag
         } else if (res >= 0 && last) {
             peerlen = s->seen_len;
             memcpy(&peer, &s->seen, peerlen);
-        } else if (res >= 0 && t == T_ACCEPT) {
+        } else if (res >= 0 && t == T_ACCEPT && s->lookup) {
             /* An earlier connection of a multishot pass: its address was overwritten by a
-             * later one's before we looked.  Asked for (one system call). */
+             * later one's before we looked.  Asked for (one system call), unless the
+             * application said it asks itself (MP_ACCEPT_ADDR_KNOWN: the event has none). */
             peerlen = sizeof peer;
             ch->st.syscalls++;
             ch->st.peer_lookups++;

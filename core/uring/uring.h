@@ -59,6 +59,7 @@ typedef struct uring_aslot {
     uint8_t tag;                /* T_ACCEPT, T_ACCEPT_LW, T_STEAL, T_STEAL_LW */
     bool busy;
     bool multishot;             /* shared by every connection of a multishot accept */
+    bool lookup;                /* an overwritten address is asked for (not MP_ACCEPT_ADDR_KNOWN) */
     uint32_t scan;              /* reap pass that last saw it (complete.c) */
     struct sockaddr_storage seen; /* multishot: ss as the reap found it, before anything it
                                      does can enter the kernel (which may write ss again) */
