@@ -730,20 +730,25 @@ void mps_block_on(struct mpr_stream *s, int64_t until) {
  * the kernel does not push the queued bytes out in a segment of their own. */
 void mps_drain(struct mpr_stream *s, int more) { drain_until(s, more, 0); }
 
+/* With nothing in flight, s's pend bytes go with one real non-blocking send: what the socket
+ * takes leaves the queue; a send error fails the stream (what is pending goes).  s->mu held. */
+static void send_pend_now(struct mpr_stream *s, int more) {
+    if (!s->pend_len || s->inflight || s->wr_err) return;
+    ssize_t r = mpr_real.send(s->fd, s->pend, s->pend_len, MSG_DONTWAIT | MSG_NOSIGNAL | more);
+    if (r > 0) {
+        memmove(s->pend, s->pend + r, s->pend_len - (size_t)r);
+        s->pend_len -= (size_t)r;
+    } else if (r < 0 && errno != EAGAIN && errno != EINTR) {
+        s->wr_err = s->so_err = errno;
+        free(s->pend);
+        s->pend = NULL;
+        s->pend_len = s->pend_cap = 0;
+    }
+}
+
 /* mps_drain, giving up at the deadline `until` (0: none; the bytes left stay queued). */
 static void drain_until(struct mpr_stream *s, int more, int64_t until) {
-    if (s->pend_len && !s->inflight && !s->wr_err) {
-        ssize_t r = mpr_real.send(s->fd, s->pend, s->pend_len, MSG_DONTWAIT | MSG_NOSIGNAL | more);
-        if (r > 0) {
-            memmove(s->pend, s->pend + r, s->pend_len - (size_t)r);
-            s->pend_len -= (size_t)r;
-        } else if (r < 0 && errno != EAGAIN && errno != EINTR) {
-            s->wr_err = s->so_err = errno;
-            free(s->pend);
-            s->pend = NULL;
-            s->pend_len = s->pend_cap = 0;
-        }
-    }
+    send_pend_now(s, more);
     while ((s->pend_len || s->inflight) && !s->wr_err && !mps_past(until)) {
         push_out(s);
         if (!s->pend_len && !s->inflight) break;
@@ -1020,20 +1025,9 @@ bool mps_flush_before(struct mpr_stream *s, int more, bool dontwait) {
     bool nb = s->nonblock || dontwait;
     if (!nb) {
         drain_until(s, more, mps_deadline(s->sndtimeo));
-    } else if (s->pend_len && !s->inflight && !s->wr_err) {
-        ssize_t r = mpr_real.send(s->fd, s->pend, s->pend_len, MSG_DONTWAIT | MSG_NOSIGNAL | more);
-        if (r > 0) {
-            memmove(s->pend, s->pend + r, s->pend_len - (size_t)r);
-            s->pend_len -= (size_t)r;
-        } else if (r < 0 && errno != EAGAIN && errno != EINTR) {
-            s->wr_err = s->so_err = errno;
-            free(s->pend);
-            s->pend = NULL;
-            s->pend_len = s->pend_cap = 0;
-        }
-        if (s->pend_len) push_out(s);
-    } else if (s->pend_len) {
-        push_out(s);
+    } else {
+        send_pend_now(s, more);
+        if (s->pend_len && !s->wr_err) push_out(s); /* the rest goes by the channel */
     }
     bool empty = s->wr_err || (!s->pend_len && !s->inflight);
     pthread_mutex_unlock(&s->mu);

@@ -131,6 +131,15 @@ static void fill(char *b, size_t n, unsigned seed) {
     for (size_t i = 0; i < n; i++) b[i] = (char)((i * 131 + seed * 7 + (i >> 9)) & 0xff);
 }
 
+/* An unlinked temporary file holding n bytes of b (for sendfile). */
+static int file_with(const char *b, size_t n) {
+    char tmpl[] = "/tmp/stream_semantics.XXXXXX";
+    int f = mkstemp(tmpl);
+    unlink(tmpl);
+    CHECK(f >= 0 && write(f, b, n) == (ssize_t)n, "temporary file");
+    return f;
+}
+
 /* ---------------------------------------------------------------------------------------- */
 
 static void t_partial_reads(void) {
@@ -527,11 +536,8 @@ static void t_never_reading_peer(void) {
     else CHECK(errno == EAGAIN, "still EAGAIN (%s)", strerror(errno));
     /* neither a sendfile (small or large) nor TCP_NODELAY waits for that peer: the thread has
      * other connections to serve (a thread, so that a call that blocks fails the check) */
-    char tmpl[] = "/tmp/stream_semantics.XXXXXX";
-    struct full_try ft = {.s = s, .f = mkstemp(tmpl)};
-    unlink(tmpl);
-    CHECK(write(ft.f, buf, sizeof buf) == (ssize_t)sizeof buf &&
-              write(ft.f, buf, sizeof buf) == (ssize_t)sizeof buf, "file write");
+    struct full_try ft = {.s = s, .f = file_with(buf, sizeof buf)};
+    CHECK(write(ft.f, buf, sizeof buf) == (ssize_t)sizeof buf, "file write"); /* 128 KiB */
     pthread_t ftt;
     pthread_create(&ftt, NULL, full_try, &ft);
     double e1 = now() + 3;
@@ -564,12 +570,9 @@ static void t_never_reading_peer(void) {
 static void t_sendfile_order(void) {
     int c, s;
     pair(&c, &s, true, EPOLLOUT);
-    char tmpl[] = "/tmp/stream_semantics.XXXXXX";
-    int f = mkstemp(tmpl);
-    unlink(tmpl);
     static char fb[100000];
     fill(fb, sizeof fb, 9);
-    CHECK(write(f, fb, sizeof fb) == (ssize_t)sizeof fb, "file write");
+    int f = file_with(fb, sizeof fb);
     CHECK(write(s, "HEAD", 4) == 4, "queued head");
     off_t off = 0;
     size_t sent = 0;
@@ -599,12 +602,9 @@ static void t_sendfile_order(void) {
 static void t_sendfile_small_corked(void) {
     int c, s;
     pair(&c, &s, true, EPOLLOUT);
-    char tmpl[] = "/tmp/stream_semantics.XXXXXX";
-    int f = mkstemp(tmpl);
-    unlink(tmpl);
     static char fb[4000];
     fill(fb, sizeof fb, 5);
-    CHECK(write(f, fb, sizeof fb) == (ssize_t)sizeof fb, "file write");
+    int f = file_with(fb, sizeof fb);
     CHECK(write(s, "HEAD", 4) == 4, "queued head");
     off_t off = 100;
     CHECK(sendfile(s, f, &off, 3000) == 3000, "small sendfile: %s", strerror(errno));
