@@ -53,6 +53,7 @@ static pthread_mutex_t g_sclock = PTHREAD_MUTEX_INITIALIZER;
 static struct mpr_schan *g_schans;
 static uint32_t g_gen;
 static pid_t g_pid; /* the process the streams belong to (not a vfork child) */
+static atomic_bool g_adopted; /* this process has adopted a stream (else exit has nothing to send) */
 
 /* ---- helpers --------------------------------------------------------------------------- */
 
@@ -536,6 +537,7 @@ static bool adopt(struct mpr_schan *c, struct mpr_stream *s) {
     s->h = h;
     s->own = c;
     c->adopted++;
+    atomic_store_explicit(&g_adopted, true, memory_order_relaxed);
     if (atomic_load_explicit(&mpr_timeo_seen, memory_order_relaxed)) {
         /* SO_RCVTIMEO/SO_SNDTIMEO were set in this process (perhaps on the listener, which
          * the accepted socket inherits): the kernel's values, read once. */
@@ -1234,7 +1236,8 @@ void mpr_stream_fork_prepare(void) {
  * already in flight in another thread's ring are that ring's until exec or exit tears it down
  * (docs/megapipe-run.md). */
 void mpr_stream_last_flush(void) {
-    if (!mpr_streams || getpid() != g_pid) return; /* (a vfork child: the parent's memory) */
+    if (!mpr_streams || !atomic_load(&g_adopted)) return; /* (no stream: no fd table scan) */
+    if (getpid() != g_pid) return;                          /* a vfork child: the parent's memory */
     bool was = mpr_t.busy;
     mpr_t.busy = true;
     if (mpr_t.sc && mpr_t.ch) flush_own(mpr_t.sc, true); /* also the closes it started */
@@ -1268,6 +1271,7 @@ void mpr_stream_fork_child(void) {
     if (!mpr_streams) return;
     /* The child's streams are plain fds: the channels are the parent's. */
     g_pid = getpid();
+    atomic_store(&g_adopted, false);
     for (size_t fd = 0; fd < g_cap; fd++) g_st[fd] = NULL;
     g_schans = NULL;
     mpr_t.sc = NULL;
