@@ -685,8 +685,6 @@ int mpr_stream_wait(mp_channel *ch, int epfd, struct epoll_event *evs, int max, 
 
 /* ---- blocking ---------------------------------------------------------------------------- */
 
-static void drain_until(struct mpr_stream *s, int more, int64_t until);
-
 /* The deadline of a blocking call that may wait timeo_ns (SO_RCVTIMEO/SO_SNDTIMEO; 0: none,
  * the deadline 0 then), and whether it has passed. */
 int64_t mps_deadline(int64_t timeo_ns) { return timeo_ns > 0 ? now_ns() + timeo_ns : 0; }
@@ -725,12 +723,6 @@ void mps_block_on(struct mpr_stream *s, int64_t until) {
     }
 }
 
-/* Every byte written so far is in the socket (or failed).  s->mu held.  With nothing in
- * flight, the bytes not yet given to the channel go with one real send (what a program that
- * mixes writes with sendfile would have made itself), without a round trip through the ring;
- * `more` is MSG_MORE when the caller's real call (sendfile, splice) follows at once, so that
- * the kernel does not push the queued bytes out in a segment of their own. */
-void mps_drain(struct mpr_stream *s, int more) { drain_until(s, more, 0); }
 
 /* With nothing in flight, s's pend bytes go with one real non-blocking send: what the socket
  * takes leaves the queue; a send error fails the stream (what is pending goes).  s->mu held. */
@@ -748,7 +740,12 @@ static void send_pend_now(struct mpr_stream *s, int more) {
     }
 }
 
-/* mps_drain, giving up at the deadline `until` (0: none; the bytes left stay queued). */
+/* Every byte written so far is in the socket (or failed), or the deadline `until` passed (0:
+ * none; the bytes left stay queued).  s->mu held.  With nothing in flight, the bytes not yet
+ * given to the channel go with one real send (what a program that mixes writes with sendfile
+ * would have made itself), without a round trip through the ring; `more` is MSG_MORE when the
+ * caller's real call (sendfile, splice) follows at once, so that the kernel does not push the
+ * queued bytes out in a segment of their own. */
 static void drain_until(struct mpr_stream *s, int more, int64_t until) {
     send_pend_now(s, more);
     while ((s->pend_len || s->inflight) && !s->wr_err && !mps_past(until)) {
@@ -1021,7 +1018,7 @@ bool mps_sendfile(struct mpr_stream *s, int in, off_t *off, size_t n, ssize_t *r
  * left goes to the channel) and does not wait: false, and the caller fails with EAGAIN, as a
  * socket whose buffer is full (a blocked peer must not stall the thread and its other
  * connections; dontwait: the call's MSG_DONTWAIT or SPLICE_F_NONBLOCK).  `more`: as
- * mps_drain's.  s->mu not held. */
+ * drain_until's.  s->mu not held. */
 bool mps_flush_before(struct mpr_stream *s, int more, bool dontwait) {
     pthread_mutex_lock(&s->mu);
     bool nb = s->nonblock || dontwait;
@@ -1153,7 +1150,7 @@ void mpr_stream_detach(int fd) {
         return;
     }
     pthread_mutex_lock(&s->mu);
-    mps_drain(s, 0);
+    drain_until(s, 0, 0);
     s->closing = s->detach = true;
     s->epfd = -1;
     struct mpr_schan *c = s->own;
@@ -1248,17 +1245,13 @@ void mpr_stream_last_flush(void) {
         if (!s || !s->own || s->own == mpr_t.sc) continue;
         pthread_mutex_lock(&s->mu);
         while (s->pend_len && !s->inflight && !s->wr_err && now_ns() < until) {
-            ssize_t r = mpr_real.send(s->fd, s->pend, s->pend_len, MSG_DONTWAIT | MSG_NOSIGNAL);
-            if (r > 0) {
-                memmove(s->pend, s->pend + r, s->pend_len - (size_t)r);
-                s->pend_len -= (size_t)r;
-            } else if (r < 0 && errno == EAGAIN) {
+            size_t before = s->pend_len;
+            send_pend_now(s, 0);
+            if (s->pend_len == before && !s->wr_err) { /* the socket is full: wait for room */
                 pthread_mutex_unlock(&s->mu);
                 struct pollfd p = {s->fd, POLLOUT, 0};
                 mpr_real.poll(&p, 1, 50);
                 pthread_mutex_lock(&s->mu);
-            } else if (!(r < 0 && errno == EINTR)) {
-                break;
             }
         }
         pthread_mutex_unlock(&s->mu);

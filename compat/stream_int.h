@@ -119,7 +119,6 @@ int64_t mps_deadline(int64_t timeo_ns);    /* now + timeo_ns, or 0 (none) for 0 
 bool mps_past(int64_t until);              /* a deadline (not 0) has passed */
 extern atomic_bool mpr_timeo_seen;         /* SO_RCVTIMEO/SO_SNDTIMEO set on some socket */
 int64_t mps_kernel_timeo(int fd, int name); /* the kernel's SO_RCVTIMEO/SO_SNDTIMEO, ns */
-void mps_drain(struct mpr_stream *s, int more); /* every byte written is in the socket; s->mu held */
 size_t mps_take(struct mpr_stream *s, const struct iovec *iov, int iovcnt, bool peek);
 ssize_t mps_recv(struct mpr_stream *s, const struct iovec *iov, int iovcnt, int flags);
 ssize_t mps_send(struct mpr_stream *s, const struct iovec *iov, int iovcnt, int flags);

@@ -645,70 +645,72 @@ static void t_sendfile_small_corked(void) {
     close(f);
 }
 
-/* exec does not lose what was written: a child (its own channel, in stream mode) accepts,
- * adopts, writes 3000 bytes into its queue and execs /bin/true at once; the peer (here) must
- * get every byte, then the end of the stream. */
-static void t_exec_flushes(void) {
+/* In a forked child: the connection waiting on lfd, accepted and made a stream of this
+ * process (put in an epoll set, one wait). */
+static int child_stream(void) {
+    int s = accept4(lfd, NULL, NULL, SOCK_NONBLOCK);
+    int e = epoll_create1(0);
+    struct epoll_event ev = {.events = EPOLLIN, .data.fd = s};
+    epoll_ctl(e, EPOLL_CTL_ADD, s, &ev);
+    epoll_wait(e, &ev, 1, 0); /* adopted by this process's channel */
+    return s;
+}
+
+enum { CHILD_BYTES = 3000 };
+
+/* A forked child runs child(out), which writes the CHILD_BYTES of out to a connection it
+ * accepts and ends the process (what: how); this side, the peer, must get every byte and the
+ * child's status 0. */
+static void expect_from_child(void (*child)(const char *out), unsigned seed, const char *what) {
     int c = socket(AF_INET, SOCK_STREAM, 0);
     CHECK(connect(c, (struct sockaddr *)&addr, sizeof addr) == 0, "connect");
-    static char out[3000], in[sizeof out + 1];
-    fill(out, sizeof out, 11);
+    static char out[CHILD_BYTES], in[CHILD_BYTES + 1];
+    fill(out, sizeof out, seed);
     pid_t pid = fork();
     if (pid == 0) {
-        int s = accept4(lfd, NULL, NULL, SOCK_NONBLOCK);
-        int e = epoll_create1(0);
-        struct epoll_event ev = {.events = EPOLLIN, .data.fd = s};
-        epoll_ctl(e, EPOLL_CTL_ADD, s, &ev);
-        epoll_wait(e, &ev, 1, 0); /* adopted by this process's channel */
-        if (write(s, out, sizeof out) != (ssize_t)sizeof out) _exit(2);
-        execl("/bin/true", "true", (char *)NULL);
+        child(out);
         _exit(3);
     }
     ssize_t got = read_full(c, in, sizeof in, 5);
     int st = -1;
     waitpid(pid, &st, 0);
-    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the child exec'd /bin/true (status %#x)", st);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the child %s (status %#x)", what, st);
     CHECK(got == (ssize_t)sizeof out && memcmp(in, out, sizeof out) == 0,
-          "every byte written before exec arrived (%zd of %zu)", got, sizeof out);
+          "every byte written before the child %s arrived (%zd of %zu)", what, got, sizeof out);
     close(c);
 }
+
+/* exec does not lose what was written: the child (its own channel, in stream mode) writes
+ * into its queue and execs /bin/true at once. */
+static void write_then_exec(const char *out) {
+    int s = child_stream();
+    if (write(s, out, CHILD_BYTES) != CHILD_BYTES) _exit(2);
+    execl("/bin/true", "true", (char *)NULL);
+}
+
+static void t_exec_flushes(void) { expect_from_child(write_then_exec, 11, "exec'd /bin/true"); }
 
 static volatile int exit_ready;
 
 static void *write_then_sleep(void *p) {
-    const char *out = p;
-    int s = accept4(lfd, NULL, NULL, SOCK_NONBLOCK);
-    int e = epoll_create1(0);
-    struct epoll_event ev = {.events = EPOLLIN, .data.fd = s};
-    epoll_ctl(e, EPOLL_CTL_ADD, s, &ev);
-    epoll_wait(e, &ev, 1, 0); /* adopted by this thread's channel */
-    if (write(s, out, 3000) != 3000) _exit(2);
+    int s = child_stream();
+    if (write(s, p, CHILD_BYTES) != CHILD_BYTES) _exit(2);
     exit_ready = 1;
     msleep(10000); /* blocked outside the emulation: its queue waits */
     return NULL;
 }
 
-/* exit() does not lose what another thread wrote: a child's second thread writes 3000 bytes
- * into its stream's queue and sleeps; the main thread calls exit(). */
+/* exit() does not lose what another thread wrote: the child's second thread writes into its
+ * stream's queue and sleeps; the main thread calls exit(). */
+static void other_thread_then_exit(const char *out) {
+    pthread_t t;
+    pthread_create(&t, NULL, write_then_sleep, (void *)out);
+    while (!exit_ready) msleep(1);
+    exit(0);
+}
+
 static void t_exit_flushes(void) {
-    int c = socket(AF_INET, SOCK_STREAM, 0);
-    CHECK(connect(c, (struct sockaddr *)&addr, sizeof addr) == 0, "connect");
-    static char out[3000], in[sizeof out + 1];
-    fill(out, sizeof out, 12);
-    pid_t pid = fork();
-    if (pid == 0) {
-        pthread_t t;
-        pthread_create(&t, NULL, write_then_sleep, out);
-        while (!exit_ready) msleep(1);
-        exit(0);
-    }
-    ssize_t got = read_full(c, in, sizeof in, 5);
-    int st = -1;
-    waitpid(pid, &st, 0);
-    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the child exited (status %#x)", st);
-    CHECK(got == (ssize_t)sizeof out && memcmp(in, out, sizeof out) == 0,
-          "every byte another thread wrote before exit arrived (%zd of %zu)", got, sizeof out);
-    close(c);
+    expect_from_child(other_thread_then_exit, 12, "exited with another thread's bytes queued");
 }
 
 struct other {
