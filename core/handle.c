@@ -209,6 +209,7 @@ mp_handle *mp_register(mp_channel *ch, int fd, void *cookie, const cpu_set_t *cp
         h->id = fd;
         h->fd = (int)slot;
         h->fixed = true;
+        h->accepted = true;
         h->cookie = cookie;
         int r = ch->eng->attach(ch, h);
         if (r < 0) return fail(h, -r);
@@ -225,6 +226,7 @@ mp_handle *mp_register(mp_channel *ch, int fd, void *cookie, const cpu_set_t *cp
         h->kind = HK_CONN;
         h->id = h->fd = fd;
         h->cookie = cookie;
+        h->accepted = true;
         return register_conn(ch, h);
     }
     if (known) return fail(NULL, EEXIST);

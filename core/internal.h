@@ -30,7 +30,7 @@
 typedef struct mp_config {
     int engine, batch, partition, lwsocket, stats, ring_entries, max_lwsockets;
     int buf_size, buf_count, balance, balance_threshold, log, wait_usec, buf_per_conn;
-    int readiness;
+    int readiness, accept_defer;
 } mp_config;
 
 void mp__config_resolve(const mp_options *opt, mp_config *cfg);
@@ -81,6 +81,7 @@ struct mp_handle {
     int fd;            /* the kernel handle ops use: fd, or direct slot when fixed */
     bool fixed;        /* fd is a direct-descriptor slot (lwsocket) */
     bool close_fd;     /* mp_unregister_close(): the channel closes id when the handle settles */
+    bool accepted;     /* a connection this channel accepted (MP_ACCEPT_DEFER counts them) */
     void *cookie;
     mp_opq rq, wq;
     unsigned inflight; /* kernel operations that still reference this handle */
@@ -192,6 +193,12 @@ static inline bool mp__forked(const mp_channel *ch) {
  * forked child).  The first caller becomes the owner. */
 int mp__ch_enter(mp_channel *ch);
 
+static inline int64_t mp__now_us(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
 static inline int64_t mp__now_ms(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -282,6 +289,7 @@ bool mp__batch_full(const mp_channel *ch, unsigned queued);
 #define MP_LOG_NO_BALANCE 0x200u
 #define MP_LOG_MISUSE 0x400u
 #define MP_LOG_LW_FULL 0x800u
+#define MP_LOG_NO_DONTWAIT 0x1000u
 void mp__log_once(mp_channel *ch, uint32_t bit, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 

@@ -185,6 +185,21 @@ typedef struct mp_options {
      * but every wait goes through the ring.  auto = epoll.  The epoll engine always uses an
      * epoll set and epoll_wait(). */
     int readiness;
+    /* MP_ACCEPT_DEFER=<ms>: deferred accepting, for servers whose clients speak first (HTTP,
+     * RPC, key-value stores) with short connections.  While connections this channel accepted
+     * have not yet completed their first receive, an exclusive listener (MP_ACCEPT_EXCLUSIVE)
+     * or a partition is not armed: connections that arrive meanwhile wait in the backlog, and
+     * the channel takes them all without waiting (one accept request that ends when the queue
+     * is empty) at its next wait that follows a completed receive, so that they come in the
+     * same wake-up as data instead of each waking the thread on their own.  Each wait while
+     * accepting is deferred is bounded: at most this many milliseconds after the latest
+     * connection was taken, the listener is armed again, so a connection waits in the backlog
+     * at most that long even when the clients before it say nothing (a server that speaks
+     * first pays up to this much accept latency under load; an idle server accepts at once).
+     * Counted in mp_stats.accept_drains.  io_uring engine with IORING_ACCEPT_DONTWAIT (Linux
+     * 6.10+; elsewhere off, logged once); not for lwsocket accepts nor listeners that share
+     * their queue; the epoll engine ignores it.  0 = off.  Default 0. */
+    int accept_defer;
 } mp_options;
 
 enum {
@@ -713,6 +728,8 @@ typedef struct mp_stats {
                                   that a multishot accept took together with later ones (its
                                   one address buffer holds only the latest's); none with
                                   MP_ACCEPT_ADDR_KNOWN */
+    uint64_t accept_drains;    /* MP_ACCEPT_DEFER: accept requests that took what waited in a
+                                  deferring listener's backlog without waiting */
 } mp_stats;
 
 /* Copy the channel's counters into *st, at most size bytes (the caller's sizeof(mp_stats):

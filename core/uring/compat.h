@@ -21,6 +21,9 @@
 #ifndef IORING_CQE_F_SOCK_NONEMPTY
 #define IORING_CQE_F_SOCK_NONEMPTY (1U << 2)
 #endif
+#ifndef IORING_ACCEPT_DONTWAIT
+#define IORING_ACCEPT_DONTWAIT (1U << 1) /* Linux 6.10: an accept that never waits */
+#endif
 #ifndef IORING_FEAT_MIN_TIMEOUT
 #define IORING_FEAT_MIN_TIMEOUT (1U << 15) /* getevents_arg.min_wait_usec (the old pad) */
 #endif

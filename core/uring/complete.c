@@ -70,6 +70,7 @@ static void mp__u_complete(mp_channel *ch, uint64_t data, int res, unsigned flag
     bool acc = steal || t == T_ACCEPT || t == T_ACCEPT_LW;
     bool acc_direct = t == T_ACCEPT_LW || t == T_STEAL_LW;
     bool acc_ms = acc && !steal && UH(h)->ms_armed;
+    bool drain = acc_ms && UH(h)->drain; /* MP_ACCEPT_DEFER: an accept that never waits */
     if (acc && final) {
         /* A one-shot direct accept ended: the slot it reserved is taken (counted in lwmap
          * from the ACCEPT event on) or was not needed. */
@@ -78,7 +79,7 @@ static void mp__u_complete(mp_channel *ch, uint64_t data, int res, unsigned flag
             UH(h)->steal_busy = false;
         } else {
             if (UH(h)->nflight) UH(h)->nflight--;
-            if (acc_ms) UH(h)->ms_armed = false;
+            if (acc_ms) UH(h)->ms_armed = UH(h)->drain = false;
         }
     }
 
@@ -105,6 +106,7 @@ static void mp__u_complete(mp_channel *ch, uint64_t data, int res, unsigned flag
 
     switch (t) {
     case T_READ:
+        if (U(ch)->defer_head) mp__u_defer_read_done(ch, h);
         if (h->readbuf) {
             mp__u_readbuf_done(ch, h, res, flags);
             return;
@@ -121,6 +123,12 @@ static void mp__u_complete(mp_channel *ch, uint64_t data, int res, unsigned flag
     case T_STEAL:
     case T_STEAL_LW:
         if (final) h->inflight--;
+        if (drain && res == -EAGAIN) return; /* the backlog is empty: the next wait decides */
+        if (drain && res == -EINVAL) { /* no IORING_ACCEPT_DONTWAIT */
+            mp__u_defer_refused(ch);
+            mp__u_arm_accept(ch, h);
+            return;
+        }
         if (res == -EINVAL && acc_ms) {
             /* multishot accept refused: fall back to one-shot accepts */
             u->ms_accept = false;

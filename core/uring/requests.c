@@ -58,6 +58,10 @@ ssize_t mp__u_start_read(mp_channel *ch, mp_handle *h, mp_op *op) {
         if (!(sqe = mp__u_sqe(ch))) return -EAGAIN;
         io_uring_prep_recv(sqe, h->fd, op->buf, op->len, 0);
     }
+    if (!UH(h)->rd_started) { /* a connection's first receive */
+        UH(h)->rd_started = true;
+        if (h->accepted) mp__u_defer_mark(ch, h);
+    }
     set_file(sqe, h);
     io_uring_sqe_set_data64(sqe, ud(T_READ, h->gen, h->idx));
     h->inflight++;
@@ -154,6 +158,7 @@ void mp__u_accept_pause(mp_channel *ch, mp_handle *h) {
 int mp__u_arm_accept(mp_channel *ch, mp_handle *h) {
     uring *u = U(ch);
     if (h->acc.backoff || !accept_wanted(h) || UH(h)->ms_armed) return 0;
+    if (u->defer_us && mp__u_defer_hold(ch, h)) return 0; /* the wait takes them (defer.c) */
     bool direct = h->acc.lw && u->nfixed;
     unsigned slots = direct ? mp__u_lw_free(ch) : ~0u;
     /* A socket's accept wake-ups are exclusive, first waiter first: a multishot accept keeps
@@ -270,6 +275,7 @@ int mp__u_poll_arm(mp_channel *ch, mp_handle *h) {
 }
 
 unsigned mp__u_detach(mp_channel *ch, mp_handle *h) {
+    mp__u_defer_forget(ch, h);
     if (h->r_busy || UH(h)->readbuf_armed) mp__u_cancel(ch, ud(T_READ, h->gen, h->idx));
     for (mp_op *s; (s = mp__opq_pop(&h->stash));) {
         if (s->evflags & MP_EVF_BUFFER) mp__u_buf_release(ch, s->buf_id);

@@ -139,6 +139,7 @@ static int mp__u_init(mp_channel *ch) {
                      strerror(-r));
     }
     probe(ch, u);
+    mp__u_defer_setup(ch);
     u->backoff_ts.tv_nsec = BACKOFF_NS;
     r = mp__u_eset_init(ch);
     if (r < 0) {

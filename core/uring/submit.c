@@ -147,7 +147,7 @@ unsigned mp__u_publish(mp_channel *ch, int *fd, unsigned *flags) {
 
 /* Submit everything and wait with the kernel's min_wait: up to MP_BATCH completions, for at
  * most MP_WAIT_USEC after the first (liburing 2.3 has no helper for it). */
-static int enter_batched(mp_channel *ch, int timeout_ms) {
+static int enter_batched(mp_channel *ch, int timeout_ms, unsigned quiet) {
     uring *u = U(ch);
     int fd;
     unsigned flags;
@@ -164,7 +164,8 @@ static int enter_batched(mp_channel *ch, int timeout_ms) {
     unsigned want = (unsigned)ch->st.handles / 2;
     if (want < u->last_burst) want = u->last_burst;
     if (want > (unsigned)ch->cfg.batch) want = (unsigned)ch->cfg.batch;
-    int r = io_uring_enter2((unsigned)fd, to_submit, want ? want : 1, flags, (sigset_t *)&arg,
+    int r = io_uring_enter2((unsigned)fd, to_submit, (want ? want : 1) + quiet, flags,
+                            (sigset_t *)&arg,
                             sizeof arg);
     return r;
 }
@@ -197,8 +198,11 @@ int mp__u_wait(mp_channel *ch, int timeout_ms) {
         if (u->balancing && (timeout_ms < 0 || timeout_ms > BALANCE_POLL_MS))
             timeout_ms = BALANCE_POLL_MS;
     }
+    /* Completions the wait's own requests will post that end no sleep (defer.c) */
+    unsigned quiet = 0;
+    if (u->defer_head) timeout_ms = mp__u_defer_wait(ch, timeout_ms, &quiet);
     if (!u->wake_armed) mp__u_arm_wake(ch);
-    if (u->eset && mp__u_eset_direct(ch)) return mp__u_eset_wait_direct(ch, timeout_ms);
+    if (u->eset && !quiet && mp__u_eset_direct(ch)) return mp__u_eset_wait_direct(ch, timeout_ms);
     if (u->eset) mp__u_eset_wait_arm(ch);
     mp__u_enable(ch);
     unsigned n = io_uring_sq_ready(&u->ring);
@@ -214,14 +218,14 @@ int mp__u_wait(mp_channel *ch, int timeout_ms) {
          * are mostly the next requests of clients that wait for the responses this very wait
          * submits (closed loops: memcached with 16 persistent connections ran at 0.8x stock's
          * throughput and 1.07x its CPU per request gathering, 0.86x CPU without). */
-        r = enter_batched(ch, timeout_ms);
+        r = enter_batched(ch, timeout_ms, quiet);
     } else if (timeout_ms < 0) {
-        r = io_uring_submit_and_wait(&u->ring, 1);
+        r = io_uring_submit_and_wait(&u->ring, 1 + quiet);
     } else {
         struct __kernel_timespec ts = {.tv_sec = timeout_ms / 1000,
                                        .tv_nsec = (long long)(timeout_ms % 1000) * 1000000};
         struct io_uring_cqe *cqe;
-        r = io_uring_submit_and_wait_timeout(&u->ring, &cqe, 1, &ts, NULL);
+        r = io_uring_submit_and_wait_timeout(&u->ring, &cqe, 1 + quiet, &ts, NULL);
     }
     ch->st.syscalls++;
     unsigned left = io_uring_sq_ready(&u->ring);

@@ -119,6 +119,13 @@ typedef struct uring {
     int fc_res;
     int fw_res;
     struct __kernel_timespec fw_ts;
+    /* deferred accepting (defer.c, MP_ACCEPT_DEFER) */
+    int64_t defer_us;     /* the bound; 0 = off */
+    int64_t defer_until;  /* mp__now_us() at which the window ends */
+    unsigned fresh;       /* accepted connections whose first receive has not completed */
+    uint32_t fresh_epoch; /* bumped when the window ends: older marks stop counting */
+    uint32_t defer_head;  /* idx+1 of the first deferring listener (chained in defer_next) */
+    bool defer_drain;     /* a receive completed since the last wait */
 } uring;
 
 #define U(ch) ((uring *)(ch)->eng_data)
@@ -140,6 +147,13 @@ typedef struct uhandle {
     uint32_t bufs_held; /* channel buffers this connection holds (stashed + handed out) */
     /* readiness watches in poll-request form */
     uint32_t poll_seq;  /* arm sequence, carried in user_data */
+    /* deferred accepting (defer.c) */
+    bool rd_started;    /* a receive of any kind was armed before */
+    bool fresh;         /* counted in uring.fresh (epoch fresh_epoch) */
+    bool deferring;     /* listener: on the channel's list */
+    bool drain;         /* listener: the accept in the kernel is a drain (never waits) */
+    uint32_t fresh_epoch;
+    uint32_t defer_next;
 } uhandle;
 
 static inline uhandle *UH(const mp_handle *h) { return (uhandle *)mp__handle_priv(h); }
@@ -182,6 +196,15 @@ static inline bool rb_multishot_ok(const mp_channel *ch, const mp_handle *h) {
     return (unsigned)ch->cfg.buf_per_conn >= U(ch)->nbufs || rb_room(ch, h) > RB_MULTISHOT_MARGIN;
 }
 
+/* defer.c */
+void mp__u_defer_setup(mp_channel *ch);
+void mp__u_defer_mark(mp_channel *ch, mp_handle *h);
+void mp__u_defer_unmark(mp_channel *ch, mp_handle *h);
+void mp__u_defer_read_done(mp_channel *ch, mp_handle *h);
+bool mp__u_defer_hold(mp_channel *ch, mp_handle *l);
+void mp__u_defer_forget(mp_channel *ch, mp_handle *h);
+void mp__u_defer_refused(mp_channel *ch);
+int mp__u_defer_wait(mp_channel *ch, int timeout_ms, unsigned *quiet);
 /* setup.c */
 void mp__u_enable(mp_channel *ch);
 /* submit.c */

@@ -34,13 +34,15 @@ WORKLOADS = [("rpc", 0), ("rpc", 1), ("http", 0), ("http", 1)]
 # The environment of each variant: stock libuv (no variable); TCP through completions; TCP on
 # the channel's readiness watches; completions without the core's wait-side batching;
 # completions with one-shot accepts that take turns with other processes even for the listener
-# the server bound itself (UV_MEGAPIPE_EXCLUSIVE_ACCEPT=0; by default it gets one multishot).
+# the server bound itself (UV_MEGAPIPE_EXCLUSIVE_ACCEPT=0; by default it gets one multishot);
+# completions with accepting never deferred (MP_ACCEPT_DEFER=0; the backend's default is 1 ms).
 VARIANT_ENV = {
     "stock": {},
     "megapipe": {"UV_USE_MEGAPIPE": "1"},
     "megapipe-readiness": {"UV_USE_MEGAPIPE": "1", "UV_MEGAPIPE_TCP": "0"},
     "megapipe-nowait": {"UV_USE_MEGAPIPE": "1", "MP_WAIT_USEC": "0"},
     "megapipe-shared": {"UV_USE_MEGAPIPE": "1", "UV_MEGAPIPE_EXCLUSIVE_ACCEPT": "0"},
+    "megapipe-nodefer": {"UV_USE_MEGAPIPE": "1", "MP_ACCEPT_DEFER": "0"},
 }
 VARIANTS = ["stock", "megapipe", "megapipe-readiness"]
 
