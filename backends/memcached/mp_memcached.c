@@ -685,7 +685,13 @@ bool mpc_worker_loop(LIBEVENT_THREAD *me) {
     }
     w->me = me;
     w->peer_fd = -1;
-    w->ch = mp_create(NULL);
+    /* Deferred accepting (MP_ACCEPT_DEFER in megapipe.h), 1 ms unless the variable says
+     * otherwise: memcached's clients speak first, so a worker's new connections can wait in
+     * its partition's backlog until the data of those it accepted before wakes it. */
+    mp_options o;
+    mp_options_init(&o);
+    if (!getenv("MP_ACCEPT_DEFER")) o.accept_defer = 1;
+    w->ch = mp_create(&o);
     if (!w->ch) {
         perror("megapipe: cannot create a worker's channel (mp_create)");
         exit(EX_OSERR);
