@@ -30,7 +30,7 @@
 typedef struct mp_config {
     int engine, batch, partition, lwsocket, stats, ring_entries, max_lwsockets;
     int buf_size, buf_count, balance, balance_threshold, log, wait_usec, buf_per_conn;
-    int readiness, fixed_fds;
+    int readiness;
 } mp_config;
 
 void mp__config_resolve(const mp_options *opt, mp_config *cfg);
@@ -282,7 +282,6 @@ bool mp__batch_full(const mp_channel *ch, unsigned queued);
 #define MP_LOG_NO_BALANCE 0x200u
 #define MP_LOG_MISUSE 0x400u
 #define MP_LOG_LW_FULL 0x800u
-#define MP_LOG_FIXED_FDS 0x1000u
 void mp__log_once(mp_channel *ch, uint32_t bit, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 

@@ -42,7 +42,6 @@ void mp_options_init_sized(mp_options *opt, size_t size) {
     opt->wait_usec = MP_OPT_DEFAULT;
     if (HAS(opt, size, buf_per_conn)) opt->buf_per_conn = MP_OPT_DEFAULT;
     if (HAS(opt, size, readiness)) opt->readiness = MP_OPT_DEFAULT;
-    if (HAS(opt, size, fixed_fds)) opt->fixed_fds = MP_OPT_DEFAULT;
 }
 
 /* An integer from the environment; def when unset, -2 (invalid) when malformed. */
@@ -96,7 +95,6 @@ void mp__config_resolve(const mp_options *opt, mp_config *cfg) {
     int per_conn = cfg->buf_count / 4, floor = cfg->buf_count < 16 ? cfg->buf_count : 16;
     PICK(buf_per_conn, env_int("MP_BUF_PER_CONN", per_conn > floor ? per_conn : floor));
     PICK(readiness, env_readiness());
-    PICK(fixed_fds, env_int("MP_FIXED_FDS", 0));
 }
 
 int mp__config_valid(const mp_config *c) {
@@ -113,6 +111,5 @@ int mp__config_valid(const mp_config *c) {
     if (c->wait_usec < 0 || c->wait_usec > 1000000) return 0;
     if (c->buf_per_conn < 1) return 0;
     if (c->readiness < MP_READINESS_AUTO || c->readiness > MP_READINESS_EPOLL_RING) return 0;
-    if (c->fixed_fds < 0 || c->fixed_fds > (1 << 20)) return 0;
     return 1;
 }

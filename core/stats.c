@@ -71,8 +71,6 @@ void mp_print_stats(const mp_stats *st, void *stdio_file) {
         fprintf(f, " set_waits=%llu", (unsigned long long)st->set_waits);
     if (HAS(st, peer_lookups) && st->peer_lookups)
         fprintf(f, " peer_lookups=%llu", (unsigned long long)st->peer_lookups);
-    if (HAS(st, fixed_files) && st->fixed_files)
-        fprintf(f, " fixed_files=%llu", (unsigned long long)st->fixed_files);
     if (HAS(st, epoll_ctl_failed) && (st->epoll_waits || st->epoll_ctls))
         fprintf(f, "\n  epoll_waits %llu epoll_ctls %llu epoll_ctl_failed %llu",
                 (unsigned long long)st->epoll_waits, (unsigned long long)st->epoll_ctls,

@@ -185,20 +185,6 @@ typedef struct mp_options {
      * but every wait goes through the ring.  auto = epoll.  The epoll engine always uses an
      * epoll set and epoll_wait(). */
     int readiness;
-    /* MP_FIXED_FDS=<n>: io_uring engine: n slots of the ring's registered-file table for
-     * connections registered from regular fds (mp_register(), mp_register_connected()).  Such
-     * a connection's own reads and writes then name its slot (IOSQE_FIXED_FILE) instead of its
-     * fd, so the kernel skips the fd-table lookup and the file's reference count per request;
-     * the fd stays the application's, valid for its own calls (and other threads') as before.
-     * The file enters the table with an update request queued at registration (no system
-     * call, no completion) and leaves it at mp_unregister(), before the handle's CLOSED event
-     * (so a close() at that event ends the connection once the queued requests are handed
-     * over).  When every slot is taken, connections simply use their fds.  The slots are
-     * taken from the same table as lwsockets (MP_MAX_LWSOCKETS), both at most RLIMIT_NOFILE
-     * together: these first.  Pays an update request per connection: worth it for long-lived
-     * connections with many requests.  0 = off.  Ignored by the epoll engine (no such table).
-     * Default 0. */
-    int fixed_fds;
 } mp_options;
 
 enum {
@@ -727,8 +713,6 @@ typedef struct mp_stats {
                                   that a multishot accept took together with later ones (its
                                   one address buffer holds only the latest's); none with
                                   MP_ACCEPT_ADDR_KNOWN */
-    uint64_t fixed_files;      /* io_uring engine: connections registered from regular fds that
-                                  were given a registered-file slot (MP_FIXED_FDS) */
 } mp_stats;
 
 /* Copy the channel's counters into *st, at most size bytes (the caller's sizeof(mp_stats):

@@ -685,14 +685,7 @@ bool mpc_worker_loop(LIBEVENT_THREAD *me) {
     }
     w->me = me;
     w->peer_fd = -1;
-    /* Connections are long-lived and memcached's fds stay its own (conns[] is indexed by fd,
-     * side threads write to them): each gets a registered-file slot as well, so the channel's
-     * reads and writes skip the fd-table lookup (MP_FIXED_FDS; set in the environment, it
-     * wins, e.g. 0 to compare). */
-    mp_options o;
-    mp_options_init(&o);
-    if (!getenv("MP_FIXED_FDS")) o.fixed_fds = settings.maxconns;
-    w->ch = mp_create(&o);
+    w->ch = mp_create(NULL);
     if (!w->ch) {
         perror("megapipe: cannot create a worker's channel (mp_create)");
         exit(EX_OSERR);

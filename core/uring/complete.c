@@ -37,10 +37,6 @@ static void mp__u_complete(mp_channel *ch, uint64_t data, int res, unsigned flag
         mp__u_fepoll_complete(ch, t, idx, res);
         return;
     }
-    if (t == T_FILES) { /* posted only when refused (or without CQE_SKIP) */
-        if (res < 0) mp__u_files_failed(ch, seq, idx, res);
-        return;
-    }
     /* An accept that wrote the peer's address: its slot says what it was. */
     struct sockaddr_storage peer;
     socklen_t peerlen = 0;

@@ -269,61 +269,6 @@ int mp__u_poll_arm(mp_channel *ch, mp_handle *h) {
     return 0;
 }
 
-/* MP_FIXED_FDS: a connection from a regular fd takes a registered-file slot, filled by an
- * update request queued now (ahead of the connection's first request, and the kernel runs
- * them in order).  No slot free, or no SQE: the connection uses its fd, as without. */
-int mp__u_attach(mp_channel *ch, mp_handle *h) {
-    uring *u = U(ch);
-    if (!u->nreg || h->kind != HK_CONN || h->fixed) return 0;
-    if (u->nrpend && !io_uring_sq_ready(&u->ring)) { /* their removals are in the kernel */
-        while (u->nrpend) u->rfree[u->nrfree++] = u->rpend[--u->nrpend];
-    }
-    if (!u->nrfree) return 0;
-    struct io_uring_sqe *sqe = mp__u_sqe(ch);
-    if (!sqe) return 0;
-    unsigned slot = u->rfree[--u->nrfree];
-    int *fdp = &u->rfd[slot - u->rbase];
-    *fdp = h->fd;
-    io_uring_prep_files_update(sqe, fdp, 1, (int)slot);
-    io_uring_sqe_set_data64(sqe, ud(T_FILES, h->gen, h->idx));
-    if (u->cqe_skip) sqe->flags |= IOSQE_CQE_SKIP_SUCCESS; /* only a failure posts */
-    UH(h)->rslot1 = slot + 1;
-    ch->st.fixed_files++;
-    return 0;
-}
-
-/* Empty h's registered-file slot: the table's reference would keep the connection open after
- * the application closes its fd.  Requests still in flight keep the file until they end.  The
- * slot is reused only after this removal was handed to the kernel (mp__u_attach). */
-static void reg_slot_release(mp_channel *ch, mp_handle *h) {
-    uring *u = U(ch);
-    unsigned slot = UH(h)->rslot1 - 1;
-    UH(h)->rslot1 = 0;
-    struct io_uring_sqe *sqe = mp__u_sqe(ch);
-    if (sqe) {
-        io_uring_prep_files_update(sqe, &u->rfd_none, 1, (int)slot);
-        mp__u_set_ignored(ch, sqe);
-    } else {
-        ch->st.syscalls++;
-        io_uring_register_files_update(&u->ring, slot, &u->rfd_none, 1);
-    }
-    u->rpend[u->nrpend++] = slot;
-}
-
-/* The kernel refused a slot's update (its completion is posted only then): the connection's
- * requests already queued with the slot fail (-EBADF); later ones use its fd. */
-void mp__u_files_failed(mp_channel *ch, uint32_t gen, uint32_t idx, int res) {
-    uring *u = U(ch);
-    mp__log_once(ch, MP_LOG_FIXED_FDS, "registering a connection's file failed (%s): "
-                 "it uses its fd", strerror(-res));
-    ch->st.fixed_files--;
-    mp_handle *h = mp__handle_at(ch, idx);
-    if (h && h->state == H_LIVE && (h->gen & 0xffffff) == gen && UH(h)->rslot1) {
-        u->rpend[u->nrpend++] = UH(h)->rslot1 - 1;
-        UH(h)->rslot1 = 0;
-    }
-}
-
 unsigned mp__u_detach(mp_channel *ch, mp_handle *h) {
     if (h->r_busy || UH(h)->readbuf_armed) mp__u_cancel(ch, ud(T_READ, h->gen, h->idx));
     for (mp_op *s; (s = mp__opq_pop(&h->stash));) {
@@ -340,12 +285,17 @@ unsigned mp__u_detach(mp_channel *ch, mp_handle *h) {
     if (h->kind == HK_POLL && U(ch)->eset) mp__u_eset_detach(ch, h);
     else if (h->pw.armed) mp__u_cancel(ch, ud(T_POLL, UH(h)->poll_seq, h->idx));
     if (h->fixed) mp__u_close_direct(ch, (unsigned)h->fd);
-    if (UH(h)->rslot1) reg_slot_release(ch, h);
     /* With DEFER_TASKRUN a cancelled accept leaves the socket's wait queue only in task work,
      * which runs when we enter with GETEVENTS: until then it would keep taking the wake-ups
      * another channel on a shared queue needs.  The core flushes at once for listeners, and
      * every flush runs the task work. */
     return h->inflight;
+}
+
+int mp__u_attach(mp_channel *ch, mp_handle *h) {
+    (void)ch;
+    (void)h;
+    return 0;
 }
 
 /* Run one synchronous request (export) to completion, keeping other completions as events. */

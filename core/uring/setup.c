@@ -124,49 +124,20 @@ static int mp__u_init(mp_channel *ch) {
         return r;
     }
     ch->st.missing |= MP_FEAT_REGISTERED_RING; /* until mp__u_enable() registers it */
-    /* The registered-file table may not exceed RLIMIT_NOFILE.  Slots for regular fds
-     * (MP_FIXED_FDS) come first, lwsockets get the rest up to MP_MAX_LWSOCKETS (MP_LWSOCKET=0:
-     * none).  Layout: lwsockets [0, nfixed) (the kernel's allocation range), regular fds
-     * [rbase, rbase + nreg). */
-    unsigned lw = ch->cfg.lwsocket ? (unsigned)ch->cfg.max_lwsockets : 0;
-    unsigned reg = (unsigned)ch->cfg.fixed_fds;
+    /* The direct-descriptor table may not exceed RLIMIT_NOFILE.  MP_LWSOCKET=0: none. */
+    unsigned want = ch->cfg.lwsocket ? (unsigned)ch->cfg.max_lwsockets : 0;
     struct rlimit rl;
-    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) {
-        /* documented at MP_MAX_LWSOCKETS and MP_FIXED_FDS; not worth a log line */
-        if (reg > rl.rlim_cur) reg = (unsigned)rl.rlim_cur;
-        if (lw > rl.rlim_cur - reg) lw = (unsigned)(rl.rlim_cur - reg);
-    }
-    r = lw + reg ? io_uring_register_files_sparse(&u->ring, lw + reg) : -ENOTSUP;
-    if (r == 0 && reg && lw) {
-        /* The kernel must not hand a slot of ours to a direct accept. */
-        ch->st.syscalls++;
-        if (io_uring_register_file_alloc_range(&u->ring, 0, lw) != 0) {
-            mp__log_once(ch, MP_LOG_FIXED_FDS, "kernel cannot limit direct accepts to part of "
-                         "the file table: MP_FIXED_FDS off");
-            reg = 0;
-        }
-    }
-    if (r == 0 && lw) {
-        u->nfixed = lw;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY && want > rl.rlim_cur)
+        want = (unsigned)rl.rlim_cur; /* documented at MP_MAX_LWSOCKETS; not worth a log line */
+    r = want ? io_uring_register_files_sparse(&u->ring, want) : -ENOTSUP;
+    if (r == 0) {
+        u->nfixed = want;
         ch->st.features |= MP_FEAT_DIRECT_DESCRIPTORS;
-    } else if (lw) {
+    } else if (want) {
         ch->st.missing |= MP_FEAT_DIRECT_DESCRIPTORS;
         mp__log_once(ch, MP_LOG_NO_DIRECT, "no direct-descriptor table (%s): lwsockets off",
                      strerror(-r));
     }
-    if (r == 0 && reg) {
-        u->rbase = lw;
-        u->rfree = malloc(reg * sizeof *u->rfree);
-        u->rpend = malloc(reg * sizeof *u->rpend);
-        u->rfd = malloc(reg * sizeof *u->rfd);
-        if (u->rfree && u->rpend && u->rfd) {
-            u->nreg = reg;
-            /* handed out from the table's start of the range: a stack, lowest slot on top */
-            for (unsigned i = 0; i < reg; i++) u->rfree[i] = u->rbase + reg - 1 - i;
-            u->nrfree = reg;
-        }
-    }
-    u->rfd_none = -1;
     probe(ch, u);
     u->backoff_ts.tv_nsec = BACKOFF_NS;
     r = mp__u_eset_init(ch);
@@ -191,9 +162,6 @@ static void mp__u_fini(mp_channel *ch) {
     free(u->bufs);
     free(u->buf_busy);
     free(u->buf_owner);
-    free(u->rfree);
-    free(u->rpend);
-    free(u->rfd);
     mp__u_aslot_fini(ch);
     close(u->efd);
     mp__u_eset_fini(ch);

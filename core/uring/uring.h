@@ -39,9 +39,7 @@ enum tag {
     /* readiness set as a kernel epoll set (epollset.c) */
     T_ECTL_ADD, T_ECTL_MOD, T_ECTL_DEL, T_EWAIT,
     /* foreign epoll sets (fepoll.c) */
-    T_FCTL, T_FWAIT, T_FTIMEOUT, T_FCLOSE,
-    /* a regular fd entering its registered-file slot (MP_FIXED_FDS) */
-    T_FILES
+    T_FCTL, T_FWAIT, T_FTIMEOUT, T_FCLOSE
 };
 
 #define BUF_GROUP 0
@@ -75,17 +73,7 @@ typedef struct uring {
     int efd;             /* mp_wake() eventfd */
     uint64_t efd_val;
     bool wake_armed;
-    unsigned nfixed;     /* direct-descriptor slots for lwsockets (the kernel's allocation
-                            range, from 0), 0 = no lwsockets */
-    /* Registered-file slots for regular fds (MP_FIXED_FDS): nreg slots from rbase on, after
-     * the lwsockets' range, handed out by us.  A slot freed goes to rpend and may be reused
-     * only once the request that empties it was handed to the kernel (the SQ ring is empty):
-     * until then a new owner's update could run before the old owner's requests. */
-    unsigned rbase, nreg;
-    uint32_t *rfree, *rpend;
-    unsigned nrfree, nrpend;
-    int *rfd;            /* per slot: the fd its update request reads (stable until submitted) */
-    int rfd_none;        /* -1: what a removal reads */
+    unsigned nfixed;     /* direct-descriptor table size, 0 = no lwsockets */
     bool ms_accept, fixed_install, ms_poll;
     bool cqe_skip;       /* IORING_FEAT_CQE_SKIP: fire-and-forget SQEs post no CQE */
     bool min_wait;       /* IORING_FEAT_MIN_TIMEOUT and MP_WAIT_USEC > 0 */
@@ -152,8 +140,6 @@ typedef struct uhandle {
     uint32_t bufs_held; /* channel buffers this connection holds (stashed + handed out) */
     /* readiness watches in poll-request form */
     uint32_t poll_seq;  /* arm sequence, carried in user_data */
-    /* a connection from a regular fd: its registered-file slot + 1 (MP_FIXED_FDS), 0 = none */
-    uint32_t rslot1;
 } uhandle;
 
 static inline uhandle *UH(const mp_handle *h) { return (uhandle *)mp__handle_priv(h); }
@@ -181,15 +167,8 @@ static inline uint64_t ud(enum tag t, uint32_t seq, uint32_t idx) {
     return (uint64_t)t << 56 | (uint64_t)(seq & 0xffffff) << 32 | idx;
 }
 
-/* A connection's own reads and writes: an lwsocket's slot is h->fd already; a regular fd with
- * a registered-file slot (MP_FIXED_FDS) names the slot instead. */
 static inline void set_file(struct io_uring_sqe *sqe, mp_handle *h) {
-    if (h->fixed) {
-        sqe->flags |= IOSQE_FIXED_FILE;
-    } else if (UH(h)->rslot1) {
-        sqe->fd = (int)UH(h)->rslot1 - 1;
-        sqe->flags |= IOSQE_FIXED_FILE;
-    }
+    if (h->fixed) sqe->flags |= IOSQE_FIXED_FILE;
 }
 
 /* Buffers h may still take before MP_BUF_PER_CONN (negative past it). */
@@ -240,7 +219,6 @@ void mp__u_balance(mp_channel *ch);
 int mp__u_poll_arm(mp_channel *ch, mp_handle *h);
 unsigned mp__u_detach(mp_channel *ch, mp_handle *h);
 int mp__u_attach(mp_channel *ch, mp_handle *h);
-void mp__u_files_failed(mp_channel *ch, uint32_t gen, uint32_t idx, int res);
 int mp__u_export_fd(mp_channel *ch, mp_handle *h);
 /* epollset.c */
 int mp__u_eset_init(mp_channel *ch);
