@@ -44,6 +44,8 @@
 #define MPC_FREE_MAX 1024    /* ended connections' state kept per worker for new ones */
 #define MPC_COPY_MAX 2048    /* responses up to this size are copied and sent behind memcached */
 #define MPC_COPY_FREE_MAX 256 /* copy blocks kept per worker for reuse */
+#define MPC_COPY_PER_CONN 8  /* copies one connection may have in the kernel; then memcached
+                                waits for its writes as on a full socket */
 
 enum mpc_kind { MPC_CONN, MPC_LISTENER, MPC_NOTIFY };
 
@@ -91,6 +93,7 @@ struct mpc_conn {
     /* copied responses in the kernel, in issue order (their WRITE events come in this order,
      * before that of a write from memcached's own buffers, which only ever follows them) */
     struct mpc_copy *copy_head, *copy_tail;
+    unsigned ncopies;
     bool close_pending; /* memcached closed it: unregistered once the copies are sent */
 };
 
@@ -386,6 +389,9 @@ static void copy_put(struct mpc_worker *w, struct mpc_copy *b) {
  * later: with 1,024 connections everything it touches then is cold again.)  Returns the bytes
  * taken, 0 when the response is not copied, or -errno. */
 static ssize_t send_copy(struct mpc_conn *m, const struct msghdr *msg) {
+    /* A client that sends and does not read fills the socket: from here on the machine waits
+     * for the write (behind the copies), so the copies cannot grow without bound. */
+    if (m->ncopies >= MPC_COPY_PER_CONN) return 0;
     size_t total = 0;
     for (size_t i = 0; i < msg->msg_iovlen; i++) {
         total += msg->msg_iov[i].iov_len;
@@ -408,6 +414,7 @@ static ssize_t send_copy(struct mpc_conn *m, const struct msghdr *msg) {
     if (m->copy_tail) m->copy_tail->next = b;
     else m->copy_head = b;
     m->copy_tail = b;
+    m->ncopies++;
     return (ssize_t)total;
 }
 
@@ -693,6 +700,7 @@ static void on_copy_sent(struct mpc_conn *m, const mp_event *ev) {
     struct mpc_copy *b = m->copy_head;
     m->copy_head = b->next;
     if (!m->copy_head) m->copy_tail = NULL;
+    m->ncopies--;
     copy_put(m->w, b);
     if (ev->result < 0 && !m->werr) m->werr = (int)-ev->result; /* the next transmit says so */
     if (m->close_pending && !m->copy_head) {
@@ -760,6 +768,7 @@ static void on_closed(struct mpc_obj *o) {
         copy_put(m->w, b);
     }
     m->copy_tail = NULL;
+    m->ncopies = 0;
     if (m->fd >= 0 && !m->poll) close(m->fd);
     m->fd = -1;
     if (m->queued) {
