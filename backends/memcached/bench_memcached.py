@@ -190,7 +190,52 @@ for sweep, txns, conns in points:
             parts.append(f"{v} {statistics.median(rs):.2f}× [{rs[0]:.2f}-{rs[-1]:.2f}] n={len(rs)}")
     print(f"  {sweep} conns {conns} req/conn {txns or 'persistent'}: " + "; ".join(parts))
 
-if a.plot:
+
+def plot_paired(prefix):
+    """<prefix>_paired.png: every repetition's server CPU per request against the stock run
+    next to it, per point and variant (dots), and their median (square): what a run with variants
+    (--variant) compares."""
+    vs = VARIANTS[1:]
+    dat = prefix + "_paired.dat"
+    labels = []
+    with open(dat, "w") as f:
+        for i, (sweep, txns, conns) in enumerate(points):
+            labels.append(f"{conns} conns, {txns or 'persistent'}")
+            by_rep = {}
+            for r in rows:
+                if (r["sweep"], r["txns"], r["conns"]) == (sweep, txns, conns):
+                    by_rep.setdefault(r["rep"], {})[r["variant"]] = r
+            for j, v in enumerate(vs):
+                rs = [ratio(d[v]["srv_us"], d["stock"]["srv_us"]) for d in by_rep.values()
+                      if v in d and "stock" in d]
+                x = i * (len(vs) + 1) + j
+                for r in rs:
+                    f.write(f"{x} {r:.4f} {j}\n")
+                if rs:
+                    f.write(f"{x} {statistics.median(rs):.4f} {len(vs) + j}\n")
+    xt = ", ".join(f'"{v}\\n{labels[i]}" {i * (len(vs) + 1) + j}'
+                   for i in range(len(points)) for j, v in enumerate(vs))
+    gp = f"""set terminal pngcairo size {max(760, 300 + 160 * len(points) * len(vs))},480 font ",10"
+set output '{prefix}_paired.png'
+set title "memcached, 1 worker: server CPU/request ÷ stock's in the same repetition\\n{n_reps} repetitions: dots each, squares the median; dashed: 0.85"
+set bmargin 5
+set ylabel "CPU per request, ratio to stock"
+set xtics ({xt})
+set xrange [-1:{len(points) * (len(vs) + 1) - 1}]
+set yrange [0.5:1.3]
+set grid ytics
+set key off
+plot '{dat}' using 1:($3 < {len(vs)} ? $2 : 1/0) with points pt 7 ps 1 lc 1, \\
+     '' using 1:($3 >= {len(vs)} ? $2 : 1/0) with points pt 5 ps 3 lc 2, \\
+     0.85 with lines dt 2 lc 0
+"""
+    subprocess.run(["gnuplot"], input=gp, text=True, check=True)
+    os.unlink(dat)
+
+
+if a.plot and len(VARIANTS) > 2:
+    plot_paired(a.plot)
+if a.plot and any(p[0] == "txn" for p in points):
     dat = a.plot + "_txn.dat"
     with open(dat, "w") as f:
         for sweep, txns, conns in points:
@@ -218,8 +263,9 @@ unset multiplot
 """
     subprocess.run(["gnuplot"], input=gp, text=True, check=True)
     os.unlink(dat)
+if a.plot:
     lat = [p for p in points if p[0] == "lat"]
-    if lat:
+    if len(lat) > 1:
         dat = a.plot + "_lat.dat"
         with open(dat, "w") as f:
             for sweep, txns, conns in lat:

@@ -2,16 +2,19 @@
  * mp_memcached.c — memcached's worker threads on MegaPipe channels (see mp_memcached.h for
  * the hooks and the two kinds of connection).  This file owns: the per-worker channel and
  * event loop, the partitioned TCP listeners, the per-connection read queue (channel buffers
- * or the epoll engine's read buffer) behind conn->read, the write in flight behind
- * conn->sendmsg, and when the state machine runs again.
+ * or the epoll engine's read buffer) behind conn->read, the writes in flight behind
+ * conn->sendmsg (copies of small responses, or memcached's own buffers), and when the state
+ * machine runs again.
  *
  * The state machine is memcached's own.  A state that issues I/O is split only where a
  * completion must come back before it can go on:
  *   - reading: conn->read copies what the channel already received; with nothing queued it
  *     says EAGAIN and the machine parks (conn_waiting / conn_nread / conn_swallow) exactly as it
  *     does on a non-blocking socket.  The next READ (or DISCONNECT) event runs it again.
- *   - writing: transmit() hands the iovecs to conn->sendmsg, which issues one mp_writev() and
- *     says EAGAIN: the machine parks in conn_mwrite.  The WRITE event finishes the responses it
+ *   - writing: transmit() hands the iovecs to conn->sendmsg.  A small response is copied and
+ *     written from the copy (send_copy): sendmsg says it was sent, and nothing is split.  A
+ *     larger one is issued as one mp_writev() from memcached's buffers, and sendmsg says
+ *     EAGAIN: the machine parks in conn_mwrite.  The WRITE event finishes the responses it
  *     carried (_transmit_post: items released only now, after the kernel copied them) and runs
  *     the machine, which transmits what is left or goes on to the next command.
  * Nothing runs a connection while its write is in flight, so memcached never rebuilds or frees
@@ -39,6 +42,10 @@
 #define MPC_MAX_LISTENERS 64 /* TCP listening addresses (-l a,b,... resolving to several) */
 #define MPC_STAGE_SIZE 16384 /* epoll engine: per-connection mp_read() buffer */
 #define MPC_FREE_MAX 1024    /* ended connections' state kept per worker for new ones */
+#define MPC_COPY_MAX 2048    /* responses up to this size are copied and sent behind memcached */
+#define MPC_COPY_FREE_MAX 256 /* copy blocks kept per worker for reuse */
+#define MPC_COPY_PER_CONN 8  /* copies one connection may have in the kernel; then memcached
+                                waits for its writes as on a full socket */
 
 enum mpc_kind { MPC_CONN, MPC_LISTENER, MPC_NOTIFY };
 
@@ -54,6 +61,12 @@ struct mpc_buf {
 };
 
 struct mpc_worker;
+
+/* A small response copied out of memcached's buffers, in the kernel until its WRITE event. */
+struct mpc_copy {
+    struct mpc_copy *next;
+    char data[MPC_COPY_MAX];
+};
 
 struct mpc_conn {
     struct mpc_obj obj;
@@ -77,6 +90,11 @@ struct mpc_conn {
     unsigned qhead, qlen, qcap;
     char *stage;
     struct mpc_conn *next_run;
+    /* copied responses in the kernel, in issue order (their WRITE events come in this order,
+     * before that of a write from memcached's own buffers, which only ever follows them) */
+    struct mpc_copy *copy_head, *copy_tail;
+    unsigned ncopies;
+    bool close_pending; /* memcached closed it: unregistered once the copies are sent */
 };
 
 struct mpc_listener {
@@ -99,6 +117,8 @@ struct mpc_worker {
      * no allocation per connection once the worker has seen its peak */
     struct mpc_conn *free_conns;
     unsigned nfree;
+    struct mpc_copy *free_copies;
+    unsigned ncopies_free;
     /* while conn_new() runs for the accepted peer_fd (else -1): the ACCEPT event's peer
      * address, NULL when the channel has none (mpc_peer_addr) */
     const struct sockaddr *peer;
@@ -290,6 +310,11 @@ static void run_later(struct mpc_conn *m) {
 
 static void drive(struct mpc_conn *m) {
     drive_machine(m->c);
+    /* Handed to the logger's watcher or the LRU crawler's metadump, which write to the socket
+     * themselves from their own threads: copied responses go to the kernel now, ahead of them
+     * (a send that finds the socket buffer full would still wait, as it would behind a
+     * blocked socket write of memcached's own). */
+    if (m->copy_head && m->c && m->c->state == conn_watch) mp_flush(m->w->ch);
     if (runnable(m)) run_later(m);
 }
 
@@ -339,6 +364,60 @@ static ssize_t mpc_read(conn *c, void *buf, size_t count) {
     return -1;
 }
 
+static struct mpc_copy *copy_get(struct mpc_worker *w) {
+    struct mpc_copy *b = w->free_copies;
+    if (!b) return malloc(sizeof *b);
+    w->free_copies = b->next;
+    w->ncopies_free--;
+    return b;
+}
+
+static void copy_put(struct mpc_worker *w, struct mpc_copy *b) {
+    if (w->ncopies_free < MPC_COPY_FREE_MAX) {
+        b->next = w->free_copies;
+        w->free_copies = b;
+        w->ncopies_free++;
+        return;
+    }
+    free(b);
+}
+
+/* A small response is copied and written behind memcached's back: transmit() sees it sent, as
+ * on a socket, and the machine goes on at once, while the connection's state, its responses and
+ * items are still in the cache; the WRITE event only gives the copy back.  (Written from
+ * memcached's own buffers, the machine waits in conn_mwrite for the event, which comes a batch
+ * later: with 1,024 connections everything it touches then is cold again.)  Returns the bytes
+ * taken, 0 when the response is not copied, or -errno. */
+static ssize_t send_copy(struct mpc_conn *m, const struct msghdr *msg) {
+    /* A client that sends and does not read fills the socket: from here on the machine waits
+     * for the write (behind the copies), so the copies cannot grow without bound. */
+    if (m->ncopies >= MPC_COPY_PER_CONN) return 0;
+    size_t total = 0;
+    for (size_t i = 0; i < msg->msg_iovlen; i++) {
+        total += msg->msg_iov[i].iov_len;
+        if (total > MPC_COPY_MAX) return 0;
+    }
+    if (!total) return 0;
+    struct mpc_copy *b = copy_get(m->w);
+    if (!b) return 0;
+    char *p = b->data;
+    for (size_t i = 0; i < msg->msg_iovlen; i++) {
+        memcpy(p, msg->msg_iov[i].iov_base, msg->msg_iov[i].iov_len);
+        p += msg->msg_iov[i].iov_len;
+    }
+    int r = mp_write(m->h, b->data, total);
+    if (r < 0) {
+        copy_put(m->w, b);
+        return r;
+    }
+    b->next = NULL;
+    if (m->copy_tail) m->copy_tail->next = b;
+    else m->copy_head = b;
+    m->copy_tail = b;
+    m->ncopies++;
+    return (ssize_t)total;
+}
+
 static ssize_t mpc_sendmsg(conn *c, struct msghdr *msg, int flags) {
     (void)flags;
     struct mpc_conn *m = c->mpc;
@@ -347,6 +426,12 @@ static ssize_t mpc_sendmsg(conn *c, struct msghdr *msg, int flags) {
         return -1;
     }
     if (!m->write_busy) {
+        ssize_t n = send_copy(m, msg);
+        if (n < 0) {
+            errno = (int)-n;
+            return -1;
+        }
+        if (n > 0) return n;
         int r = mp_writev(m->h, msg->msg_iov, (int)msg->msg_iovlen);
         if (r < 0) {
             errno = -r;
@@ -513,6 +598,13 @@ void mpc_conn_close(conn *c) {
          * next batch (no close() of our own).  (lwsockets would not fit: memcached indexes
          * conns[] by fd and hands fds to side threads, the logger's watchers and the LRU
          * crawler, which write() to them.) */
+        if (m->copy_head) {
+            /* Copied responses are still to be sent (memcached took them as sent): the handle
+             * ends when the last one has been (on_copy_sent), as close() after a send would
+             * leave them to the kernel. */
+            m->close_pending = true;
+            return;
+        }
         mp_unregister_close(m->h);
         m->fd = -1;
     }
@@ -603,7 +695,26 @@ static void on_accept(struct mpc_worker *w, struct mpc_listener *l, const mp_eve
     conn_io_queue_setup(c);
 }
 
+/* The WRITE event of a copied response (the oldest in the kernel). */
+static void on_copy_sent(struct mpc_conn *m, const mp_event *ev) {
+    struct mpc_copy *b = m->copy_head;
+    m->copy_head = b->next;
+    if (!m->copy_head) m->copy_tail = NULL;
+    m->ncopies--;
+    copy_put(m->w, b);
+    if (ev->result < 0 && !m->werr) m->werr = (int)-ev->result; /* the next transmit says so */
+    if (m->close_pending && !m->copy_head) {
+        m->close_pending = false;
+        mp_unregister_close(m->h);
+        m->fd = -1;
+    }
+}
+
 static void on_conn_event(struct mpc_conn *m, const mp_event *ev) {
+    if (ev->cmd == MP_EV_WRITE && m->copy_head) {
+        on_copy_sent(m, ev);
+        return;
+    }
     if (settings.verbose > 2)
         fprintf(stderr, "megapipe: fd %d event %d result %zd flags %x state %d busy %d want %d/%d\n",
                 m->fd, ev->cmd, ev->result, ev->flags, m->c ? (int)m->c->state : -1,
@@ -651,6 +762,13 @@ static void on_conn_event(struct mpc_conn *m, const mp_event *ev) {
 static void on_closed(struct mpc_obj *o) {
     if (o->kind != MPC_CONN) return;
     struct mpc_conn *m = (struct mpc_conn *)o;
+    while (m->copy_head) { /* ended with copies unsent (the channel dropped them) */
+        struct mpc_copy *b = m->copy_head;
+        m->copy_head = b->next;
+        copy_put(m->w, b);
+    }
+    m->copy_tail = NULL;
+    m->ncopies = 0;
     if (m->fd >= 0 && !m->poll) close(m->fd);
     m->fd = -1;
     if (m->queued) {

@@ -8,7 +8,8 @@ after the privilege drop: the worker rings belong to the unprivileged process); 
 (daemonised: the channels are the daemon's); MEMCACHED_MEGAPIPE=0 (stock libevent, no ring);
 -U (UDP on the readiness adapter); -s (unix socket: dispatcher accepts, channel serves);
 -Z (TLS on the readiness adapter); -t 8 on fewer CPUs (partitions share CPUs); "stats conns"
-after a burst of connections accepted in one pass (addresses asked for late); and a start-up
+after a burst of connections accepted in one pass (addresses asked for late); pipelined
+responses (copied) all sent before "quit" closes the connection; and a start-up
 failure that must be clear (MP_ENGINE=bogus: mp_create() refuses, the server exits with a
 message instead of running without channels)."""
 import os
@@ -252,6 +253,29 @@ except Exception as ex:
     check("stats conns after an accept burst", False, repr(ex))
 finally:
     stop(p.pid, p)
+
+# Small responses are copied and taken by memcached as sent before the kernel has them.  A
+# client that pipelines many gets and reads nothing for a while fills the socket: the copies
+# wait in the channel (at most a few per connection, then memcached waits for its writes).
+# "quit" closes the connection after them: every response must still reach the client.
+
+
+def pipelined_quit(s):
+    val = b"v" * 1500
+    if talk(s, b"set k 7 0 1500\r\n" + val + b"\r\n", b"\r\n") != b"STORED\r\n":
+        return False
+    n = 3000
+    s.sendall(b"get k\r\n" * n + b"quit\r\n")
+    time.sleep(0.5)  # the server's sends block meanwhile
+    got = talk(s, b"", b"\0never")
+    want = b"VALUE k 7 1500\r\n" + val + b"\r\nEND\r\n"
+    if got != want * n:
+        print(f"  {got.count(b'END')} of {n} responses before the close", flush=True)
+    return got == want * n
+
+
+case("pipelined responses sent before quit closes", ["-u", "root", "-U", "0", "-t", "1"],
+     probe=pipelined_quit)
 
 # A start-up failure is clear: no channel, no server.
 port = free_port()
