@@ -199,11 +199,7 @@ static inline int64_t mp__now_us(void) {
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
-static inline int64_t mp__now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
+static inline int64_t mp__now_ms(void) { return mp__now_us() / 1000; }
 
 /* handle.c */
 mp_handle *mp__handle_alloc(mp_channel *ch);

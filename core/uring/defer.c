@@ -21,10 +21,11 @@ void mp__u_defer_setup(mp_channel *ch) {
     if (ch->cfg.accept_defer <= 0) return;
     /* Everything happens inside our own io_uring_enter() only with DEFER_TASKRUN (6.1), which
      * the counting above relies on; IORING_ACCEPT_DONTWAIT is newer still (6.10), and its
-     * absence shows as -EINVAL on the first drain (mp__u_defer_refused). */
-    if (!(ch->st.features & MP_FEAT_DEFER_TASKRUN) || !u->ms_accept) {
-        mp__log_once(ch, MP_LOG_NO_DONTWAIT, "MP_ACCEPT_DEFER needs DEFER_TASKRUN and multishot "
-                                             "accept: accepting is not deferred");
+     * absence shows as -EINVAL on the first drain (mp__u_defer_refused).  Multishot accept
+     * (needed by the drain) is found missing only at run time: applies() checks it. */
+    if (!(ch->st.features & MP_FEAT_DEFER_TASKRUN)) {
+        mp__log_once(ch, MP_LOG_NO_DONTWAIT, "MP_ACCEPT_DEFER needs DEFER_TASKRUN: accepting "
+                                             "is not deferred");
         return;
     }
     u->defer_us = (int64_t)ch->cfg.accept_defer * 1000;
@@ -129,11 +130,12 @@ int mp__u_defer_wait(mp_channel *ch, int timeout_ms, unsigned *quiet) {
         mp_handle *l = mp__handle_at(ch, i - 1);
         i = UH(l)->defer_next;
         if (l->state != H_LIVE || l->acc.backoff) continue;
-        if (!hold || !applies(ch, l)) {
+        bool deferrable = applies(ch, l);
+        if (!hold || !deferrable) {
             /* Not deferred any more (or no longer deferrable: shared with mp_accept_share(),
              * count-limited by mp_accept()): armed as without the option.  A listener that
              * no longer applies leaves the list (arm_accept puts it back if it applies again). */
-            if (!applies(ch, l)) mp__u_defer_forget(ch, l);
+            if (!deferrable) mp__u_defer_forget(ch, l);
             mp__u_arm_accept(ch, l); /* no-op when armed already */
         } else if (UH(l)->nflight && !UH(l)->drain) {
             /* Waiting accepts armed before these connections came (a multishot, or the
